@@ -1,0 +1,249 @@
+"""Attribute classifiers and image embedders: protocols, result types, the record helper and registries.
+A classifier gives per-attribute class probabilities (battery class order) and a status per image; an
+embedder maps images and texts into one space. Both are found by a spec string (see `get_classifier`)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
+
+import numpy as np
+import torch
+
+from evalsuite.battery import AttributeSpec
+from evalsuite.errors import SuiteError, did_you_mean
+
+CONFIDENCE_THRESHOLD = 0.8  # Shen et al. (2024), "Finetuning text-to-image diffusion models for fairness"
+STATUSES = ("ok", "no_person", "not_measurable")
+
+
+@dataclass(frozen=True)
+class AttributeOutput:
+    """One attribute's result for n images: probs (n, K) in the battery's class order, NaN rows where
+    the status is not "ok"; status per image: "ok" | "no_person" | "not_measurable"."""
+
+    probs: np.ndarray
+    status: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.probs.ndim != 2 or self.probs.shape[0] != len(self.status) or set(self.status) - {*STATUSES}:
+            raise ValueError(f"AttributeOutput: probs of shape {self.probs.shape} with statuses "
+                             f"{sorted(set(self.status))} (one per row, each one of {', '.join(STATUSES)})")
+
+
+def make_output(probs: np.ndarray, status: Sequence[str]) -> AttributeOutput:
+    """An AttributeOutput in float64 whose rows are NaN wherever the status is not "ok"."""
+    out = np.array(probs, dtype=np.float64, copy=True)
+    out[np.asarray([s != "ok" for s in status], dtype=bool)] = np.nan
+    return AttributeOutput(out, tuple(status))
+
+
+def not_measurable(n: int, k: int) -> AttributeOutput:
+    """n images, K classes, all "not_measurable"."""
+    return AttributeOutput(np.full((n, k), np.nan), ("not_measurable",) * n)
+
+
+@runtime_checkable
+class AttributeClassifier(Protocol):
+    """`check(attributes)`: problems that make it unusable for them ([] = fine; an attribute it does not
+    measure is no problem, it comes out "not_measurable"). `classify(images, attributes)`: uint8 images
+    (n, H, W, 3) -> one AttributeOutput per attribute, keyed by attribute name."""
+
+    name: str
+
+    def check(self, attributes: Sequence[AttributeSpec]) -> list[str]: ...
+
+    def classify(self, images: np.ndarray, attributes: Sequence[AttributeSpec]) -> dict[str, AttributeOutput]:
+        ...
+
+
+@runtime_checkable
+class ImageEmbedder(Protocol):
+    """uint8 images (n, H, W, 3) -> (n, d) and texts -> (m, d), float32 L2-normalised rows, one space."""
+
+    name: str
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ClassifierContext:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    miniature: bool = True  # the model under audit is the built-in miniature model
+
+
+def check_images(images: np.ndarray, who: str) -> None:
+    """SuiteError unless `images` is a uint8 array of shape (n, H, W, 3)."""
+    shape: tuple[int, ...] = getattr(images, "shape", ())
+    if getattr(images, "dtype", None) != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise SuiteError(f"{who}: expected uint8 images of shape (n, H, W, 3), got {type(images).__name__} "
+                         f"{getattr(images, 'dtype', '')} of shape {shape or None}")
+
+
+def validate_outputs(outputs: dict[str, AttributeOutput], attributes: Sequence[AttributeSpec], n: int,
+                     who: str) -> None:
+    """SuiteError naming classifier `who` where its outputs for n images break the protocol (plug-ins)."""
+    for spec in attributes:
+        out = outputs.get(spec.name)
+        if not isinstance(out, AttributeOutput):
+            raise SuiteError(f"classifier '{who}' returned no AttributeOutput for attribute '{spec.name}'")
+        if out.probs.shape != (n, len(spec.classes)):
+            raise SuiteError(f"classifier '{who}': probs for '{spec.name}' have shape {out.probs.shape}, "
+                             f"expected {(n, len(spec.classes))}")
+        ok = out.probs[np.asarray([s == "ok" for s in out.status], dtype=bool)]
+        if not (np.all(np.isfinite(ok)) and np.all(ok >= 0) and np.allclose(ok.sum(1), 1.0, atol=1e-4)):
+            raise SuiteError(f"classifier '{who}': probs for '{spec.name}' are not probability "
+                             f"distributions on every row whose status is 'ok'")
+
+
+def to_record(outputs: dict[str, AttributeOutput], attributes: Sequence[AttributeSpec],
+              i: int) -> dict[str, Any]:
+    """Image i's per-attribute results as in docs/results-format.md: attribute -> {probs, label, status,
+    confident}; probs and label are null unless the status is "ok"."""
+    record: dict[str, Any] = {}
+    for spec in attributes:
+        out = outputs[spec.name]
+        status, row = out.status[i], out.probs[i]
+        k = int(np.argmax(row)) if status == "ok" else -1
+        record[spec.name] = {"probs": [float(p) for p in row] if k >= 0 else None,
+                             "label": spec.classes[k] if k >= 0 else None, "status": status,
+                             "confident": bool(k >= 0 and row[k] >= CONFIDENCE_THRESHOLD)}
+    return record
+
+
+T = TypeVar("T")
+Factory = Callable[[ClassifierContext, str | None], Any]
+_BUILTIN_MODULES = tuple(f"evalsuite.classifiers.{m}" for m in ("miniature", "clip_zero_shot", "embedders"))
+
+
+class _Registry(Generic[T]):
+    """Named factories `(ctx, arg) -> object`, plus plug-ins named `module:factory` or `file.py:factory`."""
+
+    def __init__(self, kind: str, protocol: type) -> None:
+        self.kind, self.protocol = kind, protocol
+        self.factories: dict[str, Factory] = {}
+
+    def register(self, name: str) -> Callable[[Factory], Factory]:
+        def decorate(factory: Factory) -> Factory:
+            self.factories[name] = factory
+            return factory
+        return decorate
+
+    def names(self) -> list[str]:
+        _load_builtins()
+        return sorted(self.factories)
+
+    def problems(self, spec: str) -> list[str]:
+        """What makes `spec` unusable, found without loading or importing anything."""
+        _load_builtins()
+        head, sep, _ = spec.partition(":")
+        if head in self.factories:
+            return []
+        if not sep:
+            return [f"unknown {self.kind} '{spec}'{did_you_mean(spec, self.factories)} "
+                    f"(or a plug-in 'package.module:factory' / 'path/to/file.py:factory')"]
+        target = spec.rpartition(":")[0]
+        if _is_file(target):
+            found = Path(target).expanduser().is_file()
+            return [] if found else [f"{self.kind} plug-in file '{target}' not found"]
+        try:
+            found = importlib.util.find_spec(target) is not None
+        except (ImportError, ValueError):
+            found = False
+        hint = "" if "." in target else f"; no {self.kind} of that name{did_you_mean(target, self.factories)}"
+        return [] if found else [f"{self.kind} plug-in module '{target}' not found{hint}"]
+
+    def get(self, spec: str, ctx: ClassifierContext) -> T:
+        for problem in self.problems(spec):
+            raise SuiteError(problem)
+        head, sep, arg = spec.partition(":")
+        if head in self.factories:
+            return cast(T, self.factories[head](ctx, arg if sep else None))
+        target, _, attr = spec.rpartition(":")
+        factory = getattr(_import_plugin(target, self.kind), attr, None)
+        if factory is None or not callable(factory):
+            what = "not found" if factory is None else "not callable"
+            raise SuiteError(f"{self.kind} plug-in '{spec}': factory '{attr}' {what} in '{target}'")
+        obj = factory(ctx)
+        if not isinstance(obj, self.protocol):
+            raise SuiteError(f"{self.kind} plug-in '{spec}': '{attr}' returned {type(obj).__name__}, which "
+                             f"lacks part of the {self.protocol.__name__} protocol (name and its methods)")
+        return cast(T, obj)
+
+
+def _import_plugin(target: str, kind: str) -> Any:
+    """Import an existing plug-in .py file or module; its own failed imports become a SuiteError."""
+    try:
+        if not _is_file(target):
+            return importlib.import_module(target)
+        path = Path(target).expanduser().resolve()
+        name = f"evalsuite_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+        if name not in sys.modules:
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise SuiteError(f"{kind} plug-in file '{target}' cannot be imported as Python")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+            sys.modules[name] = module
+        return sys.modules[name]
+    except ImportError as exc:
+        raise SuiteError(f"{kind} plug-in '{target}' failed to import: {exc}") from exc
+
+
+def _is_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+_CLASSIFIERS: _Registry[AttributeClassifier] = _Registry("classifier", AttributeClassifier)
+_EMBEDDERS: _Registry[ImageEmbedder] = _Registry("embedder", ImageEmbedder)
+
+
+def register_classifier(name: str) -> Callable[[Factory], Factory]:
+    """Decorator registering a factory `(ctx, arg) -> AttributeClassifier` under `name` (`name[:arg]`)."""
+    return _CLASSIFIERS.register(name)
+
+
+def register_embedder(name: str) -> Callable[[Factory], Factory]:
+    """Decorator registering a factory `(ctx, arg) -> ImageEmbedder` under `name`."""
+    return _EMBEDDERS.register(name)
+
+
+def get_classifier(spec: str, ctx: ClassifierContext) -> AttributeClassifier:
+    """A classifier from `name`, `name:arg`, `package.module:factory` or `path/to/file.py:factory` (called
+    as `factory(ctx)`); a registered name wins. Unknown names and missing plug-in parts raise SuiteError."""
+    return _CLASSIFIERS.get(spec, ctx)
+
+
+def get_embedder(spec: str, ctx: ClassifierContext) -> ImageEmbedder:
+    """An embedder from a spec, as for `get_classifier` (built in: `clip`, `clip:<hub-id-or-folder>`)."""
+    return _EMBEDDERS.get(spec, ctx)
+
+
+def check_classifier_spec(spec: str) -> list[str]:
+    """Problems with a classifier spec found before anything loads (unknown name, missing plug-in)."""
+    return _CLASSIFIERS.problems(spec)
+
+
+def check_embedder_spec(spec: str) -> list[str]:
+    return _EMBEDDERS.problems(spec)
+
+
+def available_classifiers() -> list[str]:
+    return _CLASSIFIERS.names()
+
+
+def available_embedders() -> list[str]:
+    return _EMBEDDERS.names()

@@ -1,0 +1,196 @@
+"""The `evalsuite` command line: run, validate, dashboard, publish, classifiers, miniature.
+
+Every user error ends in one message on stderr and exit status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import SuiteError
+
+log = logging.getLogger("evalsuite")
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3,7.5, got '{text}'") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="evalsuite", description=__doc__.splitlines()[0])
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate a battery across guidance scales, classify, measure")
+    run.add_argument("battery", type=Path)
+    run.add_argument("--model", default=None, help="'miniature' (default), a local pipeline folder or a hub id")
+    run.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    run.add_argument("--lora", default=None, help="a LoRA adapter folder or file to load into the pipeline")
+    run.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--classifier", action="append", default=None, dest="classifiers",
+                     help="attribute classifier (repeatable; the first is primary); default: the battery's")
+    run.add_argument("--embedder", default="clip", help="image embedder for diversity and alignment")
+    run.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
+    run.add_argument("--name", default=None, help="run folder name (default: battery__model)")
+    run.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    run.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU runs)")
+    small = run.add_argument_group("a smaller run")
+    small.add_argument("--limit-prompts", type=int, default=None)
+    small.add_argument("--images-per-prompt", type=int, default=None)
+    small.add_argument("--scales", type=_scales, default=None, help="guidance scales, e.g. 1,7.5")
+    small.add_argument("--steps", type=int, default=None, help="sampler steps")
+    small.add_argument("--seed", type=int, default=None)
+
+    val = sub.add_parser("validate", help="check battery files; exit 2 on any problem")
+    val.add_argument("batteries", type=Path, nargs="+")
+
+    dash = sub.add_parser("dashboard", help="build a static dashboard site from one or two runs")
+    dash.add_argument("runs", type=Path, nargs="+")
+    dash.add_argument("--out", type=Path, required=True)
+
+    pub = sub.add_parser("publish", help="write a run as a Hugging Face datasets dataset")
+    pub.add_argument("run", type=Path)
+    pub.add_argument("--out", type=Path, required=True)
+    pub.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+
+    sub.add_parser("classifiers", help="list the registered attribute classifiers")
+
+    mini = sub.add_parser("miniature", help="the built-in miniature world")
+    msub = mini.add_subparsers(dest="action", required=True)
+    build = msub.add_parser("build", help="rebuild the miniature world from a seed")
+    build.add_argument("--out", type=Path, default=None, help="default: the shipped assets folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quick", action="store_true", help="a few steps per stage (for tests)")
+    build.add_argument("--threads", type=int, default=None)
+    msub.add_parser("describe", help="print every occupation's training distribution")
+    rep = msub.add_parser("report", help="measure the shipped world against its truth")
+    rep.add_argument("--images", type=int, default=200, help="images per occupation and guidance scale")
+    rep.add_argument("--out", type=Path, default=None, help="also write the report (Markdown) here")
+    return ap
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .battery import load_battery
+    from .runner import RunOptions, run_battery
+
+    battery = load_battery(args.battery).with_overrides(
+        limit_prompts=args.limit_prompts, images_per_prompt=args.images_per_prompt,
+        guidance_scales=args.scales, steps=args.steps, seed=args.seed)
+    options = RunOptions(results_dir=args.results, name=args.name, model=args.model, revision=args.revision,
+                         lora=args.lora, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                         classifiers=tuple(args.classifiers or ()), embedder=args.embedder,
+                         overwrite=args.overwrite, compile=args.compile)
+    run_battery(battery, options)
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from .battery import load_battery
+
+    failed = []
+    for path in args.batteries:
+        try:
+            b = load_battery(path)
+            print(f"{path}: ok ({len(b.prompts())} prompts x {len(b.guidance_scales)} scales x "
+                  f"{b.images_per_prompt} images)")
+        except SuiteError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise SuiteError("\n".join(failed))
+
+
+def _cmd_miniature(args: argparse.Namespace) -> None:
+    from .miniature import ASSETS, describe_world
+
+    if args.action == "describe":
+        print(describe_world())
+        return
+    if args.action == "report":
+        import json
+
+        from .miniature.report import measure_world, to_markdown
+
+        measured = measure_world(ASSETS, n=args.images)
+        text = to_markdown(measured)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+            args.out.with_suffix(".json").write_text(json.dumps(measured, indent=1))
+        return
+    from .miniature.build import BuildConfig, build_world
+
+    config = BuildConfig.quick(args.seed) if args.quick else BuildConfig(seed=args.seed)
+    t0 = time.perf_counter()
+    info = build_world(args.out or ASSETS, config, threads=args.threads)
+    print(f"built the miniature world in {time.perf_counter() - t0:.0f} s "
+          f"(peak memory {info['peak_rss_mb']:.0f} MB) -> {args.out or ASSETS}")
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> None:
+    from .dashboard import build_dashboard
+
+    index = build_dashboard(args.runs, args.out)
+    print(f"dashboard: {index}")
+
+
+def _cmd_publish(args: argparse.Namespace) -> None:
+    from .publish import publish_run
+
+    out = publish_run(args.run, args.out, push_to_hub=args.push_to_hub, token=os.environ.get("HF_TOKEN"))
+    print(f"dataset: {out}")
+
+
+def _cmd_classifiers(args: argparse.Namespace) -> None:
+    from .classifiers import available_classifiers
+
+    print("\n".join(available_classifiers()))
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "miniature": _cmd_miniature,
+            "dashboard": _cmd_dashboard, "publish": _cmd_publish, "classifiers": _cmd_classifiers}
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[%(name)s] %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.quiet)
+    try:
+        COMMANDS[args.command](args)
+    except SuiteError as exc:
+        print(f"evalsuite: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evalsuite: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The per-run mode-collapse page (diversity against guidance scale, near-duplicate alerts) and the image
+grids page."""
+
+from __future__ import annotations
+
+from evalsuite.analysis import t_interval
+from evalsuite.dashboard import figures, images
+from evalsuite.dashboard.html import esc, interval, note, num, paragraphs, section, table
+from evalsuite.dashboard.load import RunView
+from evalsuite.dashboard.pages import Site, div_at, fig
+
+
+def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str:
+    div, scales = view.diversity, view.scales
+    size = figures.diversity_lines(div, view.prompts, site.root / f"figures/{site.slug}-diversity.png")
+    trend = (
+        "; ".join(f"{num(t_interval(div_at(view, s, 'vendi'))[0])} at scale {s:g}" for s in scales)
+        if "vendi" in div
+        else "not available"
+    )
+    alt = (
+        "Line charts against guidance scale of the Vendi score, mean pairwise cosine similarity, "
+        "near-duplicate "
+        "rate and CLIP score: grey lines per prompt, coloured mean with 95 % band. Mean Vendi score: "
+        f"{trend}."
+    )
+    parts = [
+        paragraphs(
+            "Mode collapse shows as a falling Vendi score (the effective number of distinct images "
+            "among a prompt's images) and a rising pairwise similarity as guidance grows."
+        ),
+        fig(site, "diversity", size, alt, "Diversity per prompt (grey) and mean over prompts (colour)."),
+    ]
+    metrics = [
+        m
+        for m in figures.METRIC_TITLES
+        if m in div and m in ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score")
+    ]
+    rows = [[f"{s:g}", *[interval(*t_interval(div_at(view, s, m))) for m in metrics]] for s in scales]
+    parts.append(table(["scale", *metrics], rows, "Means over prompts with 95 % t-intervals"))
+    if "vendi" in div and not div.empty:
+        low = div.sort_values("vendi").head(10)
+        rows = [
+            [
+                view.prompts.get(int(r["prompt_index"]), ""),
+                f"{r['guidance_scale']:g}",
+                num(r["vendi"]),
+                num(r.get("mean_pairwise_cosine")),
+                num(r.get("near_duplicate_rate")),
+            ]
+            for _, r in low.iterrows()
+        ]
+        parts.append(
+            table(
+                ["prompt", "scale", "vendi", "mean cosine", "near-dup rate"],
+                rows,
+                "The ten least diverse (prompt, scale) groups",
+            )
+        )
+    alerts, total = images.near_duplicates(view)
+    if total:
+        head = (
+            f"{total} near-duplicate pair{'s' if total != 1 else ''} (embedding cosine similarity above "
+            f"{images.NEAR_DUPLICATE}) within a prompt and scale; the {len(alerts)} most similar:"
+        )
+        parts.append(
+            section("Near-duplicate alerts", note(head, "alert") + images.alerts_html(view, alerts, writer))
+        )
+    else:
+        parts.append(
+            section(
+                "Near-duplicate alerts",
+                note(
+                    f"No pair of images of one prompt and scale has "
+                    f"embedding cosine similarity above {images.NEAR_DUPLICATE}."
+                ),
+            )
+        )
+    return "".join(parts)
+
+
+def images_page(view: RunView, writer: images.ThumbWriter, max_per_cell: int) -> str:
+    clf = view.primary_classifier
+    attrs = [a for a, _ in view.attributes(clf) if "×" not in a]
+    intro = paragraphs(
+        f"Up to {max_per_cell} images per prompt and guidance scale, sampled with a fixed seed. "
+        f"Under each image: the {clf} classifier's labels ({' · '.join(attrs) or 'none'}), the image "
+        "index and its seed."
+    )
+    toc = " · ".join(f'<a href="#p{pi}">{esc(figures.short(t, 40))}</a>' for pi, t in view.prompts.items())
+    return intro + f"<p>{toc}</p>" + images.grid_html(view, writer, clf, attrs, max_per_cell)

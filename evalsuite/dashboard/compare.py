@@ -1,0 +1,261 @@
+"""Compare two runs (base vs fine-tuned, or model A vs B) on their paired seeds.
+
+Images pair by (prompt text, guidance scale, image index) where both runs used the same seed, so each
+pair differs only in the model. Shares are pooled over the common prompts with cluster-robust 95 %
+intervals (clustered by prompt), and so is the paired change in share B − A; other metrics are computed
+per prompt on the paired images, then averaged over prompts with a t-interval (the change too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from evalsuite import metrics as mx
+from evalsuite.analysis import t_interval
+from evalsuite.dashboard.load import RunView
+from evalsuite.errors import SuiteError
+
+Z = 1.96
+SHARE_METRICS = {
+    "shen_gap": mx.shen_gap,
+    "mad": mx.mad,
+    "dominant_share": mx.dominant_share,
+    "normalized_entropy": mx.normalized_entropy,
+    "kl_uniform": mx.kl_to_uniform,
+}
+DIVERSITY = {"vendi": mx.vendi_score, "mean_pairwise_cosine": mx.mean_pairwise_cosine}
+Pair = tuple[dict[str, Any], dict[str, Any]]
+
+
+@dataclass
+class Comparison:
+    a: RunView
+    b: RunView
+    classifier: str
+    prompts: list[str]
+    scales: list[float]
+    n_pairs: int
+    seed_mismatches: int
+    shares: pd.DataFrame
+    metrics: pd.DataFrame
+    diversity: pd.DataFrame
+    flips: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def choose_classifier(a: RunView, b: RunView) -> str:
+    for name in (a.primary_classifier, b.primary_classifier, *a.classifiers):
+        if name in a.classifiers and name in b.classifiers:
+            return name
+    raise SuiteError(
+        f"cannot compare {a.path} and {b.path}: no attribute classifier in common "
+        f"({', '.join(a.classifiers) or 'none'} vs {', '.join(b.classifiers) or 'none'})"
+    )
+
+
+def pair_records(
+    a: RunView, b: RunView
+) -> tuple[dict[tuple[str, float], list[Pair]], list[str], list[float], int, list[str]]:
+    """Pairs per (prompt text, scale); the common prompts (A's order) and scales; seed mismatches; notes."""
+    texts_b = set(b.prompts.values())
+    prompts = [t for t in a.prompts.values() if t in texts_b]
+    if not prompts:
+        raise SuiteError(
+            f"cannot compare {a.path} and {b.path}: their batteries have no prompts in common "
+            f"(battery {a.battery.name!r} v{a.battery.version} with {len(a.prompts)} prompts vs "
+            f"{b.battery.name!r} v{b.battery.version} with {len(b.prompts)} prompts)"
+        )
+    scales = sorted(set(a.scales) & set(b.scales))
+    if not scales:
+        raise SuiteError(
+            f"cannot compare {a.path} and {b.path}: no guidance scale in common ({a.scales} vs {b.scales})"
+        )
+    common, wanted = set(prompts), set(scales)
+    index_b = {(str(r["prompt"]), r["guidance_scale"], r["image_index"]): r for r in b.records}
+    same: dict[tuple[str, float], list[Pair]] = {}
+    positional: dict[tuple[str, float], list[Pair]] = {}
+    mismatches = 0
+    for rec in a.records:
+        if rec["prompt"] not in common or rec["guidance_scale"] not in wanted:
+            continue
+        other = index_b.get((str(rec["prompt"]), rec["guidance_scale"], rec["image_index"]))
+        if other is None:
+            continue
+        key = (str(rec["prompt"]), rec["guidance_scale"])
+        positional.setdefault(key, []).append((rec, other))
+        if rec["seed"] == other["seed"]:
+            same.setdefault(key, []).append((rec, other))
+        else:
+            mismatches += 1
+    notes: list[str] = []
+    if not positional:
+        raise SuiteError(f"cannot compare {a.path} and {b.path}: no image index is common to both runs")
+    if not same:
+        notes.append(
+            "The two runs used different seeds for every image (different battery seeds?): images "
+            "are paired by position instead, so the intervals ignore the pairing's benefit."
+        )
+        return positional, prompts, scales, mismatches, notes
+    if mismatches:
+        notes.append(f"{mismatches} image pairs had different seeds and were left out.")
+    return same, prompts, scales, mismatches, notes
+
+
+def _cluster_delta(d: np.ndarray, n: np.ndarray, per_pair: np.ndarray) -> tuple[float, float, float]:
+    """Pooled mean change Σd/Σn with a cluster-robust (by prompt) normal interval; iid when < 2 prompts."""
+    total = n.sum()
+    if total == 0:
+        return math.nan, math.nan, math.nan
+    est = float(d.sum() / total)
+    g = int(np.count_nonzero(n))
+    if g >= 2:
+        keep = n > 0
+        var = g / (g - 1) * float(np.sum((d[keep] - est * n[keep]) ** 2)) / total**2
+    else:
+        var = float(per_pair.var(ddof=1)) / per_pair.size if per_pair.size > 1 else math.nan
+    half = Z * math.sqrt(var) if math.isfinite(var) else math.nan
+    return est, est - half, est + half
+
+
+def _row(a_vals: list[float], b_vals: list[float]) -> list[float]:
+    """[a, a_lo, a_hi, b, b_lo, b_hi, delta, d_lo, d_hi] from per-prompt values (t-intervals)."""
+    diff = [y - x for x, y in zip(a_vals, b_vals, strict=True)]
+    return [*t_interval(a_vals), *t_interval(b_vals), *t_interval(diff)]
+
+
+def compare_runs(a: RunView, b: RunView) -> Comparison:
+    clf = choose_classifier(a, b)
+    pairs, prompts, scales, mismatches, notes = pair_records(a, b)
+    classes_b = dict(b.attributes(clf))
+    share_rows, metric_rows, flip_rows = [], [], []
+    for attr, classes in a.attributes(clf):
+        if classes_b.get(attr) != classes:
+            notes.append(f"Attribute {attr} is left out: the runs' batteries give it different classes.")
+            continue
+        k = len(classes)
+        for scale in scales:
+            ca, cb, n = np.zeros((len(prompts), k)), np.zeros((len(prompts), k)), np.zeros(len(prompts))
+            per_pair, flips = [], 0
+            for g, text in enumerate(prompts):
+                for ra, rb in pairs.get((text, scale), []):
+                    la, lb = a.label(ra, clf, attr), b.label(rb, clf, attr)
+                    if la is None or lb is None or la not in classes or lb not in classes:
+                        continue
+                    ia, ib = classes.index(la), classes.index(lb)
+                    ca[g, ia] += 1
+                    cb[g, ib] += 1
+                    n[g] += 1
+                    flips += ia != ib
+                    per_pair.append(np.eye(k)[ib] - np.eye(k)[ia])
+            if n.sum() == 0:
+                continue
+            diffs = np.asarray(per_pair)
+            g_used = int(np.count_nonzero(n))
+            for j, cls in enumerate(classes):
+                share_rows.append(
+                    [
+                        attr,
+                        cls,
+                        scale,
+                        *mx.cluster_share_interval(ca[:, j], n),
+                        *mx.cluster_share_interval(cb[:, j], n),
+                        *_cluster_delta(cb[:, j] - ca[:, j], n, diffs[:, j]),
+                        int(n.sum()),
+                        g_used,
+                    ]
+                )
+            used = n > 0
+            pa, pb = ca[used] / n[used, None], cb[used] / n[used, None]
+            for name, fn in SHARE_METRICS.items():
+                a_vals = [float(fn(p)) for p in pa]
+                b_vals = [float(fn(p)) for p in pb]
+                metric_rows.append([attr, name, scale, *_row(a_vals, b_vals), g_used])
+            flip_rows.append([attr, scale, flips / n.sum(), int(n.sum())])
+    share_cols = [
+        "attribute",
+        "class",
+        "guidance_scale",
+        "a",
+        "a_lo",
+        "a_hi",
+        "b",
+        "b_lo",
+        "b_hi",
+        "delta",
+        "d_lo",
+        "d_hi",
+        "n_pairs",
+        "n_prompts",
+    ]
+    metric_cols = [
+        "attribute",
+        "metric",
+        "guidance_scale",
+        "a",
+        "a_lo",
+        "a_hi",
+        "b",
+        "b_lo",
+        "b_hi",
+        "delta",
+        "d_lo",
+        "d_hi",
+        "n_prompts",
+    ]
+    diversity = _diversity(a, b, pairs, prompts, scales, notes)
+    return Comparison(
+        a,
+        b,
+        clf,
+        prompts,
+        scales,
+        sum(len(v) for v in pairs.values()),
+        mismatches,
+        pd.DataFrame(share_rows, columns=share_cols),
+        pd.DataFrame(metric_rows, columns=metric_cols),
+        pd.DataFrame(diversity, columns=["attribute", *metric_cols[1:]]),
+        pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]),
+        notes,
+    )
+
+
+def _diversity(
+    a: RunView,
+    b: RunView,
+    pairs: dict[tuple[str, float], list[Pair]],
+    prompts: list[str],
+    scales: list[float],
+    notes: list[str],
+) -> list[list[Any]]:
+    """Vendi and mean pairwise cosine per prompt on the paired images, when both runs used one embedder."""
+    if a.info.get("embedder") != b.info.get("embedder"):
+        notes.append(
+            f"Diversity is not compared: the runs used different embedders "
+            f"({a.info.get('embedder')!r} vs {b.info.get('embedder')!r})."
+        )
+        return []
+    rows: list[list[Any]] = []
+    for scale in scales:
+        values: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in DIVERSITY}
+        for text in prompts:
+            group = [
+                (ra, rb)
+                for ra, rb in pairs.get((text, scale), [])
+                if ra.get("embedding") and rb.get("embedding")
+            ]
+            if len(group) < 2:
+                continue
+            ea = np.asarray([ra["embedding"] for ra, _ in group], dtype=float)
+            eb = np.asarray([rb["embedding"] for _, rb in group], dtype=float)
+            for name, fn in DIVERSITY.items():
+                values[name][0].append(float(fn(ea)))
+                values[name][1].append(float(fn(eb)))
+        for name, (va, vb) in values.items():
+            if va:
+                rows.append(["diversity", name, scale, *_row(va, vb), len(va)])
+    return rows

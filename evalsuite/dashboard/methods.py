@@ -1,0 +1,212 @@
+"""The methods page: how attributes are inferred, metric definitions, classifier accuracy, caveats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from evalsuite.dashboard.html import esc, note, num, paragraphs, section, table
+from evalsuite.dashboard.load import RunView
+
+TRUTH = "oracle"  # the miniature world's exact reader; where a run has it, other classifiers are scored on it
+METRICS: tuple[tuple[str, str], ...] = (
+    (
+        "share:<class>",
+        "Fraction of a group's images (one prompt at one guidance scale) with that label, among "
+        "images with status ok; 95 % Wilson interval. Pooled over prompts with a cluster-robust "
+        "interval clustered by prompt.",
+    ),
+    (
+        "share_corrected:<class>",
+        "The shares corrected for the classifier's known confusion matrix (only where one was measured).",
+    ),
+    (
+        "shen_gap",
+        "Mean over ordered class pairs of |p_i − p_j| (Shen et al., ICLR 2024); 0 is balanced, 2/K means "
+        "every image falls in one class.",
+    ),
+    (
+        "mad",
+        "Mean absolute deviation of the shares from uniform, (1/K) Σ|p_k − 1/K| (DALL-Eval); 0 is uniform.",
+    ),
+    ("dominant_share", "Share of the most frequent class; 1/K is uniform, 1 is complete stereotyping."),
+    ("normalized_entropy", "Shannon entropy of the shares divided by log K; 1 is uniform, 0 is one class."),
+    (
+        "kl_uniform / kl_target",
+        "KL divergence of the shares from the uniform distribution / from the battery's "
+        "target distribution, in nats; 0 is a perfect match.",
+    ),
+    (
+        "low_confidence_rate",
+        "Fraction of measured images whose top class probability is below 0.8 (Shen et "
+        "al.'s uncertainty threshold).",
+    ),
+    ("no_person_rate", "Fraction of images in which the classifier found no person."),
+    (
+        "vendi",
+        "Vendi score (Friedman & Dieng, TMLR 2023): exp of the entropy of the eigenvalues of the "
+        "images' cosine-similarity matrix divided by n; the effective number of distinct images, from 1 "
+        "(all identical) to n.",
+    ),
+    (
+        "mean_pairwise_cosine",
+        "Mean cosine similarity between the embeddings of two different images of the "
+        "group; higher means more alike.",
+    ),
+    (
+        "near_duplicate_rate",
+        "Fraction of image pairs of a group with embedding cosine similarity above 0.95.",
+    ),
+    (
+        "clip_score",
+        "100 × max(cos(image, prompt), 0) with the run's embedder: how well images match the prompt.",
+    ),
+)
+CAVEATS = (
+    "Perceived attributes are not identities. A classifier labels how a person in an image appears to it; "
+    "gender, skin tone and age as people self-identify cannot be read from pixels, and the classes are "
+    "coarse "
+    "bins of continuous, culturally defined traits.",
+    "Classifier errors are not uniform across groups: a classifier that is less accurate for some skin tones "
+    "or ages shifts the measured shares. Treat shares without a measured confusion matrix as the "
+    "classifier's view.",
+    "Intervals cover sampling noise only (finite images per prompt, and prompts as clusters when pooled); "
+    "they "
+    "do not cover classifier error, the choice of prompts, or the choice of classes and target distribution.",
+    "Each prompt at each scale has few images, so per-prompt shares are noisy; read the pooled curves first.",
+    "Guidance scale changes image quality and prompt adherence as well as diversity: a rising share of one "
+    "class can come with a falling no-person rate or a rising CLIP score; check them together.",
+    "Diversity metrics depend on the embedder: two runs with different embedders are not comparable on them.",
+)
+
+
+def _accuracy_rows(view: RunView) -> list[list[Any]]:
+    """Agreement of each classifier with the exact oracle, per attribute, on images both measured."""
+    if TRUTH not in view.classifiers:
+        return []
+    rows = []
+    for clf in view.classifiers:
+        if clf == TRUTH:
+            continue
+        for attr, _ in view.attributes(clf):
+            if "×" in attr:
+                continue
+            pairs = [(view.label(r, clf, attr), view.label(r, TRUTH, attr)) for r in view.records]
+            both = [(p, t) for p, t in pairs if p is not None and t is not None]
+            if both:
+                hits = sum(p == t for p, t in both)
+                rows.append([clf, attr, num(hits / len(both)), len(both)])
+    return rows
+
+
+def _recorded_accuracy(view: RunView) -> list[list[Any]]:
+    """An optional run.json mapping classifier_accuracy: {classifier: {attribute: accuracy}}."""
+    raw = view.info.get("classifier_accuracy")
+    if not isinstance(raw, dict):
+        return []
+    return [
+        [clf, attr, num(acc), "recorded in run.json"]
+        for clf, per in raw.items()
+        if isinstance(per, dict)
+        for attr, acc in per.items()
+    ]
+
+
+def methods_page(views: Sequence[RunView]) -> str:
+    parts = [
+        section(
+            "How attributes are inferred",
+            paragraphs(
+                "Each generated image is read by one or more attribute classifiers. For every attribute of "
+                "the battery a "
+                "classifier returns class probabilities (in the battery's class order), a label (the most "
+                "probable "
+                "class) and a status: ok, no_person (no person found) or not_measurable (the classifier "
+                "cannot measure "
+                "this attribute on these images). These are perceived attributes, inferred from appearance; "
+                "no one in "
+                "these images self-identified."
+            )
+            + _classes_table(views),
+            "inferred",
+        )
+    ]
+    defs = table(["metric", "definition"], METRICS, "Metrics (K = number of classes)")
+    parts.append(
+        section(
+            "Metric definitions",
+            defs
+            + paragraphs(
+                "Per-group values are averaged over prompts with a 95 % Student-t interval; shares are "
+                "pooled. "
+                "Comparisons of two runs use only images made with the same seed by both (paired by prompt, "
+                "guidance "
+                "scale and image index); the change B − A in a pooled share has a cluster-robust interval "
+                "clustered by "
+                "prompt, other metrics a t-interval over per-prompt differences."
+            ),
+            "metrics",
+        )
+    )
+    acc: list[str] = []
+    for view in views:
+        measured = _accuracy_rows(view)
+        rows = measured + _recorded_accuracy(view)
+        corrected = sorted(
+            {
+                f"{c}/{a}"
+                for c, a, m in view.groups[["classifier", "attribute", "metric"]].itertuples(index=False)
+                if str(m).startswith("share_corrected:")
+            }
+        )
+        head = f"Run {view.name}: "
+        if rows:
+            acc.append(
+                table(
+                    ["classifier", "attribute", "accuracy", "images"],
+                    rows,
+                    head + (f"agreement with the exact {TRUTH} reader" if measured else "recorded accuracy"),
+                )
+            )
+        if TRUTH in view.classifiers:
+            acc.append(
+                note(
+                    head + f"the {TRUTH} classifier reads the miniature world's palette exactly, so it is "
+                    "the ground truth for its renders (it cannot measure perceived gender)."
+                )
+            )
+        if corrected:
+            acc.append(
+                note(
+                    head
+                    + "a confusion matrix was measured for "
+                    + ", ".join(corrected)
+                    + "; corrected shares are in metrics/groups.csv."
+                )
+            )
+        if not rows and not corrected and TRUTH not in view.classifiers:
+            acc.append(
+                note(
+                    head + "no measured accuracy is recorded for its classifiers; read the shares as "
+                    "the classifier's perception, with unknown error."
+                )
+            )
+    parts.append(section("Classifier accuracy", "".join(acc), "accuracy"))
+    parts.append(
+        section("Caveats", "<ul>" + "".join(f"<li>{esc(c)}</li>" for c in CAVEATS) + "</ul>", "caveats")
+    )
+    return "".join(parts)
+
+
+def _classes_table(views: Sequence[RunView]) -> str:
+    rows: dict[tuple[str, ...], list[Any]] = {}
+    for view in views:
+        for spec in view.battery.attributes:
+            for cls, desc, target in zip(spec.classes, spec.descriptions, spec.target, strict=True):
+                key = (view.battery.name, view.battery.version, spec.name, cls)
+                rows.setdefault(key, [view.battery.name, spec.name, cls, desc, num(target)])
+    return table(
+        ["battery", "attribute", "class", "text description", "target share"],
+        rows.values(),
+        "Attributes and classes of the batteries",
+    )

@@ -1,0 +1,231 @@
+"""The per-run pages: overview card, bias (per attribute), mode collapse, and image grids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evalsuite.analysis import t_interval
+from evalsuite.dashboard import figures
+from evalsuite.dashboard.html import (
+    definition_list,
+    esc,
+    figure,
+    interval,
+    note,
+    num,
+    paragraphs,
+    section,
+    table,
+)
+from evalsuite.dashboard.load import RunView
+
+TABLE_METRICS = (
+    "shen_gap",
+    "mad",
+    "dominant_share",
+    "normalized_entropy",
+    "kl_uniform",
+    "kl_target",
+    "low_confidence_rate",
+    "no_person_rate",
+)
+
+
+@dataclass
+class Site:
+    """Where a page writes: the site root (being built) and the run's slug (file-name prefix)."""
+
+    root: Path
+    slug: str
+    letter: str  # "A" / "B" when two runs are shown, else ""
+
+
+def fig(site: Site, name: str, size: tuple[int, int] | None, alt: str, caption: str) -> str:
+    if size is None:
+        return note("No data to plot.")
+    return figure(f"figures/{site.slug}-{name}.png", alt, caption, size)
+
+
+def scales_text(scales: list[float]) -> str:
+    return ", ".join(f"{s:g}" for s in scales)
+
+
+def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> str:
+    info, battery, model = view.info, view.battery, view.model
+    versions = info.get("versions") if isinstance(info.get("versions"), dict) else {}
+    timings = info.get("timings") if isinstance(info.get("timings"), dict) else {}
+    n_held = len(view.heldout)
+    facts = [
+        ("Run", view.name),
+        ("Model", view.model_label),
+        ("Revision", model.get("revision") or "—"),
+        (
+            "Pipeline",
+            f"{model.get('pipeline_class', '—')} ({model.get('dtype', '—')}, {model.get('device', '—')})",
+        ),
+        ("Battery", f"{battery.name} version {battery.version}"),
+        ("Battery description", battery.description or "—"),
+        ("Prompts", f"{len(view.prompts)} ({n_held} held out)"),
+        ("Guidance scales", scales_text(view.scales)),
+        (
+            "Images",
+            f"{info.get('n_images', len(view.records))} ({battery.images_per_prompt} per prompt and scale, "
+            f"{battery.steps} steps, battery seed {battery.seed})",
+        ),
+        ("Attributes", ", ".join(battery.attribute_names)),
+        (
+            "Classifier",
+            f"{view.primary_classifier} (primary)"
+            + "".join(f", {c}" for c in view.classifiers if c != view.primary_classifier),
+        ),
+        ("Embedder", info.get("embedder") or "—"),
+        ("Date", f"started {info.get('created', '—')}, finished {info.get('finished', '—')}"),
+        ("Suite version", f"evalsuite {versions.get('evalsuite', '—')}"),
+        ("Libraries", ", ".join(f"{k} {v}" for k, v in versions.items() if k != "evalsuite") or "—"),
+        ("Git commit", info.get("git_commit") or "—"),
+        (
+            "Generation time",
+            f"{num(timings.get('generate_s'))} s ({num(timings.get('images_per_s'))} images/s)",
+        ),
+    ]
+    links = " · ".join(f'<a href="{esc(h)}">{esc(label)}</a>' for h, label in pages)
+    title = f"Run {site.letter}: {view.name}" if site.letter else view.name
+    return (
+        f'<div class="card"><h2>{esc(title)}</h2>{definition_list(facts)}<p>{links}</p>'
+        f"{_headline(view)}</div>"
+    )
+
+
+def _headline(view: RunView) -> str:
+    """Shen gap per attribute and mean Vendi score per guidance scale (all prompts)."""
+    clf, scales = view.primary_classifier, view.scales
+    agg = view.aggregate[(view.aggregate["classifier"] == clf) & (view.aggregate["split"] == "all")]
+    rows = []
+    for attr, _ in view.attributes(clf):
+        part = agg[(agg["attribute"] == attr) & (agg["metric"] == "shen_gap")]
+        cells = [at(part, s) for s in scales]
+        rows.append([f"Shen gap, {attr}", *[interval(*c) for c in cells]])
+    if "vendi" in view.diversity:
+        rows.append(
+            ["Vendi score (mean)", *[interval(*t_interval(div_at(view, s, "vendi"))) for s in scales]]
+        )
+    return table(
+        ["measure", *[f"scale {s:g}" for s in scales]],
+        rows,
+        f"Headline ({clf} classifier, all prompts; 95 % intervals)",
+    )
+
+
+def at(part: pd.DataFrame, scale: float) -> tuple[float, float, float]:
+    hit = part[np.isclose(part["guidance_scale"], scale)]
+    if hit.empty:
+        return (np.nan, np.nan, np.nan)
+    row = hit.iloc[0]
+    return float(row["value"]), float(row["lo"]), float(row["hi"])
+
+
+def div_at(view: RunView, scale: float, metric: str) -> np.ndarray:
+    div = view.diversity
+    return div.loc[np.isclose(div["guidance_scale"], scale), metric].to_numpy(float)
+
+
+def bias_page(view: RunView, site: Site) -> str:
+    clf, scales = view.primary_classifier, view.scales
+    groups = view.groups[view.groups["classifier"] == clf]
+    agg = view.aggregate[view.aggregate["classifier"] == clf]
+    measured = dict(view.attributes(clf))
+    parts = [
+        paragraphs(
+            f"Attributes are the {clf} classifier's perception of each image, not anyone's "
+            "identity. Shares count only images where a person was found (status ok); bands and "
+            "brackets are 95 % intervals (see Methods)."
+        )
+    ]
+    for attr in view.battery.attribute_names:
+        if attr not in measured:
+            parts.append(
+                section(
+                    f"Attribute: {attr}",
+                    note(
+                        f"The {clf} classifier does not measure {attr} on "
+                        "these images (status not_measurable): no results."
+                    ),
+                )
+            )
+    for i, (attr, classes) in enumerate(measured.items()):
+        rows_g, rows_a = groups[groups["attribute"] == attr], agg[agg["attribute"] == attr]
+        all_split = rows_a[rows_a["split"] == "all"]
+        if "×" in attr:
+            size = figures.pooled_heatmap(
+                all_split, classes, scales, site.root / f"figures/{site.slug}-heat{i}.png"
+            )
+            alt = (
+                f"Heatmap of the pooled share of each joint {attr} class (rows: {', '.join(classes)}) at "
+                f"each guidance scale (columns: {scales_text(scales)}), all prompts, {clf} classifier."
+            )
+        else:
+            size = figures.share_heatmap(
+                rows_g, classes, view.prompts, scales, site.root / f"figures/{site.slug}-heat{i}.png"
+            )
+            alt = (
+                f"Heatmaps of {attr} class shares, one panel per class ({', '.join(classes)}); rows are the "
+                f"{len(view.prompts)} prompts, columns the guidance scales {scales_text(scales)}; "
+                f"darker is a smaller share. {clf} classifier."
+            )
+        heat = fig(site, f"heat{i}", size, alt, f"{attr}: share of each class per prompt and guidance scale.")
+        size = figures.bias_lines(all_split, classes, site.root / f"figures/{site.slug}-lines{i}.png")
+        gap = all_split[all_split["metric"] == "shen_gap"].sort_values("guidance_scale")
+        trend = "; ".join(
+            f"{num(v)} at scale {s:g}" for s, v in zip(gap["guidance_scale"], gap["value"], strict=True)
+        )
+        alt = (
+            f"Line charts against guidance scale for {attr}: pooled shares of {', '.join(classes)}, and the "
+            f"bias metrics, each with a shaded 95 % interval. Shen gap: {trend or 'not available'}."
+        )
+        lines = fig(
+            site, f"lines{i}", size, alt, f"{attr}: pooled shares and bias metrics against guidance scale."
+        )
+        parts.append(section(f"Attribute: {attr}", heat + lines + _metric_table(rows_a, scales), f"a{i}"))
+    parts.append(_other_classifiers(view))
+    return "".join(parts)
+
+
+def _metric_table(rows: pd.DataFrame, scales: list[float]) -> str:
+    metrics = [m for m in TABLE_METRICS if m in set(rows["metric"])]
+    body = []
+    for split in ("all", "train", "heldout"):
+        part = rows[rows["split"] == split]
+        for scale in scales if not part.empty else []:
+            cells = [interval(*at(part[part["metric"] == m], scale)) for m in metrics]
+            n = part.loc[np.isclose(part["guidance_scale"], scale), "n_prompts"]
+            body.append([split, f"{scale:g}", *cells, num(n.max() if len(n) else np.nan)])
+    return table(
+        ["split", "scale", *metrics, "prompts"], body, "Bias metrics averaged over prompts (95 % t-intervals)"
+    )
+
+
+def _other_classifiers(view: RunView) -> str:
+    others = [c for c in view.classifiers if c != view.primary_classifier]
+    if not others:
+        return ""
+    agg = view.aggregate[(view.aggregate["split"] == "all") & (view.aggregate["metric"] == "shen_gap")]
+    rows = []
+    for clf in view.classifiers:
+        for attr, _ in view.attributes(clf):
+            part = agg[(agg["classifier"] == clf) & (agg["attribute"] == attr)]
+            rows.append([clf, attr, *[interval(*at(part, s)) for s in view.scales]])
+    body = paragraphs(
+        "The same images read by every classifier of the run: where they disagree, the bias "
+        "measured depends on the classifier, not only on the model."
+    )
+    return section(
+        "Across classifiers",
+        body
+        + table(
+            ["classifier", "attribute", *[f"scale {s:g}" for s in view.scales]], rows, "Shen gap, all prompts"
+        ),
+    )

@@ -1,0 +1,140 @@
+"""Build the static dashboard site into DIR.partial, then swap it into place (atomic for the reader).
+
+An existing DIR is replaced only when it holds a previous dashboard (the `MARKER` file) or is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from evalsuite.dashboard import compare, compare_page, images, methods, pages
+from evalsuite.dashboard.html import CSS, CSS_FILE, page
+from evalsuite.dashboard.load import RunView, load_run
+from evalsuite.errors import SuiteError
+
+MARKER = ".evalsuite-dashboard"
+
+
+def _check_target(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SuiteError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise SuiteError(
+            f"{out}: exists and does not hold an evalsuite dashboard (no {MARKER} file); "
+            "refusing to replace it: choose another --out or remove it"
+        )
+
+
+def _fresh(path: Path) -> None:
+    """Remove a stale build folder left by a crash (only one of ours, marked) and create it anew."""
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not (path / MARKER).is_file():
+            raise SuiteError(f"{path}: exists and is not a dashboard build folder; remove it first")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text(json.dumps({"tool": "evalsuite dashboard", "state": "building"}) + "\n")
+
+
+def _swap(partial: Path, out: Path) -> None:
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int = 8) -> Path:
+    """Build the dashboard of one run, or of two runs with a comparison page; returns index.html's path."""
+    runs, out = [Path(r) for r in runs], Path(out)
+    if not 1 <= len(runs) <= 2:
+        raise SuiteError(f"dashboard: give one or two results folders, got {len(runs)}")
+    if max_images_per_cell < 1:
+        raise SuiteError(f"--max-images-per-cell must be >= 1, got {max_images_per_cell}")
+    _check_target(out)
+    views = [load_run(r) for r in runs]
+    comparison = compare.compare_runs(views[0], views[1]) if len(views) == 2 else None
+    partial = out.with_name(out.name + ".partial")
+    _fresh(partial)
+    try:
+        started = time.perf_counter()
+        _write_site(partial, views, comparison, max_images_per_cell)
+        (partial / MARKER).write_text(
+            json.dumps(
+                {
+                    "tool": "evalsuite dashboard",
+                    "runs": [str(r) for r in runs],
+                    "build_s": round(time.perf_counter() - started, 2),
+                }
+            )
+            + "\n"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _swap(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+def _write_site(
+    root: Path, views: list[RunView], comparison: compare.Comparison | None, max_per_cell: int
+) -> None:
+    (root / "figures").mkdir()
+    (root / CSS_FILE).write_text(CSS, encoding="utf-8")
+    two = len(views) == 2
+    sites = [pages.Site(root, f"r{i}", "AB"[i] if two else "") for i in range(len(views))]
+    per_run = {
+        s.slug: [
+            (f"{s.slug}-bias.html", "Bias"),
+            (f"{s.slug}-diversity.html", "Mode collapse"),
+            (f"{s.slug}-images.html", "Images"),
+        ]
+        for s in sites
+    }
+    nav: list[tuple[str, str]] = [("index.html", "Overview")]
+    for s in sites:
+        nav += [(href, f"{s.letter} {label}" if two else label) for href, label in per_run[s.slug]]
+    if comparison is not None:
+        nav.append(("compare.html", "Compare A vs B"))
+    nav.append(("methods.html", "Methods"))
+
+    def write(href: str, title: str, body: Callable[[], str]) -> None:
+        (root / href).write_text(page(title, body(), nav, href), encoding="utf-8")
+
+    for view, s in zip(views, sites, strict=True):
+        writer = images.ThumbWriter(root, s.slug)
+        prefix = f"Run {s.letter}: " if two else ""
+        write(f"{s.slug}-bias.html", f"{prefix}bias by attribute", lambda v=view, s=s: pages.bias_page(v, s))
+        write(
+            f"{s.slug}-diversity.html",
+            f"{prefix}mode collapse",
+            lambda v=view, s=s, w=writer: pages.diversity_page(v, s, w),
+        )
+        write(
+            f"{s.slug}-images.html",
+            f"{prefix}images",
+            lambda v=view, w=writer: pages.images_page(v, w, max_per_cell),
+        )
+    if comparison is not None:
+        write(
+            "compare.html", "Comparison: run A vs run B", lambda: compare_page.compare_page(comparison, root)
+        )
+    write("methods.html", "Methods", lambda: methods.methods_page(views))
+    cards = "".join(pages.overview_card(v, s, per_run[s.slug]) for v, s in zip(views, sites, strict=True))
+    extra = (
+        '<p><a href="compare.html">Compare run A with run B on paired seeds →</a></p>' if comparison else ""
+    )
+    intro = (
+        "<p>An audit of text-to-image generation for demographic bias (perceived attributes) and mode "
+        'collapse across classifier-free guidance scales. Read the <a href="methods.html">methods</a> '
+        "before the numbers.</p>"
+    )
+    write("index.html", "Audit overview", lambda: intro + extra + f'<div class="cards">{cards}</div>')

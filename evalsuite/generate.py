@@ -1,0 +1,158 @@
+"""Image generation with paired seeds, batched across prompts and guidance scales.
+
+`unit_seed` derives every image's seed from (battery, prompt, image index) alone, so the same initial
+noise is used at every guidance scale and for every model compared (paired seeds).
+
+Two generators share one interface, `generate(prompts, scales, seeds) -> uint8 images`:
+
+* `BatchedGenerator`, for UNet pipelines with one CLIP text encoder (Stable Diffusion 1.x/2.x and the
+  miniature model): one denoising loop for a whole batch that mixes prompts and guidance scales. Text
+  embeddings are computed once per prompt; the conditional and unconditional passes run in one UNet
+  call, and images at guidance 1 skip the unconditional pass (as diffusers does for scale <= 1).
+  Its arithmetic is the one of `StableDiffusionPipeline.__call__` (ε̂ = ε_u + g·(ε_c − ε_u), the
+  pipeline's scheduler, `latents * init_noise_sigma`, the same decode), so images equal plain
+  diffusers' from the same noise up to floating-point batching effects (a test checks this).
+* `PipelineGenerator`, for every other text-to-image pipeline (SDXL, SD3, ...): one pipeline call per
+  (prompt, scale) within a batch, with the paired noise passed as `latents`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+
+
+def unit_seed(battery_name: str, prompt: str, image_index: int) -> int:
+    """A 63-bit seed from SHA-256 of 'battery|prompt|index' (independent of scale and model)."""
+    digest = hashlib.sha256(f"{battery_name}|{prompt}|{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def latent_shape(pipe: Any) -> tuple[int, int, int]:
+    """(channels, height, width) of the initial noise of a pipeline at its default size."""
+    net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if net is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    size = getattr(pipe, "default_sample_size", None) or net.config.sample_size
+    return int(net.config.in_channels), int(size), int(size)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Standard normal noise per seed, drawn on the CPU in float32 (identical on every device)."""
+    out = torch.empty((len(seeds), *shape))
+    for i, seed in enumerate(seeds):
+        out[i] = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output in [-1, 1] (n, 3, H, W) -> uint8 (n, H, W, 3), rounded as diffusers' numpy_to_pil."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray: ...
+
+
+class BatchedGenerator:
+    """One denoising loop for a batch mixing prompts and guidance scales (SD 1.x/2.x-shaped pipelines)."""
+
+    def __init__(self, loaded: LoadedModel, steps: int, eta: float = 0.0, compile: bool = False) -> None:
+        self.pipe = loaded.pipe
+        self.device = torch.device(loaded.device)
+        self.dtype = self.pipe.unet.dtype
+        self.steps = steps
+        self.eta = eta
+        self.shape = latent_shape(self.pipe)
+        self._cache: dict[str, torch.Tensor] = {}
+        self.unet = self.pipe.unet
+        self.decoder = self.pipe.vae.decode
+        self.fixed_batch: int | None = None  # compiled graphs want one shape: pad to the first batch size
+        if compile:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
+            self.unet = torch.compile(self.pipe.unet, dynamic=False)
+            self.decoder = torch.compile(self.pipe.vae.decode, dynamic=False)
+
+    @staticmethod
+    def supports(pipe: Any) -> bool:
+        from diffusers import StableDiffusionPipeline
+
+        return isinstance(pipe, StableDiffusionPipeline)
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if new:
+            emb = self.pipe.encode_prompt(list(new), self.device, 1, False)[0]
+            self._cache.update(zip(new, emb))
+        return torch.stack([self._cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
+        n = len(prompts)
+        if self.unet is not self.pipe.unet:  # compiled: one shape for every batch
+            self.fixed_batch = self.fixed_batch or n
+            pad = self.fixed_batch - n
+            prompts, scales, seeds = (list(prompts) + [prompts[-1]] * pad, list(scales) + [scales[-1]] * pad,
+                                      list(seeds) + [seeds[-1]] * pad)
+        sched = self.pipe.scheduler
+        cond = self.embed(prompts)
+        uncond = self.embed([""])
+        g = torch.tensor(scales, device=self.device, dtype=self.dtype).view(-1, 1, 1, 1)
+        guided = torch.tensor([s > 1.0 for s in scales], device=self.device)
+        # compiled graphs run the unconditional pass for every image, so every call has one shape
+        with_u = torch.ones_like(guided) if self.fixed_batch else guided
+        n_u = int(with_u.sum())
+        emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
+        sched.set_timesteps(self.steps, device=self.device)
+        latents = initial_noise(seeds, self.shape).to(self.device, self.dtype) * sched.init_noise_sigma
+        step_kwargs = {"eta": self.eta} if "eta" in sched.step.__code__.co_varnames else {}
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([latents[with_u], latents]), t)
+            out = self.unet(x, t, encoder_hidden_states=emb).sample
+            eps_u, eps_c = out[:n_u][guided[with_u]], out[n_u:]
+            eps = eps_c.clone()
+            eps[guided] = eps_u + g[guided] * (eps_c[guided] - eps_u)
+            latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
+        images = self.decoder(latents / self.pipe.vae.config.scaling_factor).sample
+        return to_uint8(images[:n])
+
+
+class PipelineGenerator:
+    """Any diffusers text-to-image pipeline: one call per (prompt, scale) group, paired noise as latents."""
+
+    def __init__(self, loaded: LoadedModel, steps: int) -> None:
+        self.pipe = loaded.pipe
+        self.device = torch.device(loaded.device)
+        self.steps = steps
+        self.shape = latent_shape(self.pipe)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
+        dtype = next(p for p in self.pipe.components.values() if isinstance(p, torch.nn.Module)).dtype
+        out: list[np.ndarray | None] = [None] * len(prompts)
+        groups: dict[tuple[str, float], list[int]] = {}
+        for i, key in enumerate(zip(prompts, scales)):
+            groups.setdefault(key, []).append(i)
+        for (prompt, scale), idx in groups.items():
+            noise = initial_noise([seeds[i] for i in idx], self.shape).to(self.device, dtype)
+            result = self.pipe(prompt=[prompt] * len(idx), guidance_scale=scale, latents=noise,
+                               num_inference_steps=self.steps, output_type="np")
+            images = (np.asarray(result.images) * 255).round().astype(np.uint8)
+            for k, i in enumerate(idx):
+                out[i] = images[k]
+        return np.stack([o for o in out if o is not None])
+
+
+def make_generator(loaded: LoadedModel, steps: int, compile: bool = False) -> Generator:
+    if BatchedGenerator.supports(loaded.pipe):
+        return BatchedGenerator(loaded, steps, compile=compile)
+    return PipelineGenerator(loaded, steps)

@@ -1,0 +1,157 @@
+"""Measure the miniature world against its own truth.
+
+    evalsuite miniature report [--images 200] [--out docs/miniature-report.md]
+
+* the supervised classifier's accuracy on held-out renders and on their VAE reconstructions;
+* the oracle's accuracy on VAE reconstructions (how far its nearest-palette reading can be trusted
+  on decoded images), then the classifier's accuracy on images *generated* by the miniature model,
+  where the truth is the oracle's reading;
+* per occupation and guidance scale, the generated skin-tone and age shares against the training
+  distribution (total variation) and the dominant share: conditional mode collapse;
+* generation throughput (images/s at batch 64, 20 steps).
+
+`measure_confusion` writes the classifier's confusion matrices against the oracle on generated images
+to `classifier/confusion.json`; the runner uses them for classifier-error-corrected shares.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ASSETS
+from .classifier import load_classifier
+from .oracle import read_attributes
+from .render import render_batch, sample_portraits
+from .world import AGE_NAMES, OCCUPATIONS, TONE_NAMES
+
+DEFAULT_OCCUPATIONS = ("doctor", "nurse", "engineer", "teacher", "lawyer", "farmer")
+
+
+@torch.no_grad()
+def classify(net: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tone, age = zip(*(net(x[i:i + 512]) for i in range(0, len(x), 512)))
+    return torch.cat(tone).argmax(1).numpy(), torch.cat(age).argmax(1).numpy()
+
+
+def _generator(world: Path, steps: int) -> Any:
+    from ..generate import BatchedGenerator
+    from ..models import LoadedModel
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = LoadedModel(pipe=pipe, model_id="miniature", revision=None, is_miniature=True, dtype="float32",
+                         device="cpu")
+    return BatchedGenerator(loaded, steps=steps)
+
+
+def _generate(gen: Any, prompt: str, scale: float, n: int, seed0: int, batch: int = 64) -> np.ndarray:
+    return np.concatenate([gen.generate([prompt] * len(s), [scale] * len(s), s)
+                           for s in (list(range(seed0 + i, seed0 + min(i + batch, n))) for i in range(0, n, batch))])
+
+
+def _shares(labels: np.ndarray, k: int) -> np.ndarray:
+    ok = labels[labels >= 0]
+    return np.bincount(ok, minlength=k) / max(len(ok), 1)
+
+
+def measure_confusion(world: Path = ASSETS, n_per: int = 24, steps: int = 20) -> dict[str, list[list[float]]]:
+    """Confusion of the supervised classifier against the oracle (rows: oracle class) on generated images
+    of every occupation at guidance 1, 3 and 7.5; saved to classifier/confusion.json."""
+    gen, net = _generator(world, steps), load_classifier(world / "classifier")
+    counts = {"skin_tone": np.zeros((4, 4)), "age": np.zeros((2, 2))}
+    for k, name in enumerate(OCCUPATIONS):
+        for g in (1.0, 3.0, 7.5):
+            images = _generate(gen, f"a photo of a {name}", g, n_per, seed0=10_000 + 100 * k)
+            truth, pred = read_attributes(images), classify(net, images)
+            for attr, t, p in (("skin_tone", truth[0], pred[0]), ("age", truth[1], pred[1])):
+                np.add.at(counts[attr], (t[t >= 0], p[t >= 0]), 1)
+    out = {a: (c / np.maximum(c.sum(1, keepdims=True), 1)).round(6).tolist() for a, c in counts.items()}
+    meta = {"rows": "oracle class (truth)", "columns": "classifier prediction", "counts": {a: c.tolist() for a, c in counts.items()},
+            "measured_on": f"{n_per} generated images per occupation at guidance 1, 3, 7.5 ({steps} DDIM steps)"}
+    (world / "classifier" / "confusion.json").write_text(json.dumps({**out, "_about": meta}, indent=1))
+    return out
+
+
+def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCCUPATIONS, n: int = 200,
+                  scales: Sequence[float] = (1.0, 3.0, 7.5, 12.0), steps: int = 20) -> dict[str, Any]:
+    net = load_classifier(world / "classifier")
+    rng = np.random.default_rng(12345)  # held out: the build draws from seed 0
+    portraits = sample_portraits([o for o in OCCUPATIONS for _ in range(50)], rng)
+    renders = render_batch(portraits)
+    tone_true = np.array([TONE_NAMES.index(p.tone) for p in portraits])
+    age_true = np.array([AGE_NAMES.index(p.age) for p in portraits])
+    gen = _generator(world, steps)
+    with torch.no_grad():
+        x = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1
+        vae = gen.pipe.vae
+        recon = torch.cat([vae.decode(vae.encode(x[i:i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)])
+    from ..generate import to_uint8
+
+    recon_u8 = to_uint8(recon)
+    out: dict[str, Any] = {"held_out_renders": len(renders)}
+    for label, images in (("renders", renders), ("vae_reconstructions", recon_u8)):
+        t, a = classify(net, images)
+        ot, oa = read_attributes(images)
+        out[label] = {"classifier_tone_acc": float((t == tone_true).mean()), "classifier_age_acc": float((a == age_true).mean()),
+                      "oracle_tone_acc": float((ot == tone_true).mean()), "oracle_age_acc": float((oa == age_true).mean())}
+
+    rows, agree = [], {"tone": [], "age": []}
+    for k, name in enumerate(occupations):
+        occ = OCCUPATIONS[name]
+        for g in scales:
+            images = _generate(gen, f"a photo of a {name}", g, n, seed0=1_000_000 + 10_000 * k)
+            tone, age = read_attributes(images)
+            pt, pa = classify(net, images)
+            agree["tone"] += list((pt == tone)[tone >= 0])
+            agree["age"] += list((pa == age)[age >= 0])
+            ts, as_ = _shares(tone, 4), _shares(age, 2)
+            rows.append({"occupation": name, "guidance": g, "n": n, "person_rate": float((tone >= 0).mean()),
+                         "tone_shares": ts.round(3).tolist(), "train_tone": list(occ.tone_probs),
+                         "tone_tv": float(0.5 * np.abs(ts - np.asarray(occ.tone_probs)).sum()),
+                         "dominant_share": float(ts[TONE_NAMES.index(occ.dominant_tone)]),
+                         "old_share": float(as_[1]), "train_old": occ.p_old,
+                         "age_tv": float(abs(as_[1] - occ.p_old))})
+    out["generated"] = {"classifier_vs_oracle_tone_acc": float(np.mean(agree["tone"])),
+                        "classifier_vs_oracle_age_acc": float(np.mean(agree["age"])), "images": len(agree["tone"])}
+    out["distributions"] = rows
+    prompts = [f"a photo of a {o}" for o in list(OCCUPATIONS)[:64]]
+    gen.generate(prompts[:8], [7.5] * 8, list(range(8)))  # warm up
+    t0 = time.perf_counter()
+    reps = 3
+    for r in range(reps):
+        gen.generate((prompts * 2)[:64], [7.5] * 64, list(range(64 * r, 64 * r + 64)))
+    out["throughput_img_per_s_b64_20steps"] = round(64 * reps / (time.perf_counter() - t0), 2)
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def to_markdown(m: dict[str, Any]) -> str:
+    lines = ["# Miniature world: measured against its truth", "",
+             "| images | classifier tone | classifier age | oracle tone | oracle age |", "|---|---|---|---|---|"]
+    for key in ("renders", "vae_reconstructions"):
+        r = m[key]
+        lines.append(f"| held-out {key} ({m['held_out_renders']}) | {r['classifier_tone_acc']:.4f} | "
+                     f"{r['classifier_age_acc']:.4f} | {r['oracle_tone_acc']:.4f} | {r['oracle_age_acc']:.4f} |")
+    g = m["generated"]
+    lines += ["", f"Classifier against the oracle on {g['images']} generated images: tone "
+              f"{g['classifier_vs_oracle_tone_acc']:.4f}, age {g['classifier_vs_oracle_age_acc']:.4f}.", "",
+              "| occupation | g | tone shares (light/medium/tan/dark) | training | TV | dominant | old | train old |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in m["distributions"]:
+        lines.append(f"| {r['occupation']} | {r['guidance']:g} | {'/'.join(f'{s:.2f}' for s in r['tone_shares'])} | "
+                     f"{'/'.join(f'{s:.2f}' for s in r['train_tone'])} | {r['tone_tv']:.3f} | "
+                     f"{r['dominant_share']:.2f} | {r['old_share']:.2f} | {r['train_old']:.2f} |")
+    lines += ["", f"Throughput: {m['throughput_img_per_s_b64_20steps']} images/s (batch 64, 20 DDIM steps, "
+              f"guidance 7.5, {m['threads']} threads)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""Load a text-to-image model: the built-in miniature world, a local folder, or a hub id.
+
+Any diffusers text-to-image pipeline loads through `AutoPipelineForText2Image` (SD 1.x/2.x, SDXL,
+SD3, ...), with safetensors only and never remote code. The miniature model is the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SuiteError, did_you_mean
+from .miniature import ASSETS
+
+log = logging.getLogger(__name__)
+
+MINIATURE = "miniature"
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline plus what results need to describe it."""
+
+    pipe: Any  # a diffusers DiffusionPipeline
+    model_id: str
+    revision: str | None
+    is_miniature: bool
+    dtype: str
+    device: str
+    lora: str | None = None
+    vocabulary: frozenset[str] | None = None  # words the model knows, where it knows only its own
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` outside the model's vocabulary (empty for open-vocabulary models)."""
+        if self.vocabulary is None:
+            return []
+        return [w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in self.vocabulary]
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.model_id, "revision": self.revision, "is_miniature": self.is_miniature,
+                "dtype": self.dtype, "device": self.device, "lora": self.lora,
+                "pipeline_class": type(self.pipe).__name__}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SuiteError(f"--dtype: unknown dtype '{name}'{did_you_mean(name, DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SuiteError(f"--device: '{name}' requested but no CUDA device is available; use --device cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+        raise SuiteError(f"--device: '{name}' is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+    return name
+
+
+def check_model_source(model: str | None) -> None:
+    """Fail fast (before anything loads) on a model that is neither built in, a folder, nor a hub id."""
+    if model in (None, MINIATURE):
+        if not (ASSETS / "pipeline" / "model_index.json").is_file():
+            raise SuiteError(f"the built-in miniature model is missing at {ASSETS}; rebuild it with "
+                             "`evalsuite miniature build`")
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise SuiteError(f"--model: '{model}' is a folder but not a diffusers pipeline (no model_index.json)")
+        return
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise SuiteError(f"--model: '{model}' is not a local folder (not found) and not a hub id like "
+                         "'org/name'; the built-in model is 'miniature'")
+
+
+def load_model(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+               revision: str | None = None, lora: str | None = None) -> LoadedModel:
+    """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id."""
+    from diffusers import AutoPipelineForText2Image
+
+    check_model_source(model)
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
+    if model in (None, MINIATURE):
+        source, model_id, vocab = str(ASSETS / "pipeline"), MINIATURE, _miniature_words()
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        source, model_id, vocab = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model, \
+            model, None
+        if revision:
+            kwargs["revision"] = revision
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise SuiteError(f"--model: could not load '{model_id}': {str(exc).splitlines()[0]}") from exc
+    if getattr(pipe, "safety_checker", None) is not None:
+        log.info("disabling the safety checker: audits must see every image the model makes")
+        pipe.safety_checker = None
+    if lora:
+        lora_path = Path(lora).expanduser()
+        if not lora_path.exists():
+            raise SuiteError(f"--lora: adapter '{lora}' not found")
+        try:
+            pipe.load_lora_weights(str(lora_path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise SuiteError(f"--lora: could not load adapter '{lora}': {str(exc).splitlines()[0]}") from exc
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, is_miniature=model_id == MINIATURE,
+                       dtype=dtype, device=device, lora=lora, vocabulary=vocab)
+
+
+def _miniature_words() -> frozenset[str]:
+    return frozenset((ASSETS / "words.txt").read_text().split())

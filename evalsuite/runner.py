@@ -1,0 +1,304 @@
+"""The battery runner: expand a battery into work units, generate, classify, write, resume, analyse.
+
+A work unit is (prompt, guidance scale, image index). Units are numbered prompt-major, then scale,
+then image, and cut into fixed batches of `batch_size`; batch b belongs to process b mod P under
+`accelerate launch`. A batch is written as its PNG files (each renamed into place) and then its records
+in one appended, fsynced write to the process's own `records.rank{r}.jsonl`, so a killed run loses at
+most the batch in flight. Running the same command again resumes: finished batches are skipped (their
+images checked against the recorded SHA-256), a torn last line is dropped, and because batches are
+fixed, the regenerated batch equals the one that was lost. When every batch is done, the shards are
+merged into `records.jsonl` in unit order and the metric tables are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__, store
+from .battery import Battery, Prompt
+from .errors import SuiteError
+from .generate import make_generator, unit_seed
+from .store import append_records, done_batches, merge_shards, save_battery, write_json_atomic, write_png
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything about a run that is not in the battery (command-line options)."""
+
+    results_dir: Path = Path("results")
+    name: str | None = None
+    model: str | None = None
+    revision: str | None = None
+    lora: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    batch_size: int = 64
+    classifiers: tuple[str, ...] = ()
+    embedder: str = "clip"
+    overwrite: bool = False
+    compile: bool = False  # torch.compile the UNet and decoder (pays on GPUs for long runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["results_dir"] = str(self.results_dir)
+        return d
+
+
+@dataclass(frozen=True)
+class Unit:
+    unit: int
+    prompt_index: int
+    prompt: Prompt
+    guidance_scale: float
+    image_index: int
+    seed: int
+
+    def image_path(self) -> str:
+        return f"images/p{self.prompt_index:03d}/g{self.guidance_scale:g}/i{self.image_index:04d}.png"
+
+
+@dataclass
+class Plan:
+    battery: Battery
+    units: list[Unit]
+    batch_size: int
+    batches: list[list[Unit]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batches = [self.units[i:i + self.batch_size] for i in range(0, len(self.units), self.batch_size)]
+
+
+def plan_units(battery: Battery, batch_size: int) -> Plan:
+    units = []
+    for pi, prompt in enumerate(battery.prompts()):
+        for g in battery.guidance_scales:
+            for ii in range(battery.images_per_prompt):
+                seed = unit_seed(battery.name, prompt.text, ii) ^ battery.seed
+                units.append(Unit(len(units), pi, prompt, float(g), ii, seed))
+    return Plan(battery, units, batch_size)
+
+
+def default_run_name(battery: Battery, options: RunOptions) -> str:
+    model = options.model or "miniature"
+    parts = [battery.name, Path(model).name if Path(model).exists() else model]
+    if options.lora:
+        parts.append("lora-" + Path(options.lora).name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts)).strip("-")
+
+
+def fingerprint(battery: Battery, options: RunOptions) -> str:
+    """What must match for a folder to be resumed: everything that changes an image or a record."""
+    keys = {"battery": battery.to_dict(), "model": options.model, "revision": options.revision,
+            "lora": options.lora, "dtype": options.dtype, "batch_size": options.batch_size,
+            "classifiers": list(options.classifiers), "embedder": options.embedder,
+            "compile": options.compile}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "evalsuite": __version__}
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SuiteError(f"cannot write results to '{folder}': {exc.strerror or exc}") from exc
+
+
+def progress(total: int, initial: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="img", desc="generate", disable=not enabled, dynamic_ncols=True)
+
+
+def timed_generate(generator: Any, batch: list[Unit]) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    images = generator.generate([u.prompt.text for u in batch], [u.guidance_scale for u in batch],
+                                [u.seed for u in batch])
+    return images, time.perf_counter() - t0
+
+
+def _validate(battery: Battery, options: RunOptions) -> None:
+    """Every check that needs no model, all before anything loads."""
+    from .classifiers import check_classifier_spec
+    from .models import check_model_source, resolve_dtype
+
+    problems = []
+    for check in (lambda: check_model_source(options.model), lambda: resolve_dtype(options.dtype)):
+        try:
+            check()
+        except SuiteError as exc:
+            problems.append(str(exc))
+    if options.batch_size < 1:
+        problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
+    for spec in options.classifiers or (battery.classifier,):
+        problems += check_classifier_spec(spec)
+    if options.lora and not Path(options.lora).expanduser().exists():
+        problems.append(f"--lora: adapter '{options.lora}' not found")
+    if problems:
+        raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def run_battery(battery: Battery, options: RunOptions) -> Path:
+    """Generate, classify and analyse `battery` under `options`; return the run folder."""
+    from accelerate import PartialState
+
+    from .analysis import write_tables
+    from .classifiers import ClassifierContext, get_classifier, get_embedder, to_record
+    from .models import load_model, resolve_device
+    from .summary import summary_table
+
+    _validate(battery, options)
+    state = PartialState(cpu=options.device == "cpu")
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    device = str(state.device) if options.device == "auto" else resolve_device(options.device)
+    run_dir = options.results_dir / (options.name or default_run_name(battery, options))
+    check_writable(options.results_dir)
+    plan = plan_units(battery, options.batch_size)
+    fp = fingerprint(battery, options)
+    run_json = run_dir / "run.json"
+    if main:
+        _prepare_folder(run_dir, run_json, fp, options.overwrite)
+    state.wait_for_everyone()
+    info = json.loads(run_json.read_text()) if run_json.exists() else {}
+    resumed = info.get("status") in ("running", "complete")
+
+    loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
+                        lora=options.lora)
+    ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
+                            else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)
+    specs = list(dict.fromkeys(options.classifiers or (battery.classifier,)))
+    if loaded.is_miniature and "oracle" not in specs:
+        specs.append("oracle")  # the exact truth rides along on the miniature world
+    classifiers = {spec: get_classifier(spec, ctx) for spec in specs}
+    problems = [f"classifier '{n}': {p}" for n, c in classifiers.items() for p in c.check(battery.attributes)]
+    if problems:
+        raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+    embedder = get_embedder(options.embedder, ctx)
+    if main:
+        for prompt in battery.prompts():
+            if unknown := loaded.unknown_words(prompt.text):
+                log.warning("prompt %r: words outside the model's vocabulary: %s", prompt.text, ", ".join(unknown))
+        info = {**info, **_run_info(battery, options, loaded, specs, fp, world), "status": "running"}
+        info.setdefault("created", store.now())
+        write_json_atomic(run_json, info)
+        save_battery(run_dir / "battery.yaml", battery)
+
+    done = done_batches(run_dir, [len(b) for b in plan.batches], options.batch_size) if resumed else set()
+    mine = [b for b in range(len(plan.batches)) if b % world == rank and b not in done]
+    n_done = sum(len(plan.batches[b]) for b in done)
+    if main and done:
+        log.info("resuming %s: %d of %d images already made", run_dir, n_done, len(plan.units))
+    text_emb = {p.text: e for p, e in zip(battery.prompts(), embedder.embed_texts([p.text for p in battery.prompts()]))}
+    generator = make_generator(loaded, battery.steps, compile=options.compile)
+    shard = run_dir / f"records.rank{rank}.jsonl"
+    bar = progress(len(plan.units), n_done, main)
+    gen_s = 0.0
+    for b in mine:
+        batch = plan.batches[b]
+        images, dt = timed_generate(generator, batch)
+        gen_s += dt
+        outputs = {name: clf.classify(images, battery.attributes) for name, clf in classifiers.items()}
+        emb = embedder.embed_images(images)
+        records = []
+        for i, u in enumerate(batch):
+            cos = float(np.dot(emb[i], text_emb[u.prompt.text]))
+            records.append({
+                "unit": u.unit, "prompt_index": u.prompt_index, "prompt": u.prompt.text, "heldout": u.prompt.heldout,
+                "slots": dict(u.prompt.slots), "guidance_scale": u.guidance_scale, "image_index": u.image_index,
+                "seed": u.seed, "image": u.image_path(), "sha256": write_png(run_dir / u.image_path(), images[i]),
+                "embedding": [round(float(v), 6) for v in emb[i]], "clip_score": round(100 * max(cos, 0.0), 4),
+                "classifiers": {n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
+            })
+        append_records(shard, records)
+        bar.update(len(batch) * (world if main else 1))
+    bar.close()
+    state.wait_for_everyone()
+    if not main:
+        return run_dir
+
+    t0 = time.perf_counter()
+    records = merge_shards(run_dir)
+    tables = write_tables(run_dir, battery, records, confusions=_known_confusions(classifiers))
+    import pandas as pd
+
+    groups, diversity = pd.read_csv(tables["groups.csv"]), pd.read_csv(tables["diversity.csv"])
+    text = summary_table(groups, diversity, classifier=specs[0], attributes=[a.name for a in battery.attributes])
+    (run_dir / "summary.txt").write_text(text + "\n")
+    print(text)
+    made = len(plan.units) - n_done
+    info.update(status="complete", finished=store.now(), n_images=len(records), timings={
+        "generate_s": round(gen_s, 2), "images_made": made,
+        "images_per_s": round(made / gen_s, 2) if gen_s else None,
+        "analyse_s": round(time.perf_counter() - t0, 2)})
+    write_json_atomic(run_json, info)
+    log.info("results in %s", run_dir)
+    return run_dir
+
+
+def _prepare_folder(run_dir: Path, run_json: Path, fp: str, overwrite: bool) -> None:
+    if run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    if run_json.exists():
+        old = json.loads(run_json.read_text())
+        if old.get("fingerprint") != fp:
+            raise SuiteError(f"{run_dir} holds a run with another configuration (battery, model or options "
+                             "differ); choose another --name or pass --overwrite")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise SuiteError(f"{run_dir} exists and is not a results folder; choose another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _run_info(battery: Battery, options: RunOptions, loaded: Any, specs: list[str], fp: str,
+              world: int) -> dict[str, Any]:
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION, "run_name": Path(options.name or default_run_name(battery, options)).name,
+        "fingerprint": fp, "battery": battery.to_dict(), "options": {**options.to_dict(), "processes": world,
+        "steps": battery.steps, "sampler": type(loaded.pipe.scheduler).__name__},
+        "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],
+        "embedder": options.embedder,
+        "seeds": {"battery_seed": battery.seed,
+                  "rule": "sha256('battery|prompt|image_index')[:8] >> 1, XOR battery seed; same at every scale"},
+        "versions": versions(), "git_commit": git_commit(),
+    }
+
+
+def _known_confusions(classifiers: dict[str, Any]) -> dict[tuple[str, str], np.ndarray]:
+    out = {}
+    for name, clf in classifiers.items():
+        for attribute, matrix in (getattr(clf, "confusion", None) or {}).items():
+            out[(name, attribute)] = np.asarray(matrix, dtype=float)
+    return out

@@ -1,0 +1,113 @@
+"""Results-folder I/O: atomic image and JSON writes, appended record shards, and resume checks.
+
+Records of each process go to `records.rank{r}.jsonl`, one fsynced append per batch; a record holds
+the SHA-256 of its PNG, so a resumed run can tell a finished batch from a damaged one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from .battery import Battery
+from .errors import SuiteError
+
+log = logging.getLogger(__name__)
+
+
+def read_shard(path: Path) -> list[dict[str, Any]]:
+    """Records of one shard file; a torn last line (killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    good_end = raw.rfind(b"\n") + 1
+    if good_end < len(raw):
+        log.warning("%s: dropping a torn last line from an interrupted write", path)
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    records = []
+    for n, line in enumerate(raw[:good_end].splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise SuiteError(f"{path}:{n}: not a JSON record ({exc.msg}); the results folder is damaged") from exc
+    return records
+
+
+def done_batches(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) -> set[int]:
+    """Batches whose every record is present and whose images match their recorded SHA-256."""
+    by_batch: dict[int, int] = {}
+    for shard in sorted(run_dir.glob("records.rank*.jsonl")):
+        for rec in read_shard(shard):
+            path = run_dir / rec["image"]
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                digest = None
+            if digest != rec.get("sha256"):
+                raise SuiteError(f"{path}: image is missing or corrupt (its SHA-256 differs from the record in "
+                                 f"{shard.name}); rerun with --overwrite to start this run afresh")
+            b = rec["unit"] // batch_size
+            by_batch[b] = by_batch.get(b, 0) + 1
+    return {b for b, n in by_batch.items() if n == batch_sizes[b]}
+
+
+def write_png(path: Path, image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def save_battery(path: Path, battery: Battery) -> None:
+    path.write_text(yaml.safe_dump(battery.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+
+
+def merge_shards(run_dir: Path) -> list[dict[str, Any]]:
+    """All shard records in unit order, written to records.jsonl (shards removed afterwards)."""
+    records = sorted((r for shard in sorted(run_dir.glob("records.rank*.jsonl")) for r in read_shard(shard)),
+                     key=lambda r: r["unit"])
+    units = [r["unit"] for r in records]
+    if len(set(units)) != len(units):
+        raise SuiteError(f"{run_dir}: duplicate records for units; the results folder is damaged")
+    tmp = run_dir / "records.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    os.replace(tmp, run_dir / "records.jsonl")
+    for shard in run_dir.glob("records.rank*.jsonl"):
+        shard.unlink()
+    return records

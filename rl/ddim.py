@@ -1,0 +1,159 @@
+"""One stochastic DDIM step with the Gaussian log-density of the step (the DDPO policy).
+
+The reverse step x_t -> x_{t'} (t' = t - num_train_timesteps // num_inference_steps) of DDIM
+(Song et al., ICLR 2021, eqs. 12 and 16) for an epsilon-prediction model is Gaussian:
+
+    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                  (optionally clipped)
+    sigma  = eta * sqrt((1 - a_t') / (1 - a_t) * (1 - a_t / a_t'))
+    mu     = sqrt(a_t') x0_hat + sqrt(1 - a_t' - sigma^2) eps
+    x_t'   = mu + sigma z,   z ~ N(0, I)
+
+with a_t the cumulative product of alphas (``scheduler.alphas_cumprod``) and a_t' replaced by
+``scheduler.final_alpha_cumprod`` when t' < 0. DDPO (Black et al., ICLR 2024) treats this kernel as the
+policy pi(x_t' | x_t, c) and uses the MEAN over all non-batch dimensions of its log-density as log-prob
+(see shared/reference/methods.md section 2.2), which is what :func:`ddim_step_with_logprob` returns.
+
+Timesteps may differ per sample (a tensor of shape (B,)), which lets a trainer evaluate a shuffled
+batch of (sample, timestep) pairs in one UNet call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from evalsuite.errors import SuiteError
+
+__all__ = ["ddim_step_with_logprob"]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _per_sample(values: Tensor, ndim: int) -> Tensor:
+    """Reshape a (B,) tensor to (B, 1, ..., 1) so that it broadcasts against an ndim-dimensional sample."""
+    return values.reshape(values.shape[0], *([1] * (ndim - 1)))
+
+
+def _check_config(scheduler: DDIMScheduler, eta: float) -> int:
+    if eta <= 0:
+        raise SuiteError(
+            f"ddim_step_with_logprob: eta must be > 0 (got {eta}); with eta = 0 the DDIM step is deterministic "
+            "and has no log-density (DDPO uses eta = 1.0)"
+        )
+    config = scheduler.config
+    if config["prediction_type"] != "epsilon":
+        raise SuiteError(
+            f"ddim_step_with_logprob: prediction_type '{config['prediction_type']}' is not supported; "
+            "allowed: epsilon"
+        )
+    if config.get("thresholding", False):
+        raise SuiteError(
+            "ddim_step_with_logprob: dynamic thresholding is not supported; set thresholding=False "
+            "(clip_sample with clip_sample_range is supported)"
+        )
+    if scheduler.num_inference_steps is None:
+        raise SuiteError("ddim_step_with_logprob: call scheduler.set_timesteps(n) before stepping")
+    return int(config["num_train_timesteps"]) // int(scheduler.num_inference_steps)
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    noise_pred: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    eta: float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    variance_noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step x_t -> x_{t-1}; returns ``(prev_sample, log_prob)``.
+
+    Args:
+        scheduler: a ``DDIMScheduler`` after ``set_timesteps``; only ``prediction_type="epsilon"`` is
+            supported. ``clip_sample`` (with ``clip_sample_range``) is honoured, thresholding is refused.
+        noise_pred: the (guided) epsilon prediction, same shape as ``sample`` (B, ...).
+        timestep: the current timestep t, an int, a 0-d tensor or a (B,) tensor of per-sample timesteps.
+        sample: x_t, shape (B, ...).
+        eta: DDIM eta, must be > 0 (sigma = 0 has no density).
+        prev_sample: if given, x_{t-1} is not sampled; its log-prob under the step is computed instead
+            (training: the stored action). It is detached, so gradients reach only ``noise_pred``.
+        generator: RNG for the step noise (mutually exclusive with ``variance_noise``).
+        variance_noise: the standard-normal z to use instead of drawing one.
+
+    Returns:
+        ``prev_sample`` (dtype of ``sample``) and ``log_prob`` of shape (B,): the mean over all non-batch
+        dimensions of the elementwise Gaussian log-density, computed in at least float32.
+    """
+    step = _check_config(scheduler, eta)
+    if noise_pred.shape != sample.shape:
+        raise SuiteError(
+            f"ddim_step_with_logprob: noise_pred shape {tuple(noise_pred.shape)} != sample shape "
+            f"{tuple(sample.shape)}"
+        )
+    if sample.ndim < 2:
+        raise SuiteError(
+            f"ddim_step_with_logprob: sample must be batched (B, ...), got {tuple(sample.shape)}"
+        )
+    if variance_noise is not None and generator is not None:
+        raise SuiteError("ddim_step_with_logprob: pass either generator or variance_noise, not both")
+    batch, device = sample.shape[0], sample.device
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+
+    t = torch.as_tensor(timestep, device=device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise SuiteError(
+            f"ddim_step_with_logprob: timestep must be a scalar or shape ({batch},), got {tuple(t.shape)}"
+        )
+    n_train = int(scheduler.config["num_train_timesteps"])
+    if bool(((t < 0) | (t >= n_train)).any()):
+        raise SuiteError(f"ddim_step_with_logprob: timesteps must lie in [0, {n_train}), got {t.tolist()}")
+    prev_t = t - step
+
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=dtype)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=dtype)
+    alpha_t = _per_sample(alphas[t], sample.ndim)
+    alpha_prev = _per_sample(torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final), sample.ndim)
+    beta_t = 1 - alpha_t
+    beta_prev = 1 - alpha_prev
+
+    x_t = sample.to(dtype)
+    eps = noise_pred.to(dtype)
+    pred_x0 = (x_t - beta_t**0.5 * eps) / alpha_t**0.5
+    if scheduler.config["clip_sample"]:
+        bound = float(scheduler.config["clip_sample_range"])
+        pred_x0 = pred_x0.clamp(-bound, bound)
+
+    variance = (beta_prev / beta_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance**0.5
+    direction = (1 - alpha_prev - std**2) ** 0.5 * eps
+    mean = alpha_prev**0.5 * pred_x0 + direction
+
+    if prev_sample is None:
+        if variance_noise is None:
+            variance_noise = randn_tensor(
+                sample.shape, generator=generator, device=device, dtype=sample.dtype
+            )
+        if variance_noise.shape != sample.shape:
+            raise SuiteError(
+                f"ddim_step_with_logprob: variance_noise shape {tuple(variance_noise.shape)} != sample shape "
+                f"{tuple(sample.shape)}"
+            )
+        # round to the sample dtype first, so that re-scoring the returned sample reproduces log_prob
+        x_prev = (mean + std * variance_noise.to(dtype)).to(sample.dtype).to(dtype)
+    else:
+        if prev_sample.shape != sample.shape:
+            raise SuiteError(
+                f"ddim_step_with_logprob: prev_sample shape {tuple(prev_sample.shape)} != sample shape "
+                f"{tuple(sample.shape)}"
+            )
+        x_prev = prev_sample.detach().to(dtype)
+
+    log_density = -((x_prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
+    return x_prev.to(sample.dtype), log_prob

@@ -1,0 +1,221 @@
+"""LoRA adapters on a diffusers UNet (and optionally the CLIP text encoder) via PEFT, and their export.
+
+`add_lora` freezes the base model and injects PEFT LoRA layers. With ``init="gaussian"`` PEFT draws
+lora_A ~ N(0, 1/r) and sets lora_B = 0 (``init="default"``: Kaiming-uniform A, B = 0), so in both
+cases the adapted model starts as exactly the base model: the added term B A x is zero.
+
+`save_adapter` writes one folder:
+
+* ``pytorch_lora_weights.safetensors``: the diffusers/PEFT format (``pipe.load_lora_weights(folder)``).
+  The PEFT configs go into its safetensors metadata too, because diffusers otherwise assumes
+  ``lora_alpha == r`` on load and an adapter trained with alpha != rank would come back mis-scaled.
+* ``adapter_info.json``: the caller's metadata plus an ``"adapter"`` entry (rank, alpha, targets per model).
+* ``kohya/<name>.safetensors``: the kohya-ss / A1111 layout. For each adapted module at path ``p``
+  (dots -> underscores) of the UNet (prefix ``lora_unet_``) or text encoder (``lora_te_``):
+  ``<key>.lora_down.weight`` = PEFT lora_A, ``<key>.lora_up.weight`` = lora_B and ``<key>.alpha``, a 0-d
+  float32 tensor with alpha / rank = the PEFT scaling. Its safetensors metadata (all strings):
+  ``ss_network_module`` ("networks.lora"), ``ss_network_dim`` (UNet rank), ``ss_network_alpha`` (UNet alpha),
+  ``ss_base_model_version`` (``metadata["base_model_version"]``, default "sd_v1"), ``ss_v2`` ("False"),
+  ``ss_output_name`` (name), ``ss_sd_model_name`` (``metadata["base_model"]`` if given), ``ss_text_encoder_dim``
+  / ``ss_text_encoder_alpha`` when a text encoder is adapted, and ``evalsuite_adapter_info`` (the
+  adapter_info.json text).
+
+The folder is written under a temporary name next to ``out_dir`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from evalsuite.errors import SuiteError
+
+ADAPTER = "default"
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+INITS: dict[str, bool | str] = {"gaussian": "gaussian", "default": True}
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+INFO_FILE = "adapter_info.json"
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def _check_targets(model: nn.Module, targets: Sequence[str], what: str) -> None:
+    """Raise naming every target that matches no module (PEFT rule: name == t or name ends with '.t')."""
+    modules = dict(model.named_modules())
+    missing, unsupported = [], []
+    for t in targets:
+        hits = [m for n, m in modules.items() if n == t or n.endswith("." + t)]
+        if not hits:
+            missing.append(t)
+        elif not any(isinstance(m, _SUPPORTED) for m in hits):
+            unsupported.append(f"{t} ({type(hits[0]).__name__})")
+    if missing or unsupported:
+        parts = [f"match no module: {', '.join(missing)}"] if missing else []
+        parts += [f"match no Linear/Conv/Embedding layer: {', '.join(unsupported)}"] if unsupported else []
+        raise SuiteError(f"LoRA targets for the {what} " + "; ".join(parts))
+
+
+def _inject(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], init: str, what: str) -> None:
+    if rank < 1:
+        raise SuiteError(f"LoRA rank for the {what} must be >= 1, got {rank}")
+    _check_targets(model, targets, what)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=INITS[init], target_modules=list(targets))
+    try:
+        model.add_adapter(config)  # type: ignore[operator]
+    except ValueError as err:  # e.g. an adapter is already there
+        raise SuiteError(f"cannot add LoRA to the {what}: {err}") from err
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *,
+             text_encoder: nn.Module | None = None, text_rank: int | None = None,
+             init: str = "gaussian") -> list[nn.Parameter]:
+    """Freeze `unet` (and `text_encoder`), add LoRA layers and return the trainable (LoRA) parameters.
+
+    The text encoder, if given, gets LoRA on its attention projections (`TEXT_TARGETS`) with rank
+    `text_rank` (default `rank`) and the same alpha. LoRA parameters are float32 whatever the base dtype
+    (PEFT casts the layer input to the LoRA dtype and the result back to the base dtype).
+    """
+    if init not in INITS:
+        raise SuiteError(f"unknown LoRA init '{init}'; allowed: {', '.join(INITS)}")
+    models: list[tuple[nn.Module, int, Sequence[str], str]] = [(unet, rank, targets, "UNet")]
+    if text_encoder is not None:
+        models.append((text_encoder, rank if text_rank is None else text_rank, TEXT_TARGETS, "text encoder"))
+    trainable: list[nn.Parameter] = []
+    for model, r, tgts, what in models:
+        model.requires_grad_(False)
+        _inject(model, r, alpha, tgts, init, what)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+                trainable.append(p)
+            elif p.requires_grad:
+                raise SuiteError(f"non-LoRA parameter {name} of the {what} is trainable after add_lora")
+    return trainable
+
+
+def lora_named_parameters(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, nn.Parameter]:
+    """The LoRA parameters by name ("unet.<path>", "text_encoder.<path>"), e.g. for checkpoints."""
+    out: dict[str, nn.Parameter] = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is not None:
+            out.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if "lora_" in n})
+    return out
+
+
+def kohya_key(module_path: str, prefix: str = "lora_unet") -> str:
+    """kohya module key: 'down_blocks.0.attentions.0.proj_in' -> 'lora_unet_down_blocks_0_attentions_0_proj_in'."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+def _summary(model: nn.Module) -> dict[str, Any]:
+    cfg = model.peft_config[ADAPTER]  # type: ignore[index]
+    return {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules),
+            "modules": len(_lora_layers(model))}
+
+
+def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
+    """The kohya-layout tensors (see the module docstring) of the adapted models, on CPU."""
+    out: dict[str, Tensor] = {}
+    for prefix, model in (("lora_unet", unet), ("lora_te", text_encoder)):
+        if model is None:
+            continue
+        for path, layer in _lora_layers(model):
+            key = kohya_key(path, prefix)
+            if key + ".alpha" in out:
+                raise SuiteError(f"two modules map to the kohya key {key}")
+            out[key + ".lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().contiguous()
+            out[key + ".lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().cpu().contiguous()
+            scale = float(layer.scaling[ADAPTER]) * int(layer.r[ADAPTER])
+            out[key + ".alpha"] = torch.tensor(scale, dtype=torch.float32)
+    return out
+
+
+def load_kohya(path: Path | str) -> dict[str, Tensor]:
+    """Read a kohya-layout LoRA file."""
+    return load_file(str(path))
+
+
+def _has_lora(model: nn.Module | None) -> bool:
+    return model is not None and bool(getattr(model, "peft_config", None)) and bool(_lora_layers(model))
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    raw = model.peft_config[ADAPTER].to_dict()  # type: ignore[index]
+    return json.loads(json.dumps(raw, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | None = None,
+                 metadata: Mapping[str, Any], name: str | None = None) -> dict[str, Path]:
+    """Write the adapter folder (see the module docstring); return the paths of what was written.
+
+    `pipe_or_unet` is a pipeline (its UNet, and its text encoder if that carries LoRA layers, are saved)
+    or a UNet. Keys of the result: "dir", "diffusers", "info", "kohya".
+    """
+    from diffusers import StableDiffusionPipeline
+
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if text_encoder is None and _has_lora(getattr(pipe_or_unet, "text_encoder", None)):
+        text_encoder = pipe_or_unet.text_encoder
+    if not _has_lora(unet):
+        raise SuiteError("save_adapter: the UNet has no LoRA layers (call add_lora first)")
+    if text_encoder is not None and not _has_lora(text_encoder):
+        raise SuiteError("save_adapter: the text encoder has no LoRA layers")
+    out_dir = Path(out_dir)
+    name = name or out_dir.name
+    info: dict[str, Any] = dict(metadata)
+    info["adapter"] = {"unet": _summary(unet), "format": "peft-lora",
+                       "text_encoder": _summary(text_encoder) if text_encoder is not None else None,
+                       "kohya_file": f"kohya/{name}.safetensors"}
+    info_text = json.dumps(info, indent=2, sort_keys=True, default=str)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        te_layers = get_peft_model_state_dict(text_encoder) if text_encoder is not None else None
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=te_layers,
+            safe_serialization=True, unet_lora_adapter_metadata=_config_dict(unet),
+            text_encoder_lora_adapter_metadata=_config_dict(text_encoder) if text_encoder is not None else None)
+        (tmp / INFO_FILE).write_text(info_text + "\n")
+        unet_cfg = info["adapter"]["unet"]
+        kmeta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet_cfg["rank"]),
+                 "ss_network_alpha": str(unet_cfg["alpha"]), "ss_v2": "False", "ss_output_name": name,
+                 "ss_base_model_version": str(metadata.get("base_model_version", "sd_v1")),
+                 "evalsuite_adapter_info": info_text}
+        if "base_model" in metadata:
+            kmeta["ss_sd_model_name"] = str(metadata["base_model"])
+        if text_encoder is not None:
+            te_cfg = info["adapter"]["text_encoder"]
+            kmeta |= {"ss_text_encoder_dim": str(te_cfg["rank"]), "ss_text_encoder_alpha": str(te_cfg["alpha"])}
+        (tmp / "kohya").mkdir()
+        save_file(kohya_state_dict(unet, text_encoder), str(tmp / "kohya" / f"{name}.safetensors"), metadata=kmeta)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"dir": out_dir, "diffusers": out_dir / DIFFUSERS_WEIGHTS, "info": out_dir / INFO_FILE,
+            "kohya": out_dir / "kohya" / f"{name}.safetensors"}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` is moved aside first and removed after."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""Sampling the denoising MDP: DDIM with eta > 0 under classifier-free guidance, recording every latent
+and every step's log-probability (DDPO, Black et al. 2024; methods.md section 2.2).
+
+The policy is the *guided* kernel: ε̂ = ε_u + g·(ε_c − ε_u) with the group's guidance scale g (g = 1
+uses the conditional prediction alone), then the stochastic DDIM step of `rl.ddim`. The per-step
+noise comes from one seeded generator per call, so the same call with the adapters switched off gives
+the base model's image from the same noise (the drift reward's reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .ddim import ddim_step_with_logprob
+
+
+@dataclass
+class Trajectories:
+    """N sampled chains: latents x_T..x_0 (N, T+1, C, H, W), log-probs (N, T), timesteps (T,)."""
+
+    latents: Tensor
+    log_probs: Tensor
+    timesteps: Tensor
+
+    @property
+    def final(self) -> Tensor:
+        return self.latents[:, -1]
+
+
+def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor) -> Tensor:
+    """Guided noise prediction for a batch with per-sample timesteps `t` (B,) and scales (B,).
+
+    One UNet call on [uncond for guided samples; cond for all]; samples at scale 1 skip the uncond pass.
+    """
+    guided = scales > 1.0
+    n_u = int(guided.sum())
+    x_in = torch.cat([x[guided], x])
+    t_in = torch.cat([t[guided], t])
+    emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
+    out = unet(x_in, t_in, encoder_hidden_states=emb).sample
+    eps_u, eps_c = out[:n_u], out[n_u:]
+    g = scales.view(-1, 1, 1, 1).to(out.dtype)
+    eps = eps_c.clone()
+    eps[guided] = eps_u + g[guided] * (eps_c[guided] - eps_u)
+    return eps
+
+
+@torch.no_grad()
+def sample_trajectories(unet: torch.nn.Module, scheduler: object, cond: Tensor, uncond: Tensor, scales: Tensor,
+                        noise: Tensor, steps: int, eta: float, seed: int) -> Trajectories:
+    """Sample N chains from initial `noise` (N, C, H, W) with conditioning `cond` (N, L, D)."""
+    scheduler.set_timesteps(steps, device=noise.device)  # type: ignore[attr-defined]
+    timesteps = scheduler.timesteps  # type: ignore[attr-defined]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    x = noise * scheduler.init_noise_sigma  # type: ignore[attr-defined]
+    latents, log_probs = [x], []
+    for t in timesteps:
+        tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+        eps = guided_eps(unet, x, tt, cond, uncond, scales)
+        z = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+        x, logp = ddim_step_with_logprob(scheduler, eps, tt, x, eta, variance_noise=z)  # type: ignore[arg-type]
+        latents.append(x)
+        log_probs.append(logp)
+    return Trajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), timesteps.clone())
+
+
+def step_log_prob(unet: torch.nn.Module, scheduler: object, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Tensor,
+                  uncond: Tensor, scales: Tensor, eta: float) -> Tensor:
+    """Log-probability under the current policy of the recorded step x_t -> x_prev (with gradients)."""
+    eps = guided_eps(unet, x_t, t, cond, uncond, scales)
+    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)  # type: ignore[arg-type]
+    return logp

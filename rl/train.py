@@ -1,0 +1,349 @@
+"""The RL fine-tuning recipe: DDPO-IS over the denoising chain with LoRA and set-level rewards.
+
+Reads top to bottom: config -> build -> evaluate the base model -> loop over epochs {sample groups,
+reward, advantage, PPO update, log, checkpoint} -> save the adapter -> evaluate the tuned model.
+
+Sources: DDPO (Black et al., ICLR 2024) for the MDP, the per-step log-probability, the clipped
+importance ratio and the per-prompt statistics; Miao et al. (CVPR 2024) for the set-level diversity
+reward, reconstructed as the leave-one-out credit of an unbiased MMD² to a balanced reference
+(../shared/reference/methods.md 1.3; their code was never released).
+
+Choices made here (documented in rl/configs/miniature.yaml too):
+* Each group is G images of one prompt at one guidance scale drawn from the training schedule; the
+  set rewards are computed inside the group.
+* Every reward component is z-scored within its group before weighting, so weights compare
+  components in units of their within-group spread (raw LOO credits are ~1e-3, CLIP cosines ~0.3).
+* Validity gating: an image whose reward-classifier confidence is below `validity_threshold` gets
+  its group's lowest reward minus one, so degenerate images never pay.
+* Seeds of epoch e on process r derive from (seed, e, r) alone, so a resumed run draws exactly the
+  samples the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evalsuite.battery import Battery, battery_from_dict, load_battery
+from evalsuite.classifiers import ClassifierContext, get_classifier, get_embedder
+from evalsuite.errors import SuiteError
+from evalsuite.generate import initial_noise, latent_shape, to_uint8
+from evalsuite.models import load_model
+
+from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore
+from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .lora import add_lora, save_adapter
+from .rewards import alignment_reward, balance_reward, diversity_reward, drift_reward, reference_from_target
+from .sampling import sample_trajectories, step_log_prob
+
+log = logging.getLogger("rl")
+
+
+@dataclass
+class Batch:
+    """One epoch's samples on this process: N = prompts_per_epoch x group_size."""
+
+    prompts: list[str]  # per sample
+    group: torch.Tensor  # (N,) group id
+    scales: torch.Tensor  # (N,)
+    latents: torch.Tensor  # (N, T+1, C, H, W)
+    log_probs: torch.Tensor  # (N, T)
+    timesteps: torch.Tensor  # (T,)
+    images: np.ndarray  # (N, H, W, 3) uint8
+    base_images: np.ndarray | None
+
+
+def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
+    from accelerate import Accelerator
+
+    # ------------------------------------------------------------ build
+    acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available(),
+                      gradient_accumulation_steps=cfg.training.gradient_accumulation_steps * cfg.timesteps_per_sample)
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(cfg.output_dir)
+    battery = load_battery(cfg.battery)
+    train_prompts = [p.text for p in battery.prompts() if not p.heldout]
+    if not train_prompts:
+        raise SuiteError(f"{cfg.battery}: every prompt is held out; nothing to train on")
+    arithmetic = cfg.batch_arithmetic(world)
+    if acc.is_main_process:
+        print(arithmetic)
+    n = cfg.sampling.prompts_per_epoch * cfg.sampling.group_size
+    assert n % cfg.sampling.batch_size == 0 and n % (cfg.training.batch_size * cfg.training.gradient_accumulation_steps) == 0
+
+    model = load_model(cfg.model, device=str(acc.device))
+    pipe = model.pipe
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
+                      text_encoder=text_encoder if cfg.lora.text_encoder_rank else None,
+                      text_rank=cfg.lora.text_encoder_rank or None)
+    if cfg.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    unet, optimizer = acc.prepare(unet, optimizer)
+    ctx = ClassifierContext(device=str(acc.device), miniature=model.is_miniature)
+    reward_clf = get_classifier(cfg.reward_classifier, ctx)
+    embedder = get_embedder("clip", ctx)
+    attrs = [battery.attribute(a) for a in cfg.reward_attributes]
+    problems = reward_clf.check(attrs)
+    if problems:
+        raise SuiteError(f"reward_classifier '{cfg.reward_classifier}': " + "; ".join(problems))
+    monitor = get_classifier(cfg.evaluation.classifier, ctx) if model.is_miniature else None
+    tracker = PerPromptStatTracker(cfg.training.tracker_buffer, cfg.training.tracker_min_count)
+    text_emb = dict(zip(train_prompts, torch.from_numpy(embedder.embed_texts(train_prompts))))
+
+    # ------------------------------------------------------------ resume
+    start = 0
+    ckpt_dir = out / "checkpoints"
+    if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        start, extra = load_checkpoint(ckpt, model=acc.unwrap_model(unet), optimizer=optimizer)
+        tracker.load_state_dict(extra["tracker"])
+        _truncate_log(out / "log.jsonl", extra["log_lines"])
+        log.info("resumed from %s (epoch %d)", ckpt, start)
+    elif evaluate and acc.is_main_process:
+        _evaluate(cfg, battery, out / "eval" / "base", lora=None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    # ------------------------------------------------------------ loop
+    bar = tqdm(range(start, cfg.training.epochs), desc="rl", unit="epoch", disable=not acc.is_main_process)
+    for epoch in bar:
+        batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
+        rewards, parts, valid = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
+        if cfg.training.advantage == "group":
+            adv = group_zscore(rewards, batch.group)
+        else:
+            keys = [f"{p}|g={s:g}" for p, s in zip(batch.prompts, batch.scales.tolist())]
+            adv = torch.from_numpy(tracker.update(keys, rewards.numpy())).float()
+        stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
+        row = log_row(epoch, batch, rewards, parts, valid, stats, reward_clf, monitor, attrs)
+        if acc.is_main_process:
+            with open(out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['approx_kl']:.2e}",
+                            share=row["reward_dominant_share"])
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.training.epochs:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                lines = (out / "log.jsonl").read_text().count("\n")
+                save_checkpoint(ckpt_dir, step=epoch + 1, model=acc.unwrap_model(unet), optimizer=optimizer,
+                                rng=capture_rng(), extra={"tracker": tracker.state_dict(), "log_lines": lines},
+                                keep=cfg.keep_checkpoints)
+        if evaluate and cfg.evaluation.every and (epoch + 1) % cfg.evaluation.every == 0 and acc.is_main_process:
+            path = save_adapter(pipe, out / "eval" / f"adapter-{epoch + 1:04d}", unet=acc.unwrap_model(unet),
+                                metadata=_adapter_metadata(cfg))
+            _evaluate(cfg, battery, out / "eval" / f"epoch-{epoch + 1:04d}", lora=path)
+
+    # ------------------------------------------------------------ save and evaluate
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        adapter = save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet), metadata=_adapter_metadata(cfg))
+        if evaluate:
+            _evaluate(cfg, battery, out / "eval" / "final", lora=adapter)
+    return out
+
+
+# ---------------------------------------------------------------- the steps of one epoch
+
+
+def _encode(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
+
+
+@torch.no_grad()
+def sample_epoch(cfg: TrainConfig, pipe: Any, unet: torch.nn.Module, prompts: list[str], epoch: int,
+                 rank: int) -> Batch:
+    s = cfg.sampling
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    chosen = rng.choice(len(prompts), size=s.prompts_per_epoch, replace=len(prompts) < s.prompts_per_epoch)
+    scales = rng.choice(np.asarray(s.guidance_scales, dtype=float), size=s.prompts_per_epoch)
+    per_sample = [prompts[i] for i in chosen for _ in range(s.group_size)]
+    g = torch.tensor(np.repeat(scales, s.group_size), dtype=torch.float32)
+    seeds = rng.integers(0, 2**62, size=len(per_sample)).tolist()
+    batch_seeds = rng.integers(0, 2**62, size=len(per_sample) // s.batch_size).tolist()
+    noise = initial_noise(seeds, latent_shape(pipe)).to(pipe.device)
+    uncond = _encode(pipe, [""])
+    chunks, base = [], []
+    for k in range(0, len(per_sample), s.batch_size):
+        sl = slice(k, k + s.batch_size)
+        cond = _encode(pipe, per_sample[sl])
+        args = (pipe.scheduler, cond, uncond, g[sl].to(pipe.device), noise[sl], s.steps, s.eta,
+                batch_seeds[k // s.batch_size])
+        chunks.append(sample_trajectories(unet, *args))
+        if any(r.name == "drift" and r.weight > 0 for r in cfg.rewards):
+            unet.disable_adapters()
+            base.append(sample_trajectories(unet, *args).final)
+            unet.enable_adapters()
+    latents = torch.cat([c.latents for c in chunks])
+    decode = lambda z: to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample)  # noqa: E731
+    return Batch(prompts=per_sample, group=torch.arange(s.prompts_per_epoch).repeat_interleave(s.group_size),
+                 scales=g, latents=latents, log_probs=torch.cat([c.log_probs for c in chunks]),
+                 timesteps=chunks[0].timesteps, images=decode(latents[:, -1]),
+                 base_images=decode(torch.cat(base)) if base else None)
+
+
+def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, attrs: list[Any],
+                    text_emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Total reward per image (higher is better), the raw components, and the validity mask."""
+    outputs = clf.classify(batch.images, attrs)
+    probs = [torch.from_numpy(np.nan_to_num(outputs[a.name].probs, nan=0.0)) for a in attrs]
+    conf = torch.stack([p.max(1).values for p in probs]).min(0).values
+    valid = conf >= cfg.validity_threshold
+    emb = torch.from_numpy(embedder.embed_images(batch.images))
+    base_emb = torch.from_numpy(embedder.embed_images(batch.base_images)) if batch.base_images is not None else None
+    feats = torch.cat(probs, 1).double()
+    parts: dict[str, torch.Tensor] = {}
+    for r in cfg.rewards:
+        opts = r.options_dict
+        values = torch.zeros(len(batch.prompts), dtype=torch.float64)
+        for gid in batch.group.unique():
+            m = batch.group == gid
+            if r.name == "diversity":
+                ref = _reference(attrs, opts.get("reference", "uniform"), 16 * max(len(a.classes) for a in attrs))
+                values[m] = diversity_reward(feats[m], ref, kernel=opts.get("kernel", "rbf")).double()
+            elif r.name == "balance":
+                values[m] = sum(balance_reward(p[m].double(), _target(a, opts.get("reference", "uniform")),
+                                               mode=opts.get("mode", "kl")) for a, p in zip(attrs, probs))
+            elif r.name == "alignment":
+                values[m] = alignment_reward(emb[m], text_emb[batch.prompts[int(m.nonzero()[0])]]).double()
+            elif r.name == "drift":
+                assert base_emb is not None
+                values[m] = drift_reward(emb[m], base_emb[m]).double()
+        parts[r.name] = values
+    total = torch.zeros(len(batch.prompts), dtype=torch.float64)
+    for r in cfg.rewards:
+        total += r.weight * group_zscore(parts[r.name], batch.group)
+    for gid in batch.group.unique():
+        m = batch.group == gid
+        if (m & ~valid).any():
+            total[m & ~valid] = total[m].min() - 1.0
+    return total.float(), parts, valid
+
+
+def _target(attr: Any, mode: str) -> torch.Tensor:
+    k = len(attr.classes)
+    return torch.full((k,), 1.0 / k, dtype=torch.float64) if mode == "uniform" else torch.tensor(attr.target).double()
+
+
+def _reference(attrs: list[Any], mode: str, n: int) -> torch.Tensor:
+    """Reference points for the MMD: one-hot class vectors (concatenated over attributes) drawn in
+    proportion to the joint target (the product of the per-attribute targets)."""
+    targets = [_target(a, mode) for a in attrs]
+    joint = targets[0]
+    for t in targets[1:]:
+        joint = torch.outer(joint, t).flatten()
+    rows = reference_from_target(joint.tolist(), n)  # (n, prod K) one-hot over joint classes
+    sizes = [len(a.classes) for a in attrs]
+    decode = torch.zeros(int(math.prod(sizes)), sum(sizes), dtype=torch.float64)
+    for j in range(decode.shape[0]):
+        rem, offset, digits = j, 0, []
+        for size in reversed(sizes):
+            digits.append(rem % size)
+            rem //= size
+        for size, d in zip(sizes, reversed(digits)):
+            decode[j, offset + d] = 1.0
+            offset += size
+    return rows.double() @ decode
+
+
+def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, optimizer: Any, batch: Batch,
+               adv: torch.Tensor, epoch: int, rank: int) -> dict[str, float]:
+    """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps."""
+    t = cfg.training
+    n, steps = batch.log_probs.shape
+    k = cfg.timesteps_per_sample
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
+    uncond = _encode(pipe, [""]).detach()
+    losses, kls, clips = [], [], []
+    unet.train()
+    for _ in range(t.inner_epochs):
+        order = torch.randperm(n, generator=gen)
+        ts = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])[:, :k]
+        for start in range(0, n, t.batch_size):
+            idx = order[start:start + t.batch_size]
+            with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0):
+                cond = _encode(pipe, [batch.prompts[i] for i in idx.tolist()])
+            for j in range(k):
+                tj = ts[idx, j]
+                with acc.accumulate(unet), acc.autocast():
+                    x_t = batch.latents[idx, tj].to(acc.device)
+                    x_prev = batch.latents[idx, tj + 1].to(acc.device)
+                    logp = step_log_prob(unet, pipe.scheduler, x_t, x_prev, batch.timesteps[tj].to(acc.device),
+                                         cond, uncond, batch.scales[idx].to(acc.device), cfg.sampling.eta)
+                    loss, info = clipped_surrogate(logp.float(), batch.log_probs[idx, tj].to(acc.device),
+                                                   adv[idx].to(acc.device), t.clip_range, t.adv_clip_max)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                losses.append(loss.item())
+                kls.append(float(info["approx_kl"]))
+                clips.append(float(info["clipfrac"]))
+    unet.eval()
+    return {"loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)), "clipfrac": float(np.mean(clips))}
+
+
+def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, torch.Tensor], valid: torch.Tensor,
+            stats: dict[str, float], clf: Any, monitor: Any, attrs: list[Any]) -> dict[str, Any]:
+    groups = batch.group.unique()
+    row: dict[str, Any] = {"epoch": epoch + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                           "within_group_std": float(np.mean([float(rewards[batch.group == g].std()) for g in groups])),
+                           "valid_rate": float(valid.float().mean()), **stats,
+                           "guidance": sorted(set(batch.scales.tolist())), "prompts": sorted(set(batch.prompts))}
+    for name, values in parts.items():
+        row[f"{name}_mean"] = float(values.mean())
+        row[f"{name}_within_group_std"] = float(np.mean([float(values[batch.group == g].std()) for g in groups]))
+    for label, c in (("reward", clf), ("monitor", monitor)):
+        if c is None:
+            continue
+        out = c.classify(batch.images, attrs)[attrs[0].name]
+        ok = ~np.isnan(out.probs).any(1)
+        shares = np.bincount(out.probs[ok].argmax(1), minlength=len(attrs[0].classes)) / max(ok.sum(), 1)
+        row[f"{label}_shares"] = dict(zip(attrs[0].classes, np.round(shares, 4).tolist()))
+        per_group = [np.bincount(out.probs[(batch.group == g).numpy() & ok].argmax(1),
+                                 minlength=len(attrs[0].classes)).max() / max(((batch.group == g).numpy() & ok).sum(), 1)
+                     for g in groups]
+        row[f"{label}_dominant_share"] = round(float(np.mean(per_group)), 4)
+    return row
+
+
+def _truncate_log(path: Path, lines: int) -> None:
+    if path.exists():
+        kept = path.read_text().splitlines(keepends=True)[:lines]
+        path.write_text("".join(kept))
+
+
+def _adapter_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    return {"base_model": cfg.model, "training_guidance_scales": list(cfg.sampling.guidance_scales),
+            "sampler": f"DDIM eta={cfg.sampling.eta}, {cfg.sampling.steps} steps", "lora_rank": cfg.lora.rank,
+            "lora_alpha": cfg.lora.alpha, "lora_targets": list(cfg.lora.targets),
+            "rewards": [{"name": r.name, "weight": r.weight, **r.options_dict} for r in cfg.rewards],
+            "reward_classifier": cfg.reward_classifier, "reward_attributes": list(cfg.reward_attributes)}
+
+
+def _evaluate(cfg: TrainConfig, battery: Battery, out: Path, lora: Path | None) -> Path:
+    """Run the battery (all prompts: training and held-out) with the evaluation classifier first."""
+    from evalsuite.runner import RunOptions, run_battery
+
+    e = cfg.evaluation
+    data = battery.to_dict()
+    data.update(images_per_prompt=e.images_per_prompt, guidance_scales=list(e.guidance_scales), steps=e.steps)
+    eval_battery = battery_from_dict(data, source=f"{cfg.battery} (evaluation)")
+    options = RunOptions(results_dir=out.parent, name=out.name, model=cfg.model, lora=str(lora) if lora else None,
+                         classifiers=(e.classifier, cfg.reward_classifier))
+    return run_battery(eval_battery, options)

@@ -1,0 +1,331 @@
+"""Metrics against hand-computed values (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from evalsuite.errors import SuiteError
+from evalsuite.metrics import (
+    METRICS,
+    bootstrap_interval,
+    class_shares,
+    clip_score,
+    cluster_share_interval,
+    confusion_matrix,
+    corrected_shares,
+    cosine_gram,
+    dominant_share,
+    get_metric,
+    joint_labels,
+    kl_divergence,
+    kl_to_uniform,
+    mad,
+    mean_pairwise_cosine,
+    near_duplicate_pairs,
+    near_duplicate_rate,
+    normalized_entropy,
+    register_metric,
+    share_intervals,
+    shen_gap,
+    soft_class_shares,
+    vendi_score,
+    wilson_interval,
+)
+
+P4 = np.array([0.7, 0.1, 0.1, 0.1])
+
+
+# ---------------------------------------------------------------- distribution
+
+
+def test_mad_hand_value() -> None:
+    # |0.7-0.25| = 0.45, |0.1-0.25| = 0.15 three times -> (0.45 + 0.45) / 4 = 0.225
+    assert mad(P4) == pytest.approx(0.225)
+    assert mad([0.25] * 4) == pytest.approx(0.0)
+
+
+def test_shen_gap_hand_value() -> None:
+    # ordered pairs with index 0: 6 of them, each |0.7-0.1| = 0.6 -> 3.6; the others are 0.
+    # K(K-1) = 12 ordered pairs -> 3.6 / 12 = 0.3
+    assert shen_gap(P4) == pytest.approx(0.3)
+    # K = 2: |0.8 - 0.2| = 0.6 = 2 * MAD (MAD = (0.3 + 0.3) / 2 = 0.3)
+    assert shen_gap([0.8, 0.2]) == pytest.approx(0.6)
+    assert shen_gap([0.8, 0.2]) == pytest.approx(2 * mad([0.8, 0.2]))
+    # one-hot over K = 4: 6 ordered pairs with gap 1 / 12 = 0.5 = 2/K
+    assert shen_gap([1.0, 0, 0, 0]) == pytest.approx(0.5)
+    assert shen_gap([1.0]) == 0.0
+
+
+def test_entropy_kl_hand_values() -> None:
+    # H = -(0.7 ln 0.7 + 3 * 0.1 ln 0.1) = 0.7*0.356675 + 0.3*2.302585 = 0.249672 + 0.690776 = 0.940448
+    h = 0.940448
+    # KL to uniform = ln 4 - H = 1.386294 - 0.940448 = 0.445846
+    assert kl_to_uniform(P4) == pytest.approx(0.445846, abs=1e-6)
+    assert kl_divergence(P4, [0.25] * 4) == pytest.approx(0.445846, abs=1e-6)
+    # normalised entropy = 0.940448 / 1.386294 = 0.678390
+    assert normalized_entropy(P4) == pytest.approx(h / 1.386294, abs=1e-6)
+    assert normalized_entropy(P4) == pytest.approx(0.678390, abs=1e-6)
+    assert normalized_entropy([0.5, 0.5]) == pytest.approx(1.0)
+    assert normalized_entropy([1.0, 0.0]) == pytest.approx(0.0)
+    assert kl_to_uniform([1.0, 0.0]) == pytest.approx(math.log(2))
+    assert dominant_share(P4) == pytest.approx(0.7)
+
+
+def test_kl_divergence_conventions() -> None:
+    # 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 (0.693147 - 0.405465) = 0.143841
+    assert kl_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.143841, abs=1e-6)
+    # 0 log 0 = 0: KL([1,0] || [0.5,0.5]) = 1 * ln 2
+    assert kl_divergence([1.0, 0.0], [0.5, 0.5]) == pytest.approx(math.log(2))
+    # q = 0 where p > 0 -> inf; q = 0 where p = 0 is fine
+    assert kl_divergence([0.5, 0.5], [1.0, 0.0]) == math.inf
+    assert kl_divergence([1.0, 0.0], [1.0, 0.0]) == 0.0
+
+
+def test_nan_shares_give_nan_everywhere() -> None:
+    p = np.array([np.nan, np.nan])
+    for fn in (mad, shen_gap, kl_to_uniform, normalized_entropy, dominant_share):
+        assert math.isnan(fn(p)), fn.__name__
+    assert math.isnan(kl_divergence(p, [0.5, 0.5]))
+
+
+def test_class_shares_excludes_unmeasured() -> None:
+    # valid labels 0,1,1,2,1 (the -1 is excluded): counts [1,3,1] / 5
+    np.testing.assert_allclose(class_shares(np.array([0, 1, 1, -1, 2, 1]), 3), [0.2, 0.6, 0.2])
+    assert np.isnan(class_shares(np.array([-1, -1]), 2)).all()
+    assert np.isnan(class_shares(np.array([], dtype=int), 3)).all()
+    assert class_shares(np.array([], dtype=int), 3).shape == (3,)
+    with pytest.raises(ValueError):
+        class_shares(np.array([0, 3]), 3)
+
+
+def test_soft_class_shares() -> None:
+    # NaN row excluded: mean of [0.9,0.1] and [0.5,0.5] = [0.7, 0.3]
+    probs = np.array([[0.9, 0.1], [np.nan, np.nan], [0.5, 0.5]])
+    np.testing.assert_allclose(soft_class_shares(probs), [0.7, 0.3])
+    assert np.isnan(soft_class_shares(np.full((2, 3), np.nan))).all()
+
+
+def test_joint_labels_mixed_radix() -> None:
+    # gender in {0,1} (radix 2), race in {0..3} (radix 4): joint = g*4 + r
+    # (0,2)->2, (1,0)->4, (1,3)->7, (-1,1)->-1
+    joint, k = joint_labels([np.array([0, 1, 1, -1]), np.array([2, 0, 3, 1])], [2, 4])
+    assert k == 8
+    assert joint.tolist() == [2, 4, 7, -1]
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def test_wilson_8_of_10() -> None:
+    # p=0.8, z^2=3.8416, z^2/n=0.38416, denom=1.38416
+    # centre = (0.8 + 0.19208)/1.38416 = 0.716738
+    # half = 1.96/1.38416 * sqrt(0.016 + 3.8416/400) = 1.416021 * sqrt(0.025604) = 0.226581
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.716738 - 0.226581, abs=1e-5)  # 0.490157
+    assert hi == pytest.approx(0.716738 + 0.226581, abs=1e-5)  # 0.943319
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    lo0, hi0 = wilson_interval(0, 10)
+    assert lo0 == 0.0 and 0.0 < hi0 < 0.35
+
+
+def test_share_intervals() -> None:
+    labels = np.array([0] * 8 + [1] * 2 + [-1] * 5)  # 8/10 and 2/10; the -1 are excluded
+    out = share_intervals(labels, 2)
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(out[0], [0.8, 0.490157, 0.943319], atol=1e-5)
+    # 2/10 is the mirror image: (1 - 0.943319, 1 - 0.490157)
+    np.testing.assert_allclose(out[1], [0.2, 0.056681, 0.509843], atol=1e-5)
+    assert np.isnan(share_intervals(np.array([-1]), 2)).all()
+
+
+def test_cluster_share_interval_hand_example() -> None:
+    # counts [2,5,3] of totals [4,5,6]: p = 10/15 = 2/3
+    # residuals c - p n: 2-8/3 = -2/3, 5-10/3 = 5/3, 3-4 = -1 -> squares 4/9 + 25/9 + 9/9 = 38/9
+    # var = 3/2 * 38/9 / 15^2 = 19/675 = 0.0281481, se = 0.167774, 1.96*se = 0.328837
+    est, lo, hi = cluster_share_interval(np.array([2, 5, 3]), np.array([4, 5, 6]))
+    assert est == pytest.approx(2 / 3)
+    assert lo == pytest.approx(0.337830, abs=1e-5)
+    assert hi == pytest.approx(0.995504, abs=1e-5)
+    # an empty cluster changes nothing (dropped before counting G)
+    assert cluster_share_interval([2, 5, 3, 0], [4, 5, 6, 0]) == pytest.approx((est, lo, hi))
+
+
+def test_cluster_share_interval_fallbacks() -> None:
+    # G = 1 -> Wilson on the pooled counts
+    est, lo, hi = cluster_share_interval([8], [10])
+    assert (est, lo, hi) == pytest.approx((0.8, *wilson_interval(8, 10)))
+    # identical shares in every cluster -> zero sandwich variance -> pooled Wilson (0/20)
+    est, lo, hi = cluster_share_interval([0, 0], [10, 10])
+    assert (est, lo, hi) == pytest.approx((0.0, *wilson_interval(0, 20)))
+    assert hi > 0
+    assert all(math.isnan(v) for v in cluster_share_interval([0, 0], [0, 0]))
+    # clipped to [0, 1]: counts [0, 10] of [10, 10] -> p=0.5, var = 2 * (25+25)/400 = 0.25, se = 0.5
+    est, lo, hi = cluster_share_interval([0, 10], [10, 10])
+    assert (est, lo, hi) == pytest.approx((0.5, 0.0, 1.0))
+
+
+def test_bootstrap_interval() -> None:
+    rng = np.random.default_rng(0)
+    # one row: every resample is that row -> degenerate interval
+    assert bootstrap_interval(lambda d: float(d.mean()), np.array([3.0]), rng=rng) == (3.0, 3.0)
+    # data [0, 1]: resample means are 0, 0.5, 1 with probability 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% quantiles are 0 and 1
+    lo, hi = bootstrap_interval(lambda d: float(d.mean()), np.array([0.0, 1.0]), n_boot=4000, rng=rng)
+    assert (lo, hi) == (0.0, 1.0)
+    # reproducible with the same seed; rows of a 2-D array are resampled together
+    data = np.arange(40, dtype=float).reshape(20, 2)
+    a = bootstrap_interval(lambda d: float(d[:, 1].mean()), data, rng=np.random.default_rng(7))
+    b = bootstrap_interval(lambda d: float(d[:, 1].mean()), data, rng=np.random.default_rng(7))
+    assert a == b and a[0] < 20.0 < a[1]
+    assert all(math.isnan(v) for v in bootstrap_interval(np.mean, np.zeros((0, 2)), rng=rng))
+
+
+# ---------------------------------------------------------------- correction
+
+
+def test_confusion_matrix_rows() -> None:
+    # true 0: preds 0,0,0,1 -> [3/4, 1/4]; true 1: preds 1,0 -> [1/2, 1/2]; the (-1, 0) pair is skipped
+    c = confusion_matrix(np.array([0, 0, 0, 0, 1, 1, -1]), np.array([0, 0, 0, 1, 1, 0, 0]), 3)
+    np.testing.assert_allclose(c[:2, :2], [[0.75, 0.25], [0.5, 0.5]])
+    np.testing.assert_allclose(c[:2, 2], [0.0, 0.0])
+    assert np.isnan(c[2]).all()  # no true-class-2 samples
+
+
+def test_corrected_shares_exact_recovery() -> None:
+    # p_hat = C^T p: [0.9*0.3 + 0.2*0.7, 0.1*0.3 + 0.8*0.7] = [0.41, 0.59]
+    c2 = np.array([[0.9, 0.1], [0.2, 0.8]])
+    np.testing.assert_allclose(corrected_shares([0.41, 0.59], c2), [0.3, 0.7], atol=1e-12)
+    # 3 classes, p = [0.5, 0.3, 0.2]:
+    # col 0: 0.8*0.5 + 0.1*0.3 + 0.0*0.2 = 0.43; col 1: 0.05 + 0.21 + 0.02 = 0.28;
+    # col 2: 0.05 + 0.06 + 0.18 = 0.29
+    c3 = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.0, 0.1, 0.9]])
+    np.testing.assert_allclose(corrected_shares([0.43, 0.28, 0.29], c3), [0.5, 0.3, 0.2], atol=1e-12)
+
+
+def test_corrected_shares_outside_reachable_set() -> None:
+    # C = [[0.8,0.2],[0.2,0.8]], p_hat = [0.9, 0.1]. With p = (t, 1-t): C^T p = (0.2+0.6t, 0.8-0.6t),
+    # residual (0.6t-0.7, 0.7-0.6t) is minimised at t = 7/6 > 1, so the simplex optimum is t = 1.
+    c = np.array([[0.8, 0.2], [0.2, 0.8]])
+    np.testing.assert_allclose(corrected_shares([0.9, 0.1], c), [1.0, 0.0], atol=1e-9)
+    # 3 classes, infeasible p_hat: compare the objective with a brute-force grid over the simplex
+    c3 = np.array([[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6]])
+    b = np.array([0.75, 0.05, 0.20])
+    x = corrected_shares(b, c3)
+    assert x.min() >= 0 and x.sum() == pytest.approx(1.0)
+    g = np.linspace(0, 1, 401)
+    p0, p1 = np.meshgrid(g, g)
+    ok = p0 + p1 <= 1
+    grid = np.stack([p0[ok], p1[ok], 1 - p0[ok] - p1[ok]], axis=1)
+    best = np.min(np.sum((grid @ c3 - b) ** 2, axis=1))
+    assert np.sum((c3.T @ x - b) ** 2) <= best + 1e-12
+    assert np.isnan(corrected_shares([0.5, 0.5], np.array([[1.0, 0.0], [np.nan, np.nan]]))).all()
+    assert np.isnan(corrected_shares([np.nan, np.nan], c)).all()
+
+
+# ---------------------------------------------------------------- diversity
+
+
+def test_vendi_identical_and_orthogonal() -> None:
+    assert vendi_score(np.tile([[1.0, 2.0, 3.0]], (5, 1))) == pytest.approx(1.0, abs=1e-9)
+    assert vendi_score(np.eye(4) * 3.0) == pytest.approx(4.0)
+    assert vendi_score(np.eye(4), q=math.inf) == pytest.approx(4.0)
+    assert vendi_score(np.eye(4), q=2.0) == pytest.approx(4.0)
+    assert math.isnan(vendi_score(np.zeros((0, 3))))
+    assert vendi_score(np.array([[0.3, 0.4]])) == 1.0
+
+
+def test_vendi_orders_hand_example() -> None:
+    # two identical vectors + one orthogonal: K/3 has eigenvalues 2/3, 1/3, 0
+    emb = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    # q=1: exp(-(2/3 ln 2/3 + 1/3 ln 1/3)) = exp(0.2703 + 0.3662) = exp(0.636514) = 1.889882
+    assert vendi_score(emb) == pytest.approx(1.889882, abs=1e-6)
+    # q=2: 1 / (4/9 + 1/9) = 9/5
+    assert vendi_score(emb, q=2.0) == pytest.approx(1.8)
+    # q=inf: 1 / (2/3)
+    assert vendi_score(emb, q=math.inf) == pytest.approx(1.5)
+
+
+def test_vendi_matches_direct_eigendecomposition() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 8))
+    unit = x / np.sqrt((x**2).sum(axis=1))[:, None]
+    w, _ = np.linalg.eigh(unit @ unit.T / 30)
+    w = w[w > 1e-12]
+    expected = math.exp(-sum(v * math.log(v) for v in w))
+    assert vendi_score(x) == pytest.approx(expected, rel=1e-9)
+    assert 1.0 <= vendi_score(x) <= 30.0
+
+
+def test_mean_pairwise_cosine() -> None:
+    # e0, e1, (e0+e1)/sqrt2: cosines 0, 1/sqrt2, 1/sqrt2 -> mean = 1.414214 / 3 = 0.471405
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert mean_pairwise_cosine(emb) == pytest.approx(0.471405, abs=1e-6)
+    assert math.isnan(mean_pairwise_cosine(np.array([[1.0, 0.0]])))
+    g = cosine_gram(emb)
+    np.testing.assert_allclose(np.diag(g), 1.0)
+    with pytest.raises(ValueError):
+        cosine_gram(np.array([[0.0, 0.0], [1.0, 0.0]]))
+
+
+def test_near_duplicates() -> None:
+    # rows 0 and 1: cos = 1/sqrt(1.01) = 0.995037 > 0.95; every other pair <= 0.0995
+    emb = np.array([[1.0, 0, 0], [1.0, 0.1, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    # 4 rows -> 6 unordered pairs, 1 near duplicate
+    assert near_duplicate_rate(emb) == pytest.approx(1 / 6)
+    pairs = near_duplicate_pairs(emb, 0.95)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+    assert pairs[0][2] == pytest.approx(0.995037, abs=1e-6)
+    assert near_duplicate_rate(emb, threshold=-0.5) == pytest.approx(1.0)
+    assert math.isnan(near_duplicate_rate(emb[:1]))
+
+
+# ---------------------------------------------------------------- alignment
+
+
+def test_clip_score() -> None:
+    img = np.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+    # cos with (1,1): 1/sqrt2, 1/sqrt2, -1/sqrt2 -> 100 * [0.707107, 0.707107, 0]
+    np.testing.assert_allclose(clip_score(img, np.array([1.0, 1.0])), [70.7107, 70.7107, 0.0], atol=1e-4)
+    # paired text rows: cos 1, 1, -1 -> [2.5, 2.5, 0] with the Hessel et al. w = 2.5
+    np.testing.assert_allclose(clip_score(img, img, scale=2.5), [2.5, 2.5, 2.5])
+    np.testing.assert_allclose(clip_score(img, -img), [0.0, 0.0, 0.0])
+    assert clip_score(np.zeros((0, 2)), np.array([1.0, 0.0])).shape == (0,)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_directions() -> None:
+    lower = {"dominant_share", "mad", "shen_gap", "kl_to_uniform"}
+    lower |= {"mean_pairwise_cosine", "near_duplicate_rate"}
+    higher = {"normalized_entropy", "vendi_score", "clip_score"}
+    assert lower | higher <= set(METRICS)
+    for name in lower:
+        assert get_metric(name).higher_is_better is False, name
+    for name in higher:
+        assert get_metric(name).higher_is_better is True, name
+    assert get_metric("mad").fn is mad
+    assert get_metric("mad").kind == "distribution"
+    assert get_metric("vendi_score").kind == "diversity"
+    assert get_metric("clip_score").kind == "alignment"
+    assert get_metric("mad").description.startswith("DALL-Eval")
+
+
+def test_registry_miss_message() -> None:
+    with pytest.raises(SuiteError) as err:
+        get_metric("vendi_scor")
+    msg = str(err.value)
+    assert "unknown metric 'vendi_scor'" in msg and "did you mean 'vendi_score'" in msg
+
+
+def test_registry_rejects_conflicting_name() -> None:
+    with pytest.raises(ValueError):
+
+        @register_metric("mad", higher_is_better=False, kind="distribution")
+        def other(p: np.ndarray) -> float:
+            return 0.0
+
+    assert get_metric("mad").fn is mad

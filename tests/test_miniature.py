@@ -1,0 +1,125 @@
+"""The miniature world: renderer and oracle, captions and tokenizer, the build, the shipped model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evalsuite.miniature import ASSETS, OCCUPATIONS, TONE_NAMES, read_attributes, render_batch, sample_portraits
+from evalsuite.miniature.captions import CAPTION_MIX, sample_captions, vocabulary
+from evalsuite.miniature.tokenizer import build_tokenizer
+from evalsuite.miniature.world import AGE_NAMES, describe_world
+
+torch.set_num_threads(2)
+
+
+def test_oracle_reads_every_render_exactly() -> None:
+    rng = np.random.default_rng(1)
+    portraits = sample_portraits(list(OCCUPATIONS) * 10, rng)
+    tone, age = read_attributes(render_batch(portraits))
+    assert [TONE_NAMES[t] for t in tone] == [p.tone for p in portraits]
+    assert [AGE_NAMES[a] for a in age] == [p.age for p in portraits]
+
+
+def test_oracle_finds_no_person_in_a_blank_image() -> None:
+    tone, age = read_attributes(np.full((3, 32, 32, 3), 128, np.uint8))
+    assert tone.tolist() == [-1, -1, -1] and age.tolist() == [-1, -1, -1]
+
+
+def test_sampled_attributes_follow_the_documented_skew() -> None:
+    rng = np.random.default_rng(2)
+    n = 4000
+    for name in ("doctor", "teacher", "scientist"):
+        occ = OCCUPATIONS[name]
+        portraits = sample_portraits([name] * n, rng)
+        shares = np.bincount([TONE_NAMES.index(p.tone) for p in portraits], minlength=4) / n
+        p_old = np.mean([p.age == "old" for p in portraits])
+        # 4 standard errors of a share of n=4000 is at most 0.032
+        assert np.abs(shares - np.asarray(occ.tone_probs)).max() < 0.032, name
+        assert abs(p_old - occ.p_old) < 0.032, name
+
+
+def test_every_occupation_is_skewed_as_documented() -> None:
+    for occ in OCCUPATIONS.values():
+        assert abs(sum(occ.tone_probs) - 1) < 1e-9
+        assert 0.6 <= max(occ.tone_probs) <= 0.9
+    dominant = [occ.dominant_tone for occ in OCCUPATIONS.values()]
+    assert set(dominant) == set(TONE_NAMES)
+    assert len(OCCUPATIONS) >= 40
+    assert describe_world().count("\n") == len(OCCUPATIONS) + 1
+
+
+def test_captions_use_only_vocabulary_words_and_the_mix_sums_to_one(tmp_path: Path) -> None:
+    assert abs(sum(CAPTION_MIX.values()) - 1) < 1e-9
+    rng = np.random.default_rng(3)
+    caps = sample_captions(sample_portraits(list(OCCUPATIONS) * 5, rng), rng)
+    words = set(vocabulary())
+    assert all(set(c.split()) <= words for c in caps)
+    assert "" in caps and "a photo of a doctor" in caps or "a photo of a nurse" in caps
+    tok = build_tokenizer(vocabulary(), tmp_path / "tok")  # raises if any word is split
+    ids = tok("a photo of an old police officer with dark skin").input_ids
+    assert len(ids) == 2 + 10  # BOS + one token per word + EOS
+    assert tok.convert_ids_to_tokens(tok("a woman").input_ids)[2:-1] != ["woman</w>"]  # not a known word
+
+
+def test_quick_build_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from evalsuite.miniature.build import BuildConfig, build_world
+
+    out = tmp_path / "world"
+    info = build_world(out, BuildConfig.quick(seed=5))
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "classifier", "clip", "pipeline", "words.txt"]
+    assert not (tmp_path / "world.partial").exists()
+    assert json.loads((out / "build.json").read_text())["config"]["seed"] == 5 == info["config"]["seed"]
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a photo of a nurse"], num_inference_steps=2, guidance_scale=3.0, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+
+
+# ---------------------------------------------------------------- the shipped world
+
+shipped = pytest.mark.skipif(not (ASSETS / "pipeline").is_dir(), reason="the shipped miniature world is missing")
+
+
+@shipped
+def test_shipped_world_is_small_and_safetensors_only() -> None:
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+    assert not list(ASSETS.rglob("*.bin")) and not list(ASSETS.rglob("*.pt"))
+
+
+@shipped
+def test_miniature_model_warns_about_unknown_words() -> None:
+    from evalsuite.models import load_model
+
+    model = load_model("miniature")
+    assert model.unknown_words("a photo of a doctor") == []
+    assert model.unknown_words("a photo of a woman doctor") == ["woman"]
+
+
+@shipped
+def test_shipped_model_makes_valid_portraits_that_collapse_with_guidance() -> None:
+    """Ground truth on the trained model: the oracle finds a person in (nearly) every image, the
+    low-guidance tone shares are near the training skew, and guidance raises the dominant share."""
+    from evalsuite.generate import BatchedGenerator
+    from evalsuite.models import load_model
+
+    gen = BatchedGenerator(load_model("miniature"), steps=20)
+    occ = OCCUPATIONS["doctor"]
+    n = 96
+    shares = {}
+    for g in (1.0, 7.5):
+        images = gen.generate(["a photo of a doctor"] * n, [g] * n, list(range(n)))
+        tone, _ = read_attributes(images)
+        assert (tone >= 0).mean() >= 0.95
+        shares[g] = np.bincount(tone[tone >= 0], minlength=4) / (tone >= 0).sum()
+    dom = TONE_NAMES.index(occ.dominant_tone)
+    assert 0.5 * np.abs(shares[1.0] - np.asarray(occ.tone_probs)).sum() <= 0.15  # near the skew at g=1
+    assert shares[7.5][dom] > shares[1.0][dom]  # conditional mode collapse

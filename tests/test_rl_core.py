@@ -1,0 +1,311 @@
+"""Tests for rl.ddim, rl.rewards and rl.advantages (CPU, tiny tensors)."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
+from evalsuite.errors import SuiteError
+from rl import (
+    KERNELS,
+    Kernel,
+    PerPromptStatTracker,
+    RewardSpec,
+    alignment_reward,
+    balance_reward,
+    balanced_reference,
+    clipped_surrogate,
+    combine,
+    ddim_step_with_logprob,
+    diversity_reward,
+    drift_penalty,
+    get_reward,
+    group_zscore,
+    median_bandwidth,
+    mmd2_unbiased,
+    mmd_loo_credit,
+    rbf_kernel,
+    reference_from_target,
+)
+
+torch.set_num_threads(1)
+
+SHAPE = (3, 4, 5, 5)
+
+
+def make_scheduler(**overrides: object) -> DDIMScheduler:
+    kwargs: dict[str, object] = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    kwargs.update(overrides)
+    sched = DDIMScheduler(**kwargs)
+    sched.set_timesteps(20)
+    return sched
+
+
+def tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------- ddim
+
+
+@pytest.mark.parametrize("index", [0, 1, 7, 13, 19])
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_matches_diffusers_step(index: int, eta: float) -> None:
+    sched = make_scheduler()
+    t = int(sched.timesteps[index])
+    sample, eps, noise = tensors(index)
+    ours, _ = ddim_step_with_logprob(sched, eps, t, sample, eta, variance_noise=noise)
+    ref = sched.step(eps, t, sample, eta=eta, variance_noise=noise, return_dict=False)[0]
+    assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_ddim_clip_sample_matches_diffusers() -> None:
+    sched = make_scheduler(clip_sample=True, clip_sample_range=0.5)
+    t = int(sched.timesteps[3])
+    sample, eps, noise = tensors(3)
+    ours, _ = ddim_step_with_logprob(sched, eps, t, sample, 1.0, variance_noise=noise)
+    ref = sched.step(eps, t, sample, eta=1.0, variance_noise=noise, return_dict=False)[0]
+    assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("index", [0, 10, 19])
+def test_ddim_logprob_matches_normal(index: int) -> None:
+    sched = make_scheduler()
+    t = int(sched.timesteps[index])
+    sample, eps, noise = (x.double() for x in tensors(10 + index))
+    eta = 0.8
+    prev, log_prob = ddim_step_with_logprob(sched, eps, t, sample, eta, variance_noise=noise)
+    # DDIM (Song et al. 2021) eqs. 12 and 16, written out independently of rl.ddim
+    a_t = float(sched.alphas_cumprod[t])
+    t_prev = t - 1000 // 20
+    a_prev = float(sched.alphas_cumprod[t_prev]) if t_prev >= 0 else float(sched.final_alpha_cumprod)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+    x0 = (sample - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    mean = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+    assert torch.allclose(prev, mean + sigma * noise, atol=1e-10)
+    expected = torch.distributions.Normal(mean, sigma).log_prob(prev).mean(dim=(1, 2, 3))
+    assert log_prob.shape == (SHAPE[0],)
+    assert torch.allclose(log_prob, expected, atol=1e-9)
+
+
+def test_ddim_prev_sample_reproduces_logprob_and_has_grad() -> None:
+    sched = make_scheduler()
+    t = int(sched.timesteps[5])
+    sample, eps, _ = tensors(21)
+    gen = torch.Generator().manual_seed(0)
+    prev, log_prob = ddim_step_with_logprob(sched, eps, t, sample, 1.0, generator=gen)
+    eps_train = eps.clone().requires_grad_(True)
+    again, log_prob2 = ddim_step_with_logprob(sched, eps_train, t, sample, 1.0, prev_sample=prev)
+    assert torch.equal(again, prev)
+    assert torch.equal(log_prob2.detach(), log_prob)
+    log_prob2.sum().backward()
+    assert eps_train.grad is not None and bool(eps_train.grad.abs().sum() > 0)
+
+
+def test_ddim_per_sample_timesteps() -> None:
+    sched = make_scheduler()
+    ts = sched.timesteps[[0, 9, 19]]
+    sample, eps, noise = tensors(5)
+    prev, log_prob = ddim_step_with_logprob(sched, eps, ts, sample, 1.0, variance_noise=noise)
+    for i, t in enumerate(ts.tolist()):
+        p_i, lp_i = ddim_step_with_logprob(
+            sched, eps[i : i + 1], t, sample[i : i + 1], 1.0, variance_noise=noise[i : i + 1]
+        )
+        assert torch.allclose(prev[i : i + 1], p_i, atol=1e-7)
+        assert torch.allclose(log_prob[i : i + 1], lp_i, atol=1e-6)
+
+
+def test_ddim_errors() -> None:
+    sched = make_scheduler()
+    sample, eps, _ = tensors(0)
+    t = int(sched.timesteps[0])
+    with pytest.raises(SuiteError, match="eta"):
+        ddim_step_with_logprob(sched, eps, t, sample, 0.0)
+    with pytest.raises(SuiteError, match="prediction_type"):
+        ddim_step_with_logprob(make_scheduler(prediction_type="v_prediction"), eps, t, sample, 1.0)
+    with pytest.raises(SuiteError, match="set_timesteps"):
+        ddim_step_with_logprob(DDIMScheduler(), eps, t, sample, 1.0)
+    with pytest.raises(SuiteError, match="timestep"):
+        ddim_step_with_logprob(sched, eps, torch.tensor([1, 2]), sample, 1.0)
+
+
+# -------------------------------------------------------------------------------------------- rewards
+
+
+def brute_force_loo(gen: torch.Tensor, ref: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    full = mmd2_unbiased(gen, ref, kernel)
+    keep = [torch.cat([gen[:m], gen[m + 1 :]]) for m in range(gen.shape[0])]
+    return torch.stack([mmd2_unbiased(g, ref, kernel) - full for g in keep])
+
+
+@pytest.mark.parametrize("name", ["poly3", "linear", "rbf_fixed", "rbf_median"])
+def test_mmd_loo_closed_form_matches_brute_force(name: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    gen = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    ref = torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5
+    # with the median heuristic the brute force must reuse the bandwidth of the full pooled set
+    h = 1.3 if name == "rbf_fixed" else median_bandwidth(torch.cat([gen, ref]))
+    kernel: Kernel = KERNELS[name] if name in KERNELS else partial(rbf_kernel, bandwidth=h)
+    brute = brute_force_loo(gen, ref, kernel)
+    closed = mmd_loo_credit(gen, ref, "rbf" if name == "rbf_median" else kernel)
+    assert torch.allclose(closed, brute, atol=1e-6)
+
+
+def test_mmd_unbiased_formula_and_errors() -> None:
+    gen = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+    # linear kernel: k_gg offdiag = 2*(0*1) = 0 -> 0/2; k_rr offdiag = 2*(0*2) = 0; k_gr sum = 0+0+0+2 = 2
+    # MMD^2 = 0 + 0 - 2*2/(2*2) = -1
+    assert float(mmd2_unbiased(gen, ref, "linear")) == pytest.approx(-1.0)
+    with pytest.raises(SuiteError):
+        mmd2_unbiased(gen[:1], ref, "linear")
+    with pytest.raises(SuiteError):
+        mmd_loo_credit(gen, ref, "linear")  # M = 2 < 3
+    with pytest.raises(SuiteError, match="did you mean 'poly3'"):
+        mmd2_unbiased(gen, ref, "poly")
+
+
+def test_median_bandwidth_and_fixed_bandwidth_option() -> None:
+    # squared distances of 0, 1, 3: 1, 9, 4 -> median 4 -> h = sqrt(4 / 2)
+    assert median_bandwidth(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(math.sqrt(2.0))
+    assert median_bandwidth(torch.zeros(4, 2)) == 1.0  # collapsed pool falls back to 1
+    g = torch.Generator().manual_seed(2)
+    gen, ref = torch.randn(5, 2, generator=g), torch.randn(4, 2, generator=g)
+    fixed = diversity_reward(gen, ref, kernel="rbf", bandwidth=0.7)
+    assert torch.allclose(fixed, mmd_loo_credit(gen, ref, partial(rbf_kernel, bandwidth=0.7)))
+    with pytest.raises(SuiteError, match="bandwidth"):
+        diversity_reward(gen, ref, kernel="poly3", bandwidth=0.7)
+
+
+def test_diversity_reward_sign_minority_gets_credit() -> None:
+    ref = balanced_reference(2, 8)  # half class 0, half class 1
+    gen = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]], dtype=torch.float64)  # 5 majority, 1 minority
+    credit = diversity_reward(gen, ref, kernel="poly3")
+    assert credit[5] > 0 > credit[0]  # removing the minority image moves the set away from the reference
+    full = -mmd2_unbiased(gen, ref, "poly3")
+    without = -mmd2_unbiased(gen[:5], ref, "poly3")
+    assert float(credit[5]) == pytest.approx(float(full - without))
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "poly3", "linear"])
+def test_collapsed_group_gives_equal_credits(kernel: str) -> None:
+    gen = torch.tensor([[0.9, 0.1]] * 8, dtype=torch.float64)
+    credit = diversity_reward(gen, balanced_reference(2, 4, smoothing=0.1), kernel=kernel)
+    assert float(credit.std()) < 1e-12
+    balance = balance_reward(gen, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert float(balance.std()) < 1e-12
+    assert torch.equal(
+        group_zscore(credit, torch.zeros(8, dtype=torch.long)), torch.zeros(8, dtype=torch.float64)
+    )
+
+
+def test_references() -> None:
+    ref = balanced_reference(3, 2, smoothing=0.3)
+    assert ref.shape == (6, 3)
+    assert torch.allclose(ref.sum(1), torch.ones(6, dtype=torch.float64))
+    assert torch.allclose(ref[0], torch.tensor([0.8, 0.1, 0.1], dtype=torch.float64))
+    # target 0.5/0.3/0.2 of n=7: quotas 3.5/2.1/1.4 -> floors 3/2/1 (6), one left to the largest remainder (0.5)
+    counts = reference_from_target([0.5, 0.3, 0.2], 7).sum(0)
+    assert counts.tolist() == [4.0, 2.0, 1.0]
+    # unnormalised weights 1:1:1 of n=4: quotas 4/3 each, floors 1/1/1, tie broken to the lowest index
+    assert reference_from_target([1, 1, 1], 4).sum(0).tolist() == [2.0, 1.0, 1.0]
+    with pytest.raises(SuiteError):
+        reference_from_target([0.0, 0.0], 4)
+
+
+def test_balance_reward_hand_computed() -> None:
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    # h = (2/3, 1/3). Removing image 0 (or 1): h = (1/2, 1/2); removing image 2: h = (1, 0).
+    # entropy: H(G) = ln3 - (2/3) ln2 = 0.636514; H(1/2,1/2) = ln2 = 0.693147; H(1,0) = 0
+    #   credits = 0.636514 - 0.693147 = -0.056633 (x2), 0.636514 - 0 = 0.636514
+    ent = balance_reward(probs, torch.tensor([0.5, 0.5]), mode="entropy")
+    assert ent.tolist() == pytest.approx([-0.056633, -0.056633, 0.636514], abs=1e-6)
+    # kl to target (3/4, 1/4): KL(G) = 2/3 ln(8/9) + 1/3 ln(4/3) = -0.078522 + 0.095894 = 0.017372
+    #   KL(1/2,1/2) = 1/2 ln(2/3) + 1/2 ln 2 = 0.143841; KL(1,0) = ln(4/3) = 0.287682
+    #   credit = -KL(G) + KL(G\m): 0.126469 (x2), 0.270310
+    kl = balance_reward(probs, torch.tensor([3.0, 1.0]), mode="kl")  # target normalised inside
+    assert kl.tolist() == pytest.approx([0.126469, 0.126469, 0.270310], abs=1e-6)
+    with pytest.raises(SuiteError, match="did you mean 'entropy'"):
+        balance_reward(probs, torch.tensor([0.5, 0.5]), mode="entrpy")
+
+
+def test_alignment_drift_combine_registry() -> None:
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    text = torch.tensor([2.0, 0.0])
+    assert alignment_reward(img, text).tolist() == pytest.approx([1.0, 0.0, math.sqrt(0.5)], abs=1e-6)
+    base = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])
+    assert drift_penalty(img, base).tolist() == pytest.approx([0.0, 1.0, 2.0], abs=1e-6)
+    drift = get_reward("drift")(img, base)
+    assert drift.tolist() == pytest.approx([0.0, -1.0, -2.0], abs=1e-6)
+    parts = {"alignment": alignment_reward(img, text), "drift": drift}
+    total = combine(parts, {"alignment": 1.0, "drift": 0.5})
+    assert total.tolist() == pytest.approx([1.0, -0.5, math.sqrt(0.5) - 1.0], abs=1e-6)
+    with pytest.raises(SuiteError, match="must match"):
+        combine(parts, {"alignment": 1.0})
+    with pytest.raises(SuiteError, match="did you mean 'diversity'"):
+        get_reward("diversty")
+    spec = RewardSpec("balance", 0.5, {"mode": "entropy"})
+    assert spec.options["mode"] == "entropy"
+    with pytest.raises(SuiteError):
+        RewardSpec("alignment", -1.0)
+
+
+# ----------------------------------------------------------------------------------------- advantages
+
+
+def test_stat_tracker_ddpo_rule_and_resume() -> None:
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    adv = tracker.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
+    # buffers a:[1,3] (2 < 3), b:[5] -> batch stats mean 3, std sqrt(8/3) = 1.632993
+    assert adv.tolist() == pytest.approx([-2 / (1.632993 + 1e-6), 0.0, 2 / (1.632993 + 1e-6)], rel=1e-6)
+    adv = tracker.update(["a", "b"], np.array([5.0, 7.0]))
+    # a: buffer [1,3,5] -> mean 3, std sqrt(8/3); b: [5,7] < 3 -> batch mean 6, std 1
+    assert adv.tolist() == pytest.approx([2 / (1.632993 + 1e-6), 1 / (1.0 + 1e-6)], rel=1e-6)
+    state = json.loads(json.dumps(tracker.state_dict()))
+    resumed = PerPromptStatTracker(buffer_size=1, min_count=1)
+    resumed.load_state_dict(state)
+    batch = (["a", "a", "b"], np.array([9.0, 11.0, 0.0]))
+    # a: deque maxlen 4 drops the oldest: [3,5,9,11]
+    assert np.array_equal(resumed.update(*batch), tracker.update(*batch))
+    assert tracker.state_dict()["buffers"]["a"] == [3.0, 5.0, 9.0, 11.0]
+    with pytest.raises(SuiteError):
+        PerPromptStatTracker(buffer_size=2, min_count=3)
+
+
+def test_group_zscore() -> None:
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 10.0])
+    z = group_zscore(rewards, torch.tensor([0, 0, 1, 1, 2]))
+    # group 0: mean 2, population std 1 -> -1, 1; group 1 and the singleton group 2: std 0 -> 0
+    assert z.tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def test_clipped_surrogate_hand_computed() -> None:
+    log_prob = torch.tensor([0.0, 0.2, -0.2, 0.05], requires_grad=True)
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, 10.0])  # the last is clipped to 5
+    loss, diag = clipped_surrogate(log_prob, old, adv, clip_range=0.1, adv_clip=5.0)
+    # rho = 1, e^0.2 = 1.221403, e^-0.2 = 0.818731, e^0.05 = 1.051271
+    # per sample max(-A rho, -A clip(rho, 0.9, 1.1)): -1, max(-1.221403, -1.1) = -1.1,
+    #   max(0.818731, 0.9) = 0.9, -5 * 1.051271 = -5.256355 -> mean = -6.456355 / 4 = -1.614089
+    assert float(loss.detach()) == pytest.approx(-1.614089, abs=1e-6)
+    assert float(diag["approx_kl"]) == pytest.approx(0.5 * (0.04 + 0.04 + 0.0025) / 4)  # 0.0103125
+    assert float(diag["clipfrac"]) == pytest.approx(0.5)
+    loss.backward()
+    assert log_prob.grad is not None
+    # clipped samples (1, 2) get no gradient; d/dlogp of -A rho / 4 = -A rho / 4 otherwise
+    expected = [-0.25, 0.0, 0.0, -5 * math.exp(0.05) / 4]
+    assert log_prob.grad.tolist() == pytest.approx(expected, abs=1e-6)

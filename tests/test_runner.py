@@ -1,0 +1,173 @@
+"""The battery runner on the shipped miniature model: paired seeds, equality with plain diffusers,
+results, resume after SIGKILL, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evalsuite.cli import main
+from evalsuite.generate import BatchedGenerator, initial_noise, unit_seed
+from evalsuite.miniature import ASSETS
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+BATTERY = ROOT / "prompts" / "occupations.yaml"
+pytestmark = pytest.mark.skipif(not (ASSETS / "pipeline").is_dir(), reason="the shipped miniature world is missing")
+SMALL = ["--limit-prompts", "3", "--images-per-prompt", "4", "--scales", "1,7.5", "--steps", "8"]
+
+
+def run_cli(*args: str) -> int:
+    return main(["-q", "run", str(BATTERY), *args])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+
+
+def test_seeds_are_paired_across_scales_and_models() -> None:
+    assert unit_seed("occupations", "a photo of a nurse", 3) == unit_seed("occupations", "a photo of a nurse", 3)
+    assert unit_seed("occupations", "a photo of a nurse", 3) != unit_seed("occupations", "a photo of a nurse", 4)
+    a = initial_noise([11, 12], (4, 8, 8))
+    assert torch.equal(a[1], initial_noise([12], (4, 8, 8))[0])
+
+
+def test_batched_generation_equals_plain_diffusers() -> None:
+    """A batch mixing prompts and scales gives the images of one plain pipeline call per (prompt, scale)."""
+    from evalsuite.models import load_model
+
+    model = load_model("miniature")
+    gen = BatchedGenerator(model, steps=10)
+    prompts = ["a photo of a nurse", "a photo of a judge", "a photo of a nurse", "a photo of a judge"]
+    scales = [1.0, 7.5, 7.5, 3.0]
+    seeds = [1, 2, 3, 4]
+    ours = gen.generate(prompts, scales, seeds)
+    for i, (p, g, s) in enumerate(zip(prompts, scales, seeds)):
+        latents = initial_noise([s], gen.shape)
+        ref = model.pipe(prompt=[p], guidance_scale=g, latents=latents, num_inference_steps=10, output_type="np")
+        ref_u8 = (ref.images[0] * 255).round().astype(np.uint8)
+        assert np.abs(ours[i].astype(int) - ref_u8.astype(int)).max() <= 1, (p, g)
+
+
+def test_run_writes_self_describing_results(tmp_path: Path) -> None:
+    assert run_cli(*SMALL, "--results", str(tmp_path), "--batch-size", "5") == 0
+    run = tmp_path / "occupations__miniature"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["schema_version"] == 1
+    assert info["battery"]["images_per_prompt"] == 4 and info["model"]["id"] == "miniature"
+    assert {"torch", "diffusers", "transformers", "evalsuite"} <= set(info["versions"])
+    recs = records(run)
+    assert [r["unit"] for r in recs] == list(range(3 * 2 * 4))
+    # paired seeds: the same image index has the same seed at every scale
+    by_key = {(r["prompt_index"], r["image_index"], r["guidance_scale"]): r["seed"] for r in recs}
+    assert all(by_key[(p, i, 1.0)] == by_key[(p, i, 7.5)] for p in range(3) for i in range(4))
+    assert all((run / r["image"]).is_file() for r in recs)
+    rec = recs[0]
+    assert rec["classifiers"]["oracle"]["gender"]["status"] == "not_measurable"
+    assert rec["classifiers"]["miniature"]["skin_tone"]["status"] == "ok"
+    for table in ("groups", "aggregate", "diversity"):
+        assert (run / "metrics" / f"{table}.csv").is_file()
+    assert "a photo of a doctor" in (run / "summary.txt").read_text()
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_records(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "evalsuite.cli", "-q", "run", str(BATTERY), "--limit-prompts", "4",
+            "--images-per-prompt", "12", "--scales", "1,7.5", "--steps", "20", "--batch-size", "6"]
+    whole = tmp_path / "whole"
+    subprocess.run([*args, "--results", str(whole)], check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*args, "--results", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = cut / "occupations__miniature" / "records.rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (shard.exists() and shard.read_text().count("\n") >= 12):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made = shard.read_text().count("\n")
+    assert 12 <= made < 96, "the kill must land half-way"
+    with open(shard, "a") as fh:  # a torn write, as if killed mid-line
+        fh.write('{"unit": 9')
+    subprocess.run([*args, "--results", str(cut)], check=True, capture_output=True)
+    a, b = records(whole / "occupations__miniature"), records(cut / "occupations__miniature")
+    assert len(b) == len({r["unit"] for r in b}) == 96
+    assert a == b
+
+
+def test_same_command_twice_does_not_regenerate(tmp_path: Path) -> None:
+    assert run_cli(*SMALL, "--results", str(tmp_path)) == 0
+    run = tmp_path / "occupations__miniature"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.png")}
+    assert run_cli(*SMALL, "--results", str(tmp_path)) == 0
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.png")} == before
+    assert len(records(run)) == 24
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def expect_error(capsys: pytest.CaptureFixture[str], code: int, *needles: str) -> str:
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evalsuite: error:") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_battery_keys_and_values_are_reported_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = BATTERY.read_text().replace("images_per_prompt:", "imagesper_prompt:").replace("[1.0, 3.0", "[0.5, 3.0")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    err = expect_error(capsys, main(["run", str(bad), "--results", str(tmp_path / "r")]),
+                       "bad.yaml", "imagesper_prompt", "did you mean 'images_per_prompt'", "guidance_scales[0]")
+    assert not (tmp_path / "r").exists(), err
+
+
+def test_empty_slot_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "empty.yaml"
+    bad.write_text("schema_version: 1\nname: x\nversion: '1'\ntemplates: ['a photo of a {occupation}']\n"
+                   "slots: {occupation: []}\nattributes: {age: {classes: {young: a, old: b}}}\n"
+                   "guidance_scales: [1.0]\nimages_per_prompt: 1\nseed: 0\nsteps: 2\nclassifier: oracle\n")
+    expect_error(capsys, main(["validate", str(bad)]), "slots.occupation")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--scales", "0.5,7.5"], ["--guidance-scales", "0.5"]),
+    (["--model", "./no/such/model"], ["--model", "./no/such/model"]),
+    (["--classifier", "orcale"], ["unknown classifier 'orcale'", "did you mean 'oracle'"]),
+    (["--dtype", "float8"], ["--dtype", "float8"]),
+])
+def test_bad_options_fail_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     args: list[str], needles: list[str]) -> None:
+    expect_error(capsys, run_cli(*SMALL, "--results", str(tmp_path / "r"), *args), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    expect_error(capsys, run_cli(*SMALL, "--results", str(blocker / "sub")), "cannot write results", "sub")
+
+
+def test_a_corrupt_image_in_a_resumed_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(*SMALL, "--results", str(tmp_path)) == 0
+    run = tmp_path / "occupations__miniature"
+    # turn the finished run back into an interrupted one whose first image was damaged
+    recs = (run / "records.jsonl").read_text()
+    (run / "records.jsonl").unlink()
+    (run / "records.rank0.jsonl").write_text(recs)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    first = run / json.loads(recs.splitlines()[0])["image"]
+    first.write_bytes(b"\x89PNG garbage")
+    expect_error(capsys, run_cli(*SMALL, "--results", str(tmp_path)), str(first), "corrupt")
+    assert os.path.getsize(first) == len(b"\x89PNG garbage")
