@@ -104,9 +104,11 @@ def main() -> None:
     model = sd15_pipeline(device, dtype) if a.sd15 else load_model("miniature", dtype=a.dtype, device=device)
     scales = [float(x) for x in a.scales.split(",")]
     names = list(OCCUPATIONS)[: a.prompts]
-    work = [(f"a photo of a {o}", g, [unit_seed("bench", o, i) for i in range(a.images)]) for o in names for g in scales]
+    work = [(f"a photo of a {o}", g, [unit_seed("bench", o, i) for i in range(a.images)])
+            for o in names for g in scales]
     n = a.prompts * len(scales) * a.images
-    r: dict[str, object] = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    r: dict[str, object] = {"device": where,
                             "model": model.model_id, "dtype": a.dtype, "steps": steps, "images": n,
                             "runner_batch": a.batch, "compile": a.compile, "scales": scales}
     plain(model, work[:1], steps)  # warm-up

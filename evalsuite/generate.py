@@ -87,7 +87,7 @@ class BatchedGenerator:
 
         return isinstance(pipe, StableDiffusionPipeline)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if new:
@@ -95,7 +95,7 @@ class BatchedGenerator:
             self._cache.update(zip(new, emb))
         return torch.stack([self._cache[p] for p in prompts])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
         n = len(prompts)
         if self.unet is not self.pipe.unet:  # compiled: one shape for every batch

@@ -101,7 +101,7 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
             kwargs["revision"] = revision
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise SuiteError(f"--model: could not load '{model_id}': {str(exc).splitlines()[0]}") from exc
     if getattr(pipe, "safety_checker", None) is not None:
         log.info("disabling the safety checker: audits must see every image the model makes")

@@ -285,7 +285,8 @@ def _prepare_folder(run_dir: Path, run_json: Path, fp: str, overwrite: bool) -> 
 def _run_info(battery: Battery, options: RunOptions, loaded: Any, specs: list[str], fp: str,
               world: int) -> dict[str, Any]:
     return {
-        "schema_version": RESULTS_SCHEMA_VERSION, "run_name": Path(options.name or default_run_name(battery, options)).name,
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "run_name": Path(options.name or default_run_name(battery, options)).name,
         "fingerprint": fp, "battery": battery.to_dict(), "options": {**options.to_dict(), "processes": world,
         "steps": battery.steps, "sampler": type(loaded.pipe.scheduler).__name__},
         "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],

@@ -1,8 +1,26 @@
 """Reinforcement-learning fine-tuning (DDPO-style policy gradient over DDIM steps, LoRA) with set-level
-diversity / balance rewards. See rl.ddim, rl.rewards and rl.advantages."""
+diversity / balance rewards.
+
+The recipe is `rl.train`; its parts: `rl.config` (YAML config), `rl.sampling` and `rl.ddim` (the denoising
+MDP), `rl.rewards` (set-level rewards with leave-one-out credit), `rl.advantages` (normalisation and the
+PPO surrogate), `rl.lora` (adapters and their export), `rl.checkpoint` (exact resume)."""
 
 from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore
+from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from rl.config import (
+    REWARD_OPTIONS,
+    EvaluationConfig,
+    LoraConfigSpec,
+    RewardConfig,
+    SamplingConfig,
+    TrainConfig,
+    TrainingConfig,
+    config_from_dict,
+    load_config,
+    with_primary_reward,
+)
 from rl.ddim import ddim_step_with_logprob
+from rl.lora import add_lora, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
 from rl.rewards import (
     KERNELS,
     REWARDS,
@@ -27,6 +45,10 @@ from rl.rewards import (
 )
 
 __all__ = [
+    "REWARD_OPTIONS", "EvaluationConfig", "LoraConfigSpec", "RewardConfig", "SamplingConfig", "TrainConfig",
+    "TrainingConfig", "add_lora", "capture_rng", "config_from_dict", "kohya_key", "kohya_state_dict",
+    "latest_checkpoint", "load_checkpoint", "load_config", "load_kohya", "lora_named_parameters", "restore_rng",
+    "save_adapter", "save_checkpoint", "with_primary_reward",
     "KERNELS",
     "REWARDS",
     "Kernel",

@@ -16,9 +16,9 @@ cases the adapted model starts as exactly the base model: the added term B A x i
   float32 tensor with alpha / rank = the PEFT scaling. Its safetensors metadata (all strings):
   ``ss_network_module`` ("networks.lora"), ``ss_network_dim`` (UNet rank), ``ss_network_alpha`` (UNet alpha),
   ``ss_base_model_version`` (``metadata["base_model_version"]``, default "sd_v1"), ``ss_v2`` ("False"),
-  ``ss_output_name`` (name), ``ss_sd_model_name`` (``metadata["base_model"]`` if given), ``ss_text_encoder_dim``
-  / ``ss_text_encoder_alpha`` when a text encoder is adapted, and ``evalsuite_adapter_info`` (the
-  adapter_info.json text).
+  ``ss_output_name`` (name), ``ss_sd_model_name`` (``metadata["base_model"]`` if given),
+  ``ss_text_encoder_dim`` / ``ss_text_encoder_alpha`` when a text encoder is adapted, and
+  ``evalsuite_adapter_info`` (the adapter_info.json text).
 
 The folder is written under a temporary name next to ``out_dir`` and renamed into place.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -64,15 +64,24 @@ def _check_targets(model: nn.Module, targets: Sequence[str], what: str) -> None:
         raise SuiteError(f"LoRA targets for the {what} " + "; ".join(parts))
 
 
-def _inject(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], init: str, what: str) -> None:
+def _validate(model: nn.Module, rank: int, targets: Sequence[str], what: str) -> None:
     if rank < 1:
         raise SuiteError(f"LoRA rank for the {what} must be >= 1, got {rank}")
+    if getattr(model, "peft_config", None) and ADAPTER in model.peft_config:  # type: ignore[operator]
+        raise SuiteError(f"the {what} already has a LoRA adapter")
     _check_targets(model, targets, what)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=INITS[init], target_modules=list(targets))
+
+
+def _inject(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], init: str, what: str) -> None:
+    kwargs: dict[str, Any] = {"lora_alpha": alpha, "init_lora_weights": INITS[init]}  # alpha: float ok
+    config = LoraConfig(r=rank, target_modules=list(targets), **kwargs)
     try:
         model.add_adapter(config)  # type: ignore[operator]
-    except ValueError as err:  # e.g. an adapter is already there
-        raise SuiteError(f"cannot add LoRA to the {what}: {err}") from err
+    except ValueError as err:
+        if "version of PEFT" not in str(err):
+            raise SuiteError(f"cannot add LoRA to the {what}: {err}") from err
+        # transformers 5.x refuses peft < 0.22 in add_adapter; inject with peft itself (as diffusers does)
+        inject_adapter_in_model(config, model, ADAPTER)
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *,
@@ -89,6 +98,8 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *
     models: list[tuple[nn.Module, int, Sequence[str], str]] = [(unet, rank, targets, "UNet")]
     if text_encoder is not None:
         models.append((text_encoder, rank if text_rank is None else text_rank, TEXT_TARGETS, "text encoder"))
+    for model, r, tgts, what in models:  # check everything before touching any model
+        _validate(model, r, tgts, what)
     trainable: list[nn.Parameter] = []
     for model, r, tgts, what in models:
         model.requires_grad_(False)
@@ -113,16 +124,27 @@ def lora_named_parameters(unet: nn.Module, text_encoder: nn.Module | None = None
 
 
 def kohya_key(module_path: str, prefix: str = "lora_unet") -> str:
-    """kohya module key: 'down_blocks.0.attentions.0.proj_in' -> 'lora_unet_down_blocks_0_attentions_0_proj_in'."""
+    """'down_blocks.0.attentions.0.proj_in' -> 'lora_unet_down_blocks_0_attentions_0_proj_in'."""
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+def text_model_path(path: str) -> str:
+    """The transformers-4 CLIP path of a text-encoder module: transformers 5 flattened `CLIPTextModel`
+    ('encoder.layers.0...'), while SD 1.x LoRA files everywhere use 'text_model.encoder.layers.0...'
+    (transformers 5 still loads that form, so it is what gets written)."""
+    return "text_model." + path if path.startswith(("encoder.", "embeddings.", "final_layer_norm")) else path
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
 
 
+def _peft_config(model: nn.Module) -> Any:
+    return model.peft_config[ADAPTER]  # type: ignore[index]
+
+
 def _summary(model: nn.Module) -> dict[str, Any]:
-    cfg = model.peft_config[ADAPTER]  # type: ignore[index]
+    cfg = _peft_config(model)
     return {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules),
             "modules": len(_lora_layers(model))}
 
@@ -134,7 +156,7 @@ def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None) -> 
         if model is None:
             continue
         for path, layer in _lora_layers(model):
-            key = kohya_key(path, prefix)
+            key = kohya_key(text_model_path(path) if prefix == "lora_te" else path, prefix)
             if key + ".alpha" in out:
                 raise SuiteError(f"two modules map to the kohya key {key}")
             out[key + ".lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().contiguous()
@@ -154,20 +176,22 @@ def _has_lora(model: nn.Module | None) -> bool:
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    raw = model.peft_config[ADAPTER].to_dict()  # type: ignore[index]
+    raw = _peft_config(model).to_dict()
     return json.loads(json.dumps(raw, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
 def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | None = None,
-                 metadata: Mapping[str, Any], name: str | None = None) -> dict[str, Path]:
+                 metadata: Mapping[str, Any], name: str | None = None,
+                 unet: nn.Module | None = None) -> dict[str, Path]:
     """Write the adapter folder (see the module docstring); return the paths of what was written.
 
     `pipe_or_unet` is a pipeline (its UNet, and its text encoder if that carries LoRA layers, are saved)
-    or a UNet. Keys of the result: "dir", "diffusers", "info", "kohya".
+    or a UNet; `unet` overrides the pipeline's UNet (e.g. an unwrapped one). `name` names the kohya file
+    (default: the folder name). Keys of the result: "dir", "diffusers", "info", "kohya".
     """
     from diffusers import StableDiffusionPipeline
 
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    unet = unet if unet is not None else getattr(pipe_or_unet, "unet", pipe_or_unet)
     if text_encoder is None and _has_lora(getattr(pipe_or_unet, "text_encoder", None)):
         text_encoder = pipe_or_unet.text_encoder
     if not _has_lora(unet):
@@ -186,11 +210,13 @@ def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        te_layers = get_peft_model_state_dict(text_encoder) if text_encoder is not None else None
+        te_layers = None
+        if text_encoder is not None:
+            te_layers = {text_model_path(k): v for k, v in get_peft_model_state_dict(text_encoder).items()}
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=te_layers,
             safe_serialization=True, unet_lora_adapter_metadata=_config_dict(unet),
-            text_encoder_lora_adapter_metadata=_config_dict(text_encoder) if text_encoder is not None else None)
+            text_encoder_lora_adapter_metadata=None if text_encoder is None else _config_dict(text_encoder))
         (tmp / INFO_FILE).write_text(info_text + "\n")
         unet_cfg = info["adapter"]["unet"]
         kmeta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet_cfg["rank"]),
@@ -201,9 +227,11 @@ def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | 
             kmeta["ss_sd_model_name"] = str(metadata["base_model"])
         if text_encoder is not None:
             te_cfg = info["adapter"]["text_encoder"]
-            kmeta |= {"ss_text_encoder_dim": str(te_cfg["rank"]), "ss_text_encoder_alpha": str(te_cfg["alpha"])}
+            kmeta["ss_text_encoder_dim"] = str(te_cfg["rank"])
+            kmeta["ss_text_encoder_alpha"] = str(te_cfg["alpha"])
         (tmp / "kohya").mkdir()
-        save_file(kohya_state_dict(unet, text_encoder), str(tmp / "kohya" / f"{name}.safetensors"), metadata=kmeta)
+        kohya_file = str(tmp / "kohya" / f"{name}.safetensors")
+        save_file(kohya_state_dict(unet, text_encoder), kohya_file, metadata=kmeta)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ Choices made here (documented in rl/configs/miniature.yaml too):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from evalsuite.models import load_model
 from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .lora import add_lora, save_adapter
+from .lora import add_lora, lora_named_parameters, save_adapter
 from .rewards import alignment_reward, balance_reward, diversity_reward, drift_reward, reference_from_target
 from .sampling import sample_trajectories, step_log_prob
 
@@ -67,7 +68,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
 
     # ------------------------------------------------------------ build
     acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available(),
-                      gradient_accumulation_steps=cfg.training.gradient_accumulation_steps * cfg.timesteps_per_sample)
+                      gradient_accumulation_steps=cfg.training.gradient_accumulation_steps * cfg.train_timesteps)
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.output_dir)
     battery = load_battery(cfg.battery)
@@ -78,7 +79,8 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     if acc.is_main_process:
         print(arithmetic)
     n = cfg.sampling.prompts_per_epoch * cfg.sampling.group_size
-    assert n % cfg.sampling.batch_size == 0 and n % (cfg.training.batch_size * cfg.training.gradient_accumulation_steps) == 0
+    assert n % cfg.sampling.batch_size == 0
+    assert n % (cfg.training.batch_size * cfg.training.gradient_accumulation_steps) == 0
 
     model = load_model(cfg.model, device=str(acc.device))
     pipe = model.pipe
@@ -93,6 +95,10 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     unet, optimizer = acc.prepare(unet, optimizer)
+
+    def trainable() -> dict[str, torch.Tensor]:
+        return lora_named_parameters(acc.unwrap_model(unet), text_encoder if cfg.lora.text_encoder_rank else None)
+
     ctx = ClassifierContext(device=str(acc.device), miniature=model.is_miniature)
     reward_clf = get_classifier(cfg.reward_classifier, ctx)
     embedder = get_embedder("clip", ctx)
@@ -108,7 +114,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     start = 0
     ckpt_dir = out / "checkpoints"
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        start, extra = load_checkpoint(ckpt, model=acc.unwrap_model(unet), optimizer=optimizer)
+        start, extra = load_checkpoint(ckpt, params=trainable(), optimizer=optimizer)
         tracker.load_state_dict(extra["tracker"])
         _truncate_log(out / "log.jsonl", extra["log_lines"])
         log.info("resumed from %s (epoch %d)", ckpt, start)
@@ -138,18 +144,23 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 lines = (out / "log.jsonl").read_text().count("\n")
-                save_checkpoint(ckpt_dir, step=epoch + 1, model=acc.unwrap_model(unet), optimizer=optimizer,
+                save_checkpoint(ckpt_dir, step=epoch + 1, trainable=trainable(), optimizer=optimizer,
                                 rng=capture_rng(), extra={"tracker": tracker.state_dict(), "log_lines": lines},
                                 keep=cfg.keep_checkpoints)
         if evaluate and cfg.evaluation.every and (epoch + 1) % cfg.evaluation.every == 0 and acc.is_main_process:
             path = save_adapter(pipe, out / "eval" / f"adapter-{epoch + 1:04d}", unet=acc.unwrap_model(unet),
-                                metadata=_adapter_metadata(cfg))
+                                metadata=_adapter_metadata(cfg))["dir"]
             _evaluate(cfg, battery, out / "eval" / f"epoch-{epoch + 1:04d}", lora=path)
 
     # ------------------------------------------------------------ save and evaluate
     acc.wait_for_everyone()
+    # every process records a digest of its LoRA weights: equal digests show synchronised gradients
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in trainable().values()))
+    record = {"rank": rank, "world": world, "lora_sha256": digest.hexdigest()}
+    (out / f"process-{rank}.json").write_text(json.dumps(record))
     if acc.is_main_process:
-        adapter = save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet), metadata=_adapter_metadata(cfg))
+        adapter = save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet),
+                               metadata=_adapter_metadata(cfg))["dir"]
         if evaluate:
             _evaluate(cfg, battery, out / "eval" / "final", lora=adapter)
     return out
@@ -265,7 +276,7 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps."""
     t = cfg.training
     n, steps = batch.log_probs.shape
-    k = cfg.timesteps_per_sample
+    k = cfg.train_timesteps
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
     uncond = _encode(pipe, [""]).detach()
     losses, kls, clips = [], [], []
@@ -315,9 +326,9 @@ def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, to
         ok = ~np.isnan(out.probs).any(1)
         shares = np.bincount(out.probs[ok].argmax(1), minlength=len(attrs[0].classes)) / max(ok.sum(), 1)
         row[f"{label}_shares"] = dict(zip(attrs[0].classes, np.round(shares, 4).tolist()))
-        per_group = [np.bincount(out.probs[(batch.group == g).numpy() & ok].argmax(1),
-                                 minlength=len(attrs[0].classes)).max() / max(((batch.group == g).numpy() & ok).sum(), 1)
-                     for g in groups]
+        masks = [(batch.group == g).numpy() & ok for g in groups]
+        per_group = [np.bincount(out.probs[m].argmax(1), minlength=len(attrs[0].classes)).max() / max(m.sum(), 1)
+                     for m in masks]
         row[f"{label}_dominant_share"] = round(float(np.mean(per_group)), 4)
     return row
 

@@ -56,7 +56,7 @@ def test_shipped_battery_lists_the_miniature_world(shipped: Battery) -> None:
     assert [value for p in prompts for _, value in p.slots] == list(OCCUPATIONS)
     assert tuple(p.slots[0][1] for p in prompts if p.heldout) == HELDOUT
     assert shipped.guidance_scales == (1.0, 3.0, 7.5, 12.0)
-    assert (shipped.images_per_prompt, shipped.seed, shipped.steps) == (16, 0, 20)
+    assert (shipped.images_per_prompt, shipped.seed, shipped.steps) == (12, 0, 20)
     assert shipped.intersections == (("skin_tone", "age"),)
     assert shipped.attribute_names == ("gender", "skin_tone", "age")
     assert shipped.attribute("skin_tone") == AttributeSpec(

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from evalsuite.miniature import ASSETS, OCCUPATIONS, TONE_NAMES, read_attributes, render_batch, sample_portraits
+from evalsuite.miniature import (
+    ASSETS,
+    OCCUPATIONS,
+    TONE_NAMES,
+    read_attributes,
+    render_batch,
+    sample_portraits,
+)
 from evalsuite.miniature.captions import CAPTION_MIX, sample_captions, vocabulary
 from evalsuite.miniature.tokenizer import build_tokenizer
 from evalsuite.miniature.world import AGE_NAMES, describe_world

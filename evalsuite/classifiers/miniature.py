@@ -151,7 +151,7 @@ class SupervisedClassifier(_WorldClassifier):
         with torch.no_grad():
             for start in range(0, len(images), BATCH):
                 x = torch.from_numpy(images[start:start + BATCH]).to(self.device)
-                x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()  # NCHW: channels-last is slow on CPU
                 tone_logits, age_logits = self.net(x)
                 tones.append(torch.softmax(tone_logits.double(), -1).cpu().numpy())
                 ages.append(torch.softmax(age_logits.double(), -1).cpu().numpy())

@@ -5,55 +5,45 @@ from __future__ import annotations
 
 from evalsuite.analysis import t_interval
 from evalsuite.dashboard import figures, images
-from evalsuite.dashboard.html import esc, interval, note, num, paragraphs, section, table
+from evalsuite.dashboard.html import esc, gallery, interval, note, num, paragraphs, section, table
 from evalsuite.dashboard.load import RunView
-from evalsuite.dashboard.pages import Site, div_at, fig
+from evalsuite.dashboard.pages import Site, div_at, plot_html
 
 
 def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str:
     div, scales = view.diversity, view.scales
-    size = figures.diversity_lines(div, view.prompts, site.root / f"figures/{site.slug}-diversity.png")
-    trend = (
-        "; ".join(f"{num(t_interval(div_at(view, s, 'vendi'))[0])} at scale {s:g}" for s in scales)
-        if "vendi" in div
-        else "not available"
-    )
-    alt = (
-        "Line charts against guidance scale of the Vendi score, mean pairwise cosine similarity, "
-        "near-duplicate "
-        "rate and CLIP score: grey lines per prompt, coloured mean with 95 % band. Mean Vendi score: "
-        f"{trend}."
-    )
+    plots = []
+    for p in figures.diversity_plots(div, site.root, f"{site.slug}-div"):
+        title = figures.METRIC_TITLES.get(p.key, p.key)
+        means = ", ".join(f"{num(t_interval(div_at(view, s, p.key))[0])} at scale {s:g}" for s in scales)
+        alt = (
+            f"Line chart of the {title} against guidance scale: a thin grey line per prompt and the mean "
+            "over "
+            f"prompts with a shaded 95 % interval. Mean: {means}."
+        )
+        plots.append(plot_html(p, alt, title))
     parts = [
         paragraphs(
             "Mode collapse shows as a falling Vendi score (the effective number of distinct images "
             "among a prompt's images) and a rising pairwise similarity as guidance grows."
         ),
-        fig(site, "diversity", size, alt, "Diversity per prompt (grey) and mean over prompts (colour)."),
+        gallery(plots, "Per prompt (grey) and mean over prompts (colour) with 95 % t-intervals."),
     ]
-    metrics = [
-        m
-        for m in figures.METRIC_TITLES
-        if m in div and m in ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score")
-    ]
+    metrics = [m for m in figures.DIVERSITY_METRICS if m in div]
     rows = [[f"{s:g}", *[interval(*t_interval(div_at(view, s, m))) for m in metrics]] for s in scales]
     parts.append(table(["scale", *metrics], rows, "Means over prompts with 95 % t-intervals"))
     if "vendi" in div and not div.empty:
         low = div.sort_values("vendi").head(10)
         rows = [
             [
-                view.prompts.get(int(r["prompt_index"]), ""),
-                f"{r['guidance_scale']:g}",
-                num(r["vendi"]),
-                num(r.get("mean_pairwise_cosine")),
-                num(r.get("near_duplicate_rate")),
+                view.prompts.get(int(r["prompt_index"]), ""), f"{r['guidance_scale']:g}", num(r["vendi"]),
+                num(r.get("mean_pairwise_cosine")), num(r.get("near_duplicate_rate")),
             ]
             for _, r in low.iterrows()
         ]
         parts.append(
             table(
-                ["prompt", "scale", "vendi", "mean cosine", "near-dup rate"],
-                rows,
+                ["prompt", "scale", "vendi", "mean cosine", "near-dup rate"], rows,
                 "The ten least diverse (prompt, scale) groups",
             )
         )

@@ -22,11 +22,8 @@ from evalsuite.errors import SuiteError
 
 Z = 1.96
 SHARE_METRICS = {
-    "shen_gap": mx.shen_gap,
-    "mad": mx.mad,
-    "dominant_share": mx.dominant_share,
-    "normalized_entropy": mx.normalized_entropy,
-    "kl_uniform": mx.kl_to_uniform,
+    "shen_gap": mx.shen_gap, "mad": mx.mad, "dominant_share": mx.dominant_share,
+    "normalized_entropy": mx.normalized_entropy, "kl_uniform": mx.kl_to_uniform,
 }
 DIVERSITY = {"vendi": mx.vendi_score, "mean_pairwise_cosine": mx.mean_pairwise_cosine}
 Pair = tuple[dict[str, Any], dict[str, Any]]
@@ -159,14 +156,9 @@ def compare_runs(a: RunView, b: RunView) -> Comparison:
             for j, cls in enumerate(classes):
                 share_rows.append(
                     [
-                        attr,
-                        cls,
-                        scale,
-                        *mx.cluster_share_interval(ca[:, j], n),
+                        attr, cls, scale, *mx.cluster_share_interval(ca[:, j], n),
                         *mx.cluster_share_interval(cb[:, j], n),
-                        *_cluster_delta(cb[:, j] - ca[:, j], n, diffs[:, j]),
-                        int(n.sum()),
-                        g_used,
+                        *_cluster_delta(cb[:, j] - ca[:, j], n, diffs[:, j]), int(n.sum()), g_used,
                     ]
                 )
             used = n > 0
@@ -177,50 +169,19 @@ def compare_runs(a: RunView, b: RunView) -> Comparison:
                 metric_rows.append([attr, name, scale, *_row(a_vals, b_vals), g_used])
             flip_rows.append([attr, scale, flips / n.sum(), int(n.sum())])
     share_cols = [
-        "attribute",
-        "class",
-        "guidance_scale",
-        "a",
-        "a_lo",
-        "a_hi",
-        "b",
-        "b_lo",
-        "b_hi",
-        "delta",
-        "d_lo",
-        "d_hi",
-        "n_pairs",
-        "n_prompts",
+        "attribute", "class", "guidance_scale", "a", "a_lo", "a_hi", "b", "b_lo", "b_hi", "delta", "d_lo",
+        "d_hi", "n_pairs", "n_prompts",
     ]
     metric_cols = [
-        "attribute",
-        "metric",
-        "guidance_scale",
-        "a",
-        "a_lo",
-        "a_hi",
-        "b",
-        "b_lo",
-        "b_hi",
-        "delta",
-        "d_lo",
-        "d_hi",
-        "n_prompts",
+        "attribute", "metric", "guidance_scale", "a", "a_lo", "a_hi", "b", "b_lo", "b_hi", "delta", "d_lo",
+        "d_hi", "n_prompts",
     ]
     diversity = _diversity(a, b, pairs, prompts, scales, notes)
     return Comparison(
-        a,
-        b,
-        clf,
-        prompts,
-        scales,
-        sum(len(v) for v in pairs.values()),
-        mismatches,
-        pd.DataFrame(share_rows, columns=share_cols),
-        pd.DataFrame(metric_rows, columns=metric_cols),
+        a, b, clf, prompts, scales, sum(len(v) for v in pairs.values()), mismatches,
+        pd.DataFrame(share_rows, columns=share_cols), pd.DataFrame(metric_rows, columns=metric_cols),
         pd.DataFrame(diversity, columns=["attribute", *metric_cols[1:]]),
-        pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]),
-        notes,
+        pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]), notes,
     )
 
 

@@ -6,8 +6,8 @@ to read the same under colour-vision deficiencies. Mathtext is off, so a prompt 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +24,33 @@ from PIL import Image  # noqa: E402
 
 from evalsuite.analysis import t_interval  # noqa: E402
 
-DPI = 100
+DPI = 144  # pixels per inch of the PNG; pages show figures at 96 per inch, so they stay sharp on phones
+SHOWN = 96 / DPI
 HEATMAP = "cividis"
+PANEL = (3.4, 2.6)  # inches: one panel per image, so a phone shows each at full width
 BIAS_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform", "kl_target")
+DIVERSITY_METRICS = ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score")
 METRIC_TITLES = {
-    "shen_gap": "Shen gap (0 = balanced)",
-    "mad": "MAD from uniform (0 = uniform)",
-    "dominant_share": "dominant-class share",
-    "normalized_entropy": "normalised entropy (1 = uniform)",
-    "kl_uniform": "KL to uniform (nats)",
-    "kl_target": "KL to target (nats)",
+    "shen_gap": "Shen gap (0 = balanced)", "mad": "MAD from uniform (0 = uniform)",
+    "dominant_share": "dominant-class share", "normalized_entropy": "normalised entropy (1 = uniform)",
+    "kl_uniform": "KL to uniform (nats)", "kl_target": "KL to target (nats)",
     "vendi": "Vendi score (effective no. of images)",
     "mean_pairwise_cosine": "mean pairwise cosine similarity",
-    "near_duplicate_rate": "near-duplicate pair rate",
-    "clip_score": "CLIP score",
+    "near_duplicate_rate": "near-duplicate pair rate", "clip_score": "CLIP score",
 }
 RC: Any = {
-    "text.parse_math": False,
-    "svg.fonttype": "none",
-    "axes.titlesize": 10,
-    "axes.labelsize": 9,
-    "xtick.labelsize": 8,
-    "ytick.labelsize": 8,
-    "legend.fontsize": 8,
+    "text.parse_math": False, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
+    "ytick.labelsize": 8, "legend.fontsize": 8, "font.size": 9,
 }
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A written figure: its path relative to the site root and its display size in CSS pixels."""
+
+    src: str
+    size: tuple[int, int]
+    key: str  # what it shows: a class, a metric name, "shares", ...
 
 
 def palette(n: int) -> list[tuple[float, float, float]]:
@@ -60,96 +63,84 @@ def short(text: str, width: int = 30) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def save(fig: Figure, path: Path) -> tuple[int, int]:
-    """Write the figure as PNG and close it; returns its size in pixels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white", metadata={"Software": None})
-    plt.close(fig)
-    with Image.open(path) as img:
-        return img.size
-
-
-def panels_grid(
-    n: int, ncols: int = 2, size: tuple[float, float] = (3.2, 2.4)
-) -> tuple[Figure, list[plt.Axes]]:
-    cols = min(n, ncols)
-    rows = math.ceil(n / cols)
+def axes(size: tuple[float, float] = PANEL) -> tuple[Figure, Any]:
     with plt.rc_context(RC):
-        fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
+        return plt.subplots(figsize=size)
 
 
-def scale_axis(ax: plt.Axes, scales: Sequence[float]) -> None:
+def save(fig: Figure, root: Path, rel: str, key: str) -> Plot:
+    """Write the figure as PNG under `root` and close it."""
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(RC):
+        fig.savefig(root / rel, dpi=DPI, bbox_inches="tight", facecolor="white", metadata={"Software": None})
+    plt.close(fig)
+    with Image.open(root / rel) as img:
+        return Plot(rel, (round(img.width * SHOWN), round(img.height * SHOWN)), key)
+
+
+def scale_axis(ax: Any, scales: Sequence[float]) -> None:
     ax.set_xticks(list(scales))
     ax.set_xticklabels([f"{s:g}" for s in scales])
     ax.set_xlabel("guidance scale")
 
 
-def band(
-    ax: plt.Axes,
-    x: Sequence[float],
-    y: Sequence[float],
-    lo: Sequence[float],
-    hi: Sequence[float],
-    color: tuple[float, float, float],
-    label: str,
-    style: str = "-",
-) -> None:
+def band(ax: Any, x: Any, y: Any, lo: Any, hi: Any, color: Any, label: str, style: str = "-") -> None:
+    """A line with markers and a shaded interval where its bounds are known."""
     ax.plot(x, y, style, marker="o", ms=4, color=color, label=label)
-    lo_a, hi_a = np.asarray(lo, float), np.asarray(hi, float)
+    xs, lo_a, hi_a = np.asarray(x, float), np.asarray(lo, float), np.asarray(hi, float)
     ok = np.isfinite(lo_a) & np.isfinite(hi_a)
     if ok.any():
-        ax.fill_between(np.asarray(x, float)[ok], lo_a[ok], hi_a[ok], color=color, alpha=0.2, linewidth=0)
+        ax.fill_between(xs[ok], lo_a[ok], hi_a[ok], color=color, alpha=0.2, linewidth=0)
 
 
-def share_heatmap(
-    shares: pd.DataFrame, classes: Sequence[str], rows: dict[int, str], scales: Sequence[float], path: Path
-) -> tuple[int, int]:
-    """One panel per class: share of the class per prompt (rows) and guidance scale (columns).
+def legend_below(ax: Any, n: int) -> None:
+    """A legend under the axes, so it never hides a curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(max(n, 1), 4), frameon=False)
 
-    `shares` holds groups.csv rows (prompt_index, guidance_scale, metric = share:<class>, value).
-    """
-    width = max(1.3, 0.42 * len(scales))
-    height = max(2.0, 0.24 * len(rows) + 1.0)
-    annotate = len(rows) <= 60 and len(scales) <= 8
+
+def _heat(
+    values: np.ndarray, xlabels: list[str], ylabels: list[str], size: tuple[float, float], title: str
+) -> Figure:
+    fig, ax = axes(size)
     with plt.rc_context(RC):
-        fig, axes = plt.subplots(
-            1, len(classes), figsize=(2.4 + width * len(classes), height), sharey=True, squeeze=False
+        sns.heatmap(
+            values, ax=ax, vmin=0.0, vmax=1.0, cmap=HEATMAP, annot=values.size <= 600, fmt=".2f",
+            annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white", cbar_kws={"label": "share"},
+            xticklabels=xlabels, yticklabels=ylabels,
         )
-        for k, (ax, cls) in enumerate(zip(axes[0], classes, strict=True)):
-            part = shares[shares["metric"] == f"share:{cls}"]
-            grid = part.pivot_table(
-                index="prompt_index", columns="guidance_scale", values="value", aggfunc="first", dropna=False
-            ).reindex(index=list(rows), columns=list(scales))
-            sns.heatmap(
-                grid.to_numpy(dtype=float),
-                ax=ax,
-                vmin=0.0,
-                vmax=1.0,
-                cmap=HEATMAP,
-                cbar=k == len(classes) - 1,
-                annot=annotate,
-                fmt=".2f",
-                annot_kws={"fontsize": 7},
-                linewidths=0.5,
-                linecolor="white",
-                cbar_kws={"label": "share of images"},
-                xticklabels=[f"{s:g}" for s in scales],
-                yticklabels=[short(rows[p]) for p in rows] if k == 0 else False,
-            )
-            ax.set_title(short(cls, 18))
-            ax.set_xlabel("guidance scale")
-            ax.set_ylabel("prompt" if k == 0 else "")
-            ax.tick_params(axis="y", rotation=0)
-    return save(fig, path)
+        ax.set_xlabel("guidance scale")
+        ax.set_title(title)
+        ax.tick_params(axis="y", rotation=0)
+    return fig
+
+
+def share_heatmaps(
+    shares: pd.DataFrame,
+    classes: Sequence[str],
+    rows: dict[int, str],
+    scales: Sequence[float],
+    root: Path,
+    stem: str,
+) -> list[Plot]:
+    """Per class: its share per prompt (rows) and guidance scale (columns), from groups.csv rows."""
+    size = (2.6 + 0.45 * len(scales), 1.0 + 0.25 * len(rows))
+    plots = []
+    for k, cls in enumerate(classes):
+        part = shares[shares["metric"] == f"share:{cls}"]
+        grid = part.pivot_table(
+            index="prompt_index", columns="guidance_scale", values="value", aggfunc="first", dropna=False
+        ).reindex(index=list(rows), columns=list(scales))
+        fig = _heat(
+            grid.to_numpy(dtype=float), [f"{s:g}" for s in scales], [short(rows[p]) for p in rows], size,
+            f"share: {short(cls, 24)}",
+        )
+        plots.append(save(fig, root, f"figures/{stem}-{k}.png", cls))
+    return plots
 
 
 def pooled_heatmap(
-    agg: pd.DataFrame, classes: Sequence[str], scales: Sequence[float], path: Path
-) -> tuple[int, int]:
+    agg: pd.DataFrame, classes: Sequence[str], scales: Sequence[float], root: Path, rel: str
+) -> Plot:
     """Pooled share (over prompts) of each joint class (rows) per guidance scale (columns)."""
     values = np.full((len(classes), len(scales)), np.nan)
     for i, cls in enumerate(classes):
@@ -157,89 +148,66 @@ def pooled_heatmap(
             hit = agg[(agg["metric"] == f"share:{cls}") & np.isclose(agg["guidance_scale"], scale)]
             if len(hit):
                 values[i, j] = float(hit["value"].iloc[0])
-    with plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(2.6 + 0.5 * len(scales), 0.8 + 0.3 * len(classes)))
-        sns.heatmap(
-            values,
-            ax=ax,
-            vmin=0.0,
-            vmax=1.0,
-            cmap=HEATMAP,
-            annot=True,
-            fmt=".2f",
-            annot_kws={"fontsize": 7},
-            linewidths=0.5,
-            linecolor="white",
-            cbar_kws={"label": "share"},
-            xticklabels=[f"{s:g}" for s in scales],
-            yticklabels=[short(c, 24) for c in classes],
-        )
-        ax.set_xlabel("guidance scale")
-        ax.tick_params(axis="y", rotation=0)
-    return save(fig, path)
+    size = (2.6 + 0.45 * len(scales), 1.0 + 0.28 * len(classes))
+    fig = _heat(values, [f"{s:g}" for s in scales], [short(c, 24) for c in classes], size, "pooled share")
+    return save(fig, root, rel, "pooled")
 
 
-def bias_lines(agg: pd.DataFrame, classes: Sequence[str], path: Path) -> tuple[int, int] | None:
-    """Pooled class shares and bias metrics against guidance scale, 95 % intervals as bands (split all)."""
+def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str) -> list[Plot]:
+    """Pooled class shares, then each bias metric, against guidance scale with 95 % bands (split all)."""
+    if agg.empty:
+        return []
     present = set(agg["metric"])
     metrics = [m for m in BIAS_METRICS if m in present]
     if "kl_target" in metrics and "kl_uniform" in metrics:
-        a = agg[agg["metric"] == "kl_target"]["value"].to_numpy(float)
-        b = agg[agg["metric"] == "kl_uniform"]["value"].to_numpy(float)
+        a = agg[agg["metric"] == "kl_target"].sort_values("guidance_scale")["value"].to_numpy(float)
+        b = agg[agg["metric"] == "kl_uniform"].sort_values("guidance_scale")["value"].to_numpy(float)
         if a.shape == b.shape and np.allclose(a, b, equal_nan=True):
             metrics.remove("kl_target")  # the target is uniform: the same curve twice
-    if agg.empty:
-        return None
-    fig, axes = panels_grid(1 + len(metrics))
-    colors = palette(len(classes))
+    scales = sorted(set(agg["guidance_scale"]))
+    fig, ax = axes()
     with plt.rc_context(RC):
-        for cls, color in zip(classes, colors, strict=True):
+        for cls, color in zip(classes, palette(len(classes)), strict=True):
             part = agg[agg["metric"] == f"share:{cls}"].sort_values("guidance_scale")
-            band(
-                axes[0], part["guidance_scale"], part["value"], part["lo"], part["hi"], color, short(cls, 16)
-            )
-        axes[0].set_title("pooled class shares")
-        axes[0].set_ylim(0, 1)
-        axes[0].legend(loc="best", frameon=True)
-        for ax, metric in zip(axes[1:], metrics, strict=True):
-            part = agg[agg["metric"] == metric].sort_values("guidance_scale")
-            band(ax, part["guidance_scale"], part["value"], part["lo"], part["hi"], colors[0], metric)
+            band(ax, part["guidance_scale"], part["value"], part["lo"], part["hi"], color, short(cls, 16))
+        ax.set_title("pooled class shares")
+        ax.set_ylim(0, 1)
+        legend_below(ax, len(classes))
+        scale_axis(ax, scales)
+    plots = [save(fig, root, f"figures/{stem}-shares.png", "shares")]
+    for k, metric in enumerate(metrics):
+        part = agg[agg["metric"] == metric].sort_values("guidance_scale")
+        fig, ax = axes()
+        with plt.rc_context(RC):
+            band(ax, part["guidance_scale"], part["value"], part["lo"], part["hi"], palette(1)[0], metric)
             ax.set_title(METRIC_TITLES.get(metric, metric))
-        scales = sorted(set(agg["guidance_scale"]))
-        for ax in axes:
             scale_axis(ax, scales)
-        fig.tight_layout()
-    return save(fig, path)
+        plots.append(save(fig, root, f"figures/{stem}-m{k}.png", metric))
+    return plots
 
 
-def diversity_lines(div: pd.DataFrame, prompts: dict[int, str], path: Path) -> tuple[int, int] | None:
-    """Per-prompt curves (thin, grey) and the mean over prompts with a 95 % t-band, per diversity metric."""
-    metrics = [m for m in ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score") if m in div]
-    if not metrics or div.empty:
-        return None
-    fig, axes = panels_grid(len(metrics))
+def diversity_plots(div: pd.DataFrame, root: Path, stem: str) -> list[Plot]:
+    """Per metric: per-prompt curves (thin, grey) and the mean over prompts with a 95 % t-band."""
+    if div.empty:
+        return []
     scales = sorted(set(div["guidance_scale"]))
-    color = palette(1)[0]
-    with plt.rc_context(RC):
-        for ax, metric in zip(axes, metrics, strict=True):
+    plots = []
+    for k, metric in enumerate(m for m in DIVERSITY_METRICS if m in div):
+        fig, ax = axes()
+        with plt.rc_context(RC):
             for _, part in div.groupby("prompt_index"):
                 part = part.sort_values("guidance_scale")
-                ax.plot(part["guidance_scale"], part[metric], color="0.6", lw=0.7, alpha=0.6)
+                ax.plot(part["guidance_scale"], part[metric], color="0.65", lw=0.7, alpha=0.7)
             stats = [
                 t_interval(div.loc[np.isclose(div["guidance_scale"], s), metric].to_numpy(float))
                 for s in scales
             ]
             band(
-                ax,
-                scales,
-                [s[0] for s in stats],
-                [s[1] for s in stats],
-                [s[2] for s in stats],
-                color,
-                "mean over prompts",
+                ax, scales, [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats],
+                palette(1)[0], "mean over prompts",
             )
             ax.set_title(METRIC_TITLES.get(metric, metric))
+            legend_below(ax, 1)
             scale_axis(ax, scales)
-        axes[0].legend(loc="best")
-        fig.tight_layout()
-    return save(fig, path)
+        plots.append(save(fig, root, f"figures/{stem}-{k}.png", metric))
+    return plots

@@ -64,6 +64,12 @@ def figure(src: str, alt: str, caption: str, size: tuple[int, int] | None = None
     )
 
 
+def gallery(items: Sequence[str], caption: str = "") -> str:
+    """Figures side by side on wide screens, one per row on narrow ones."""
+    cap = f'<p class="note">{esc(caption)}</p>' if caption else ""
+    return f'<div class="figs">{"".join(items)}</div>{cap}'
+
+
 def note(text: str, kind: str = "note") -> str:
     return f'<p class="{esc(kind)}">{esc(text)}</p>'
 
@@ -133,6 +139,9 @@ a { color: var(--accent); }
 .card { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: .75rem 1rem; }
 .card h2 { margin-top: 0; }
 figure.plot { margin: 1rem 0; }
+.figs { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 21rem), 1fr));
+  gap: .5rem 1rem; align-items: start; }
+.figs figure.plot { margin: .5rem 0; }
 figure.plot img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: .9rem; margin-top: .3rem; }
 .table-wrap { overflow-x: auto; margin: .5rem 0 1rem; }

@@ -19,28 +19,11 @@ from evalsuite.errors import ConfigError, SuiteError
 SCHEMA_VERSION = 1
 JOINER = "×"
 GROUP_COLUMNS = (
-    "classifier",
-    "attribute",
-    "prompt_index",
-    "prompt",
-    "heldout",
-    "guidance_scale",
-    "metric",
-    "value",
-    "lo",
-    "hi",
-    "n",
+    "classifier", "attribute", "prompt_index", "prompt", "heldout", "guidance_scale", "metric", "value",
+    "lo", "hi", "n",
 )
 AGGREGATE_COLUMNS = (
-    "classifier",
-    "attribute",
-    "split",
-    "guidance_scale",
-    "metric",
-    "value",
-    "lo",
-    "hi",
-    "n_prompts",
+    "classifier", "attribute", "split", "guidance_scale", "metric", "value", "lo", "hi", "n_prompts",
 )
 DIVERSITY_KEYS = ("prompt_index", "guidance_scale")
 DIVERSITY_METRICS = ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score")

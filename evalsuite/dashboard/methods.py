@@ -163,8 +163,7 @@ def methods_page(views: Sequence[RunView]) -> str:
         if rows:
             acc.append(
                 table(
-                    ["classifier", "attribute", "accuracy", "images"],
-                    rows,
+                    ["classifier", "attribute", "accuracy", "images"], rows,
                     head + (f"agreement with the exact {TRUTH} reader" if measured else "recorded accuracy"),
                 )
             )
@@ -206,7 +205,6 @@ def _classes_table(views: Sequence[RunView]) -> str:
                 key = (view.battery.name, view.battery.version, spec.name, cls)
                 rows.setdefault(key, [view.battery.name, spec.name, cls, desc, num(target)])
     return table(
-        ["battery", "attribute", "class", "text description", "target share"],
-        rows.values(),
+        ["battery", "attribute", "class", "text description", "target share"], rows.values(),
         "Attributes and classes of the batteries",
     )

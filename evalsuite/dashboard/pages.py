@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from evalsuite.dashboard.html import (
     definition_list,
     esc,
     figure,
+    gallery,
     interval,
     note,
     num,
@@ -23,16 +25,8 @@ from evalsuite.dashboard.html import (
 )
 from evalsuite.dashboard.load import RunView
 
-TABLE_METRICS = (
-    "shen_gap",
-    "mad",
-    "dominant_share",
-    "normalized_entropy",
-    "kl_uniform",
-    "kl_target",
-    "low_confidence_rate",
-    "no_person_rate",
-)
+TABLE_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform", "kl_target",
+                 "low_confidence_rate", "no_person_rate")
 
 
 @dataclass
@@ -44,20 +38,30 @@ class Site:
     letter: str  # "A" / "B" when two runs are shown, else ""
 
 
-def fig(site: Site, name: str, size: tuple[int, int] | None, alt: str, caption: str) -> str:
-    if size is None:
-        return note("No data to plot.")
-    return figure(f"figures/{site.slug}-{name}.png", alt, caption, size)
+def plot_html(plot: figures.Plot, alt: str, caption: str) -> str:
+    return figure(plot.src, alt, caption, plot.size)
+
+
+def trend(frame: pd.DataFrame, metric: str) -> str:
+    """'0.3 at scale 1, 0.45 at scale 7.5' for one metric of an aggregate table (one split)."""
+    part = frame[frame["metric"] == metric].sort_values("guidance_scale")
+    text = ", ".join(
+        f"{num(v)} at scale {s:g}" for s, v in zip(part["guidance_scale"], part["value"], strict=True)
+    )
+    return text or "not available"
 
 
 def scales_text(scales: list[float]) -> str:
     return ", ".join(f"{s:g}" for s in scales)
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> str:
     info, battery, model = view.info, view.battery, view.model
-    versions = info.get("versions") if isinstance(info.get("versions"), dict) else {}
-    timings = info.get("timings") if isinstance(info.get("timings"), dict) else {}
+    versions, timings = _mapping(info.get("versions")), _mapping(info.get("timings"))
     n_held = len(view.heldout)
     facts = [
         ("Run", view.name),
@@ -114,8 +118,7 @@ def _headline(view: RunView) -> str:
             ["Vendi score (mean)", *[interval(*t_interval(div_at(view, s, "vendi"))) for s in scales]]
         )
     return table(
-        ["measure", *[f"scale {s:g}" for s in scales]],
-        rows,
+        ["measure", *[f"scale {s:g}" for s in scales]], rows,
         f"Headline ({clf} classifier, all prompts; 95 % intervals)",
     )
 
@@ -158,38 +161,50 @@ def bias_page(view: RunView, site: Site) -> str:
             )
     for i, (attr, classes) in enumerate(measured.items()):
         rows_g, rows_a = groups[groups["attribute"] == attr], agg[agg["attribute"] == attr]
-        all_split = rows_a[rows_a["split"] == "all"]
+        everything = rows_a[rows_a["split"] == "all"]
+        stem = f"{site.slug}-a{i}"
         if "×" in attr:
-            size = figures.pooled_heatmap(
-                all_split, classes, scales, site.root / f"figures/{site.slug}-heat{i}.png"
-            )
+            heat = figures.pooled_heatmap(everything, classes, scales, site.root, f"figures/{stem}-heat.png")
             alt = (
                 f"Heatmap of the pooled share of each joint {attr} class (rows: {', '.join(classes)}) at "
                 f"each guidance scale (columns: {scales_text(scales)}), all prompts, {clf} classifier."
             )
+            heats = [plot_html(heat, alt, f"{attr}: pooled share of each joint class")]
         else:
-            size = figures.share_heatmap(
-                rows_g, classes, view.prompts, scales, site.root / f"figures/{site.slug}-heat{i}.png"
-            )
-            alt = (
-                f"Heatmaps of {attr} class shares, one panel per class ({', '.join(classes)}); rows are the "
-                f"{len(view.prompts)} prompts, columns the guidance scales {scales_text(scales)}; "
-                f"darker is a smaller share. {clf} classifier."
-            )
-        heat = fig(site, f"heat{i}", size, alt, f"{attr}: share of each class per prompt and guidance scale.")
-        size = figures.bias_lines(all_split, classes, site.root / f"figures/{site.slug}-lines{i}.png")
-        gap = all_split[all_split["metric"] == "shen_gap"].sort_values("guidance_scale")
-        trend = "; ".join(
-            f"{num(v)} at scale {s:g}" for s, v in zip(gap["guidance_scale"], gap["value"], strict=True)
+            heats = [
+                plot_html(
+                    p,
+                    f"Heatmap of the share of {attr} class {p.key} for each of the "
+                    f"{len(view.prompts)} prompts (rows) at guidance scales {scales_text(scales)} "
+                    f"(columns); brighter means a larger share. Pooled share: "
+                    f"{trend(everything, 'share:' + p.key)}.",
+                    f"{attr} = {p.key}, per prompt",
+                )
+                for p in figures.share_heatmaps(rows_g, classes, view.prompts, scales, site.root, stem)
+            ]
+        lines = []
+        for p in figures.bias_plots(everything, classes, site.root, stem):
+            if p.key == "shares":
+                alt = (
+                    f"Line chart of the pooled shares of the {attr} classes against guidance scale with "
+                    "shaded "
+                    "95 % intervals; " + "; ".join(f"{c}: {trend(everything, 'share:' + c)}" for c in classes)
+                )
+                lines.append(plot_html(p, alt, f"{attr}: pooled class shares"))
+            else:
+                title = figures.METRIC_TITLES.get(p.key, p.key)
+                alt = (
+                    f"Line chart of the {title} of {attr} against guidance scale with a shaded 95 % "
+                    "interval: "
+                    f"{trend(everything, p.key)}."
+                )
+                lines.append(plot_html(p, alt, f"{attr}: {title}"))
+        body = (
+            gallery(heats, "Share of each class per prompt and guidance scale.")
+            + gallery(lines, "Pooled over all prompts; bands are 95 % intervals.")
+            + _metric_table(rows_a, scales)
         )
-        alt = (
-            f"Line charts against guidance scale for {attr}: pooled shares of {', '.join(classes)}, and the "
-            f"bias metrics, each with a shaded 95 % interval. Shen gap: {trend or 'not available'}."
-        )
-        lines = fig(
-            site, f"lines{i}", size, alt, f"{attr}: pooled shares and bias metrics against guidance scale."
-        )
-        parts.append(section(f"Attribute: {attr}", heat + lines + _metric_table(rows_a, scales), f"a{i}"))
+        parts.append(section(f"Attribute: {attr}", body, f"a{i}"))
     parts.append(_other_classifiers(view))
     return "".join(parts)
 

@@ -9,10 +9,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from evalsuite.dashboard import compare, compare_page, images, methods, pages
+from evalsuite.dashboard import collapse, compare, compare_page, images, methods, pages
 from evalsuite.dashboard.html import CSS, CSS_FILE, page
 from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.errors import SuiteError
@@ -21,6 +21,10 @@ MARKER = ".evalsuite-dashboard"
 
 
 def _check_target(out: Path) -> None:
+    """Refuse an --out that is not ours to replace (also its `.partial` / `.old` siblings)."""
+    for side in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")):
+        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not (side / MARKER).is_file()):
+            raise SuiteError(f"{side}: exists and is not a dashboard build folder; remove it first")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise SuiteError(f"{out}: exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
@@ -32,10 +36,8 @@ def _check_target(out: Path) -> None:
 
 def _fresh(path: Path) -> None:
     """Remove a stale build folder left by a crash (only one of ours, marked) and create it anew."""
-    if path.exists() or path.is_symlink():
-        if path.is_symlink() or not (path / MARKER).is_file():
-            raise SuiteError(f"{path}: exists and is not a dashboard build folder; remove it first")
-        shutil.rmtree(path)
+    if path.exists():
+        shutil.rmtree(path)  # _check_target made sure it is a marked build folder
     path.mkdir(parents=True)
     (path / MARKER).write_text(json.dumps({"tool": "evalsuite dashboard", "state": "building"}) + "\n")
 
@@ -53,7 +55,7 @@ def _swap(partial: Path, out: Path) -> None:
 
 def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int = 8) -> Path:
     """Build the dashboard of one run, or of two runs with a comparison page; returns index.html's path."""
-    runs, out = [Path(r) for r in runs], Path(out)
+    runs, out = [Path(r) for r in runs], Path(out).resolve()
     if not 1 <= len(runs) <= 2:
         raise SuiteError(f"dashboard: give one or two results folders, got {len(runs)}")
     if max_images_per_cell < 1:
@@ -69,8 +71,7 @@ def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int
         (partial / MARKER).write_text(
             json.dumps(
                 {
-                    "tool": "evalsuite dashboard",
-                    "runs": [str(r) for r in runs],
+                    "tool": "evalsuite dashboard", "runs": [str(r) for r in runs],
                     "build_s": round(time.perf_counter() - started, 2),
                 }
             )
@@ -93,8 +94,7 @@ def _write_site(
     sites = [pages.Site(root, f"r{i}", "AB"[i] if two else "") for i in range(len(views))]
     per_run = {
         s.slug: [
-            (f"{s.slug}-bias.html", "Bias"),
-            (f"{s.slug}-diversity.html", "Mode collapse"),
+            (f"{s.slug}-bias.html", "Bias"), (f"{s.slug}-diversity.html", "Mode collapse"),
             (f"{s.slug}-images.html", "Images"),
         ]
         for s in sites
@@ -106,28 +106,18 @@ def _write_site(
         nav.append(("compare.html", "Compare A vs B"))
     nav.append(("methods.html", "Methods"))
 
-    def write(href: str, title: str, body: Callable[[], str]) -> None:
-        (root / href).write_text(page(title, body(), nav, href), encoding="utf-8")
+    def write(href: str, title: str, body: str) -> None:
+        (root / href).write_text(page(title, body, nav, href), encoding="utf-8")
 
     for view, s in zip(views, sites, strict=True):
         writer = images.ThumbWriter(root, s.slug)
         prefix = f"Run {s.letter}: " if two else ""
-        write(f"{s.slug}-bias.html", f"{prefix}bias by attribute", lambda v=view, s=s: pages.bias_page(v, s))
-        write(
-            f"{s.slug}-diversity.html",
-            f"{prefix}mode collapse",
-            lambda v=view, s=s, w=writer: pages.diversity_page(v, s, w),
-        )
-        write(
-            f"{s.slug}-images.html",
-            f"{prefix}images",
-            lambda v=view, w=writer: pages.images_page(v, w, max_per_cell),
-        )
+        write(f"{s.slug}-bias.html", f"{prefix}bias by attribute", pages.bias_page(view, s))
+        write(f"{s.slug}-diversity.html", f"{prefix}mode collapse", collapse.diversity_page(view, s, writer))
+        write(f"{s.slug}-images.html", f"{prefix}images", collapse.images_page(view, writer, max_per_cell))
     if comparison is not None:
-        write(
-            "compare.html", "Comparison: run A vs run B", lambda: compare_page.compare_page(comparison, root)
-        )
-    write("methods.html", "Methods", lambda: methods.methods_page(views))
+        write("compare.html", "Comparison: run A vs run B", compare_page.compare_page(comparison, root))
+    write("methods.html", "Methods", methods.methods_page(views))
     cards = "".join(pages.overview_card(v, s, per_run[s.slug]) for v, s in zip(views, sites, strict=True))
     extra = (
         '<p><a href="compare.html">Compare run A with run B on paired seeds →</a></p>' if comparison else ""
@@ -137,4 +127,4 @@ def _write_site(
         'collapse across classifier-free guidance scales. Read the <a href="methods.html">methods</a> '
         "before the numbers.</p>"
     )
-    write("index.html", "Audit overview", lambda: intro + extra + f'<div class="cards">{cards}</div>')
+    write("index.html", "Audit overview", intro + extra + f'<div class="cards">{cards}</div>')

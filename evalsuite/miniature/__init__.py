@@ -2,7 +2,8 @@
 
 `ASSETS` is the shipped world (built by `evalsuite miniature build`): `pipeline/` (a diffusers
 StableDiffusionPipeline), `clip/` (a transformers CLIPModel + processor), `classifier/` (the supervised
-skin-tone/age classifier), `words.txt` (the vocabulary) and `build.json`. The environment variable EVALSUITE_MINIATURE_DIR points it elsewhere.
+skin-tone/age classifier), `words.txt` (the vocabulary) and `build.json`.
+The environment variable EVALSUITE_MINIATURE_DIR points it elsewhere.
 """
 
 import os

@@ -17,20 +17,30 @@ import platform
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from .captions import vocabulary
-from .classifier import save_classifier
+from .classifier import load_classifier, save_classifier
 from .tokenizer import build_tokenizer
 from .train import MiniData, train_classifier, train_clip, train_unet, train_vae
+from .world import OCCUPATIONS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -43,7 +53,7 @@ class BuildConfig:
     per_occupation: int = 600
     clip_steps: int = 600
     vae_steps: int = 900
-    unet_steps: int = 2400
+    unet_steps: int = 2200
     classifier_steps: int = 400
 
     @classmethod
@@ -52,51 +62,87 @@ class BuildConfig:
 
 
 def build_world(out: Path, config: BuildConfig = BuildConfig(), threads: int | None = None) -> dict:
-    """Train every component and save the miniature world to `out` (replaced atomically)."""
+    """Train every component and save the miniature world to `out` (replaced atomically).
+
+    Each trained stage is kept in `<out>.partial/stages/` as soon as it is done, so a killed build
+    started again with the same config resumes after the last finished stage. Every stage draws from
+    its own generator seeded by (seed, stage), so a resumed build equals an uninterrupted one.
+    """
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    stages = tmp / "stages"
+    wanted = json.dumps(asdict(config), sort_keys=True)
+    if (tmp / "config.json").exists() and (tmp / "config.json").read_text() != wanted:
+        shutil.rmtree(tmp)
+    stages.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(wanted)
+    saved = tmp / "timings.json"
+    timings: dict[str, float] = json.loads(saved.read_text()) if saved.exists() else {}
 
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
+    trained_here: list[str] = []
+
+    def stage(name: str, index: int, train: Callable[[np.random.Generator], T], load: Callable[[Path], T],
+              save: Callable[[T, Path], None]) -> T:
+        folder = stages / name
+        if folder.is_dir():
+            log.info("%s: reusing the finished stage in %s", name, folder)
+            return load(folder)
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed * 1000 + index)
+        result = train(np.random.default_rng([config.seed, index]))
+        save(result, folder.with_suffix(".tmp"))
+        folder.with_suffix(".tmp").rename(folder)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        trained_here.append(name)
+        (tmp / "timings.json").write_text(json.dumps(timings))
         log.info("%s done in %.1f s", name, timings[name])
+        return result
 
-    data = MiniData.make(config.per_occupation, rng)
+    t0 = time.perf_counter()
+    data = MiniData.make(config.per_occupation, np.random.default_rng([config.seed, 0]))
     tokenizer = build_tokenizer(vocabulary(), tmp / "tokenizer")
-    lap("data")
-    clip = train_clip(data, tokenizer, config.clip_steps, rng)
-    lap("clip")
-    vae = train_vae(data, config.vae_steps, rng)
-    lap("vae")
+
+    def save_pretrained(model: Any, folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+
+    clip = stage("clip", 1, lambda rng: train_clip(data, tokenizer, config.clip_steps, rng),
+                 lambda f: CLIPModel.from_pretrained(f).eval(), save_pretrained)
+    vae = stage("vae", 2, lambda rng: train_vae(data, config.vae_steps, rng),
+                lambda f: AutoencoderKL.from_pretrained(f).eval(), save_pretrained)
+    unet = stage("unet", 3, lambda rng: train_unet(data, vae, clip, tokenizer, DDPMScheduler(**BETAS),
+                                                   config.unet_steps, rng),
+                 lambda f: UNet2DConditionModel.from_pretrained(f).eval(), save_pretrained)
+    net = stage("classifier", 4, lambda rng: train_classifier(data, vae, config.classifier_steps, rng),
+                load_classifier, save_classifier)
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
     text_encoder.eval()
-    unet = train_unet(data, vae, clip, tokenizer, DDPMScheduler(**BETAS), config.unet_steps, rng)
-    lap("unet")
-    net = train_classifier(data, vae, config.classifier_steps, rng)
-    lap("classifier")
+    final = tmp / "world"
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir()
 
     scheduler = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+    pipe.save_pretrained(final / "pipeline", safe_serialization=True)
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                            image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True),
         tokenizer=tokenizer)
-    clip.save_pretrained(tmp / "clip", safe_serialization=True)
-    processor.save_pretrained(tmp / "clip")
-    save_classifier(net, tmp / "classifier")
-    shutil.rmtree(tmp / "tokenizer")
-    (tmp / "words.txt").write_text("\n".join(vocabulary()) + "\n")
-    lap("save")
+    clip.save_pretrained(final / "clip", safe_serialization=True)
+    processor.save_pretrained(final / "clip")
+    save_classifier(net, final / "classifier")
+    (final / "words.txt").write_text("\n".join(vocabulary()) + "\n")
+    from .report import measure_confusion
+
+    t1 = time.perf_counter()
+    quick = config.unet_steps < 100
+    measure_confusion(final, n_per=2 if quick else 24, steps=2 if quick else 20,
+                      occupations=("doctor", "nurse") if quick else tuple(OCCUPATIONS))
+    timings["confusion"] = round(time.perf_counter() - t1, 1)
+    trained_here.append("confusion")
 
     import diffusers
     import transformers
@@ -104,18 +150,15 @@ def build_world(out: Path, config: BuildConfig = BuildConfig(), threads: int | N
     info = {
         "config": asdict(config),
         "timings_s": timings,
-        "total_s": round(time.perf_counter() - t0, 1),
+        # every stage's own time (earlier, interrupted runs included) plus this run's data, assembly, saving
+        "total_s": round(sum(timings.values()) + time.perf_counter() - t0 - sum(timings[k] for k in trained_here), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    (tmp / "build.json").write_text(json.dumps(info, indent=1))
-    from .report import measure_confusion
-
-    measure_confusion(tmp, n_per=2 if config.unet_steps < 100 else 24)
-    info["timings_s"]["confusion"] = round(time.perf_counter() - t0 - info["total_s"], 1)
-    (tmp / "build.json").write_text(json.dumps(info, indent=1))
+    (final / "build.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    final.rename(out)
+    shutil.rmtree(tmp)
     return info

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import AGES, BACKGROUNDS, CLOTHING, OCCUPATIONS, SKIN_TONES, TONE_NAMES, AGE_NAMES, RGB
+from .world import AGE_NAMES, AGES, BACKGROUNDS, CLOTHING, OCCUPATIONS, RGB, SKIN_TONES, TONE_NAMES
 
 SIZE = 32
 EYES: RGB = (60, 60, 160)

@@ -36,16 +36,16 @@ DEFAULT_OCCUPATIONS = ("doctor", "nurse", "engineer", "teacher", "lawyer", "farm
 
 @torch.no_grad()
 def classify(net: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
     tone, age = zip(*(net(x[i:i + 512]) for i in range(0, len(x), 512)))
     return torch.cat(tone).argmax(1).numpy(), torch.cat(age).argmax(1).numpy()
 
 
 def _generator(world: Path, steps: int) -> Any:
+    from diffusers import StableDiffusionPipeline
+
     from ..generate import BatchedGenerator
     from ..models import LoadedModel
-
-    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
@@ -65,19 +65,21 @@ def _shares(labels: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(ok, minlength=k) / max(len(ok), 1)
 
 
-def measure_confusion(world: Path = ASSETS, n_per: int = 24, steps: int = 20) -> dict[str, list[list[float]]]:
+def measure_confusion(world: Path = ASSETS, n_per: int = 24, steps: int = 20,
+                      occupations: Sequence[str] = tuple(OCCUPATIONS)) -> dict[str, list[list[float]]]:
     """Confusion of the supervised classifier against the oracle (rows: oracle class) on generated images
     of every occupation at guidance 1, 3 and 7.5; saved to classifier/confusion.json."""
     gen, net = _generator(world, steps), load_classifier(world / "classifier")
     counts = {"skin_tone": np.zeros((4, 4)), "age": np.zeros((2, 2))}
-    for k, name in enumerate(OCCUPATIONS):
+    for k, name in enumerate(occupations):
         for g in (1.0, 3.0, 7.5):
             images = _generate(gen, f"a photo of a {name}", g, n_per, seed0=10_000 + 100 * k)
             truth, pred = read_attributes(images), classify(net, images)
             for attr, t, p in (("skin_tone", truth[0], pred[0]), ("age", truth[1], pred[1])):
                 np.add.at(counts[attr], (t[t >= 0], p[t >= 0]), 1)
     out = {a: (c / np.maximum(c.sum(1, keepdims=True), 1)).round(6).tolist() for a, c in counts.items()}
-    meta = {"rows": "oracle class (truth)", "columns": "classifier prediction", "counts": {a: c.tolist() for a, c in counts.items()},
+    meta = {"rows": "oracle class (truth)", "columns": "classifier prediction",
+            "counts": {a: c.tolist() for a, c in counts.items()},
             "measured_on": f"{n_per} generated images per occupation at guidance 1, 3, 7.5 ({steps} DDIM steps)"}
     (world / "classifier" / "confusion.json").write_text(json.dumps({**out, "_about": meta}, indent=1))
     return out
@@ -93,7 +95,7 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     age_true = np.array([AGE_NAMES.index(p.age) for p in portraits])
     gen = _generator(world, steps)
     with torch.no_grad():
-        x = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = (torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
         vae = gen.pipe.vae
         recon = torch.cat([vae.decode(vae.encode(x[i:i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)])
     from ..generate import to_uint8
@@ -103,8 +105,10 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     for label, images in (("renders", renders), ("vae_reconstructions", recon_u8)):
         t, a = classify(net, images)
         ot, oa = read_attributes(images)
-        out[label] = {"classifier_tone_acc": float((t == tone_true).mean()), "classifier_age_acc": float((a == age_true).mean()),
-                      "oracle_tone_acc": float((ot == tone_true).mean()), "oracle_age_acc": float((oa == age_true).mean())}
+        out[label] = {"classifier_tone_acc": float((t == tone_true).mean()),
+                      "classifier_age_acc": float((a == age_true).mean()),
+                      "oracle_tone_acc": float((ot == tone_true).mean()),
+                      "oracle_age_acc": float((oa == age_true).mean())}
 
     rows, agree = [], {"tone": [], "age": []}
     for k, name in enumerate(occupations):

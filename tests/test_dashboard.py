@@ -1,0 +1,312 @@
+"""Tests for `evalsuite dashboard` (static site from results) and `evalsuite publish` (datasets export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fixtures_results import XSS_MODEL, XSS_PROMPTS, make_run, make_xss_run
+from PIL import Image
+
+from evalsuite.dashboard import MARKER, build_dashboard, collapse
+from evalsuite.errors import SuiteError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = Path("/tmp/dashboard_screenshot.png")
+ALERT, CONSOLE = "Page.javascriptDialogOpening", "Runtime.consoleAPICalled"
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dash")
+    base = make_run(root / "results", "base")
+    tuned = make_run(root / "results", "tuned", model_key=1, bias_boost=0.4, model_id="miniature-tuned")
+    xss = make_xss_run(root / "results")
+    return {"base": base, "tuned": tuned, "xss": xss, "root": root,
+            "one": build_dashboard([base], root / "one").parent,
+            "two": build_dashboard([base, tuned], root / "two").parent,
+            "xss_site": build_dashboard([xss, base], root / "xss_site", max_images_per_cell=4).parent}
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.imgs: list[dict[str, str | None]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.refs += [(tag, k, v or "") for k, v in attrs if k in ("src", "href", "srcset", "action")]
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+
+
+def check_site(site: Path) -> dict[str, int]:
+    """Every reference is a relative path to an existing file, nothing remote, every image valid with alt."""
+    assert (site / "index.html").is_file() and (site / MARKER).is_file() and (site / "style.css").is_file()
+    assert not site.with_name(site.name + ".partial").exists()
+    counts = {"pages": 0, "imgs": 0}
+    for page in site.glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert '<meta name="viewport"' in text and "Content-Security-Policy" in text
+        parser = _Refs()
+        parser.feed(text)
+        for tag, attr, value in parser.refs:
+            remote = re.match(r"^\s*([a-z][a-z0-9+.-]*:|//)", value, re.I)
+            assert not remote, f"{page.name}: {tag} {attr}={value}"
+            target = value.split("#")[0]
+            assert not target or (site / target).is_file(), f"{page.name}: {value} is missing"
+        for img in parser.imgs:
+            assert (img.get("alt") or "").strip(), f"{page.name}: <img src={img.get('src')}> has no alt text"
+        counts["pages"] += 1
+        counts["imgs"] += len(parser.imgs)
+    css = (site / "style.css").read_text()
+    assert "url(" not in css and "@import" not in css and "http" not in css
+    for png in [*site.glob("figures/*"), *site.glob("images/**/*.png")]:
+        with Image.open(png) as img:
+            assert img.format == "PNG"
+            img.verify()
+    return counts
+
+
+def test_one_run_site(sites: dict[str, Path]) -> None:
+    site = sites["one"]
+    counts = check_site(site)
+    assert {p.name for p in site.glob("*.html")} == {"index.html", "r0-bias.html", "r0-diversity.html",
+                                                     "r0-images.html", "methods.html"}
+    assert counts["imgs"] > 40 and len(list(site.glob("figures/*.png"))) >= 20
+    bias = (site / "r0-bias.html").read_text()
+    assert "Attribute: skin_tone" in bias and "does not measure gender" in bias and "<table>" in bias
+    assert "Near-duplicate alerts" in (site / "r0-diversity.html").read_text()
+    assert "cosine 1.000" in (site / "r0-diversity.html").read_text()  # the fixture's planted duplicate
+    methods = (site / "methods.html").read_text()
+    assert "perceived" in methods and "agreement with the exact oracle" in methods and "Caveats" in methods
+    index = (site / "index.html").read_text()
+    for fact in ("base", "miniature", "fixture version 1.0", "evalsuite 0.1.0", "2026-11-27T01:02:00+00:00"):
+        assert fact in index
+
+
+def test_two_run_site_compares_paired_seeds(sites: dict[str, Path]) -> None:
+    site = sites["two"]
+    check_site(site)
+    assert (site / "compare.html").is_file() and (site / "r1-bias.html").is_file()
+    page = (site / "compare.html").read_text()
+    assert "54 (same prompt, scale, image index and seed)" in page  # 3 prompts × 3 scales × 6 images
+    assert "B − A" in page and "Attribute: skin_tone×age" in page and "Mode collapse" in page
+    assert 'href="compare.html"' in (site / "index.html").read_text()
+
+
+def test_compare_refuses_disjoint_batteries(sites: dict[str, Path], tmp_path: Path) -> None:
+    other = make_run(tmp_path / "results", "other", values=("pilot", "chef"), scales=(1.0,), images=2)
+    with pytest.raises(SuiteError, match="no prompts in common"):
+        build_dashboard([sites["base"], other], tmp_path / "site")
+    assert not (tmp_path / "site").exists() and not (tmp_path / "site.partial").exists()
+
+
+def test_user_strings_are_escaped(sites: dict[str, Path]) -> None:
+    site = sites["xss_site"]
+    check_site(site)
+    text = "".join(p.read_text() for p in site.glob("*.html"))
+    for raw in ("<script>alert", "<img src=x", "<b>bold", "onerror=alert(2)>", '1.0"><script>'):
+        assert raw not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "&lt;b&gt;bold&lt;/b&gt;-model" in text
+    assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in text
+    assert "<script" not in text.lower()  # the dashboard itself has no script at all
+    assert XSS_MODEL not in text and all(p not in text for p in XSS_PROMPTS)
+
+
+def test_out_dir_is_replaced_only_when_it_is_a_dashboard(sites: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SuiteError, match="does not hold an evalsuite dashboard"):
+        build_dashboard([sites["base"]], foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "site"
+    build_dashboard([sites["base"]], out, max_images_per_cell=2)
+    before = (out / "index.html").read_text()
+
+    def boom(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(collapse, "images_page", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_dashboard([sites["base"]], out)
+    assert (out / "index.html").read_text() == before and not (tmp_path / "site.partial").exists()
+    monkeypatch.undo()
+    build_dashboard([sites["base"]], out, max_images_per_cell=1)  # a previous dashboard is replaced
+    assert (out / MARKER).is_file()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "metrics" / "diversity.csv").unlink(), "diversity.csv: required metric table"),
+    (lambda run: (run / "records.jsonl").write_text("{not json\n"), "records.jsonl, line 1"),
+    (lambda run: _edit_json(run, schema_version=2), "run.json: schema_version must be 1"),
+    (lambda run: _edit_json(run, status="running"), "not complete"),
+    (lambda run: (run / "metrics" / "groups.csv").write_text("classifier,attribute\nx,y\n"), "missing col"),
+])
+def test_bad_results_folder_is_one_clear_error(sites: dict[str, Path], tmp_path: Path, damage: Any,
+                                               message: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sites["base"], run)
+    damage(run)
+    with pytest.raises(SuiteError, match=re.escape(message)):
+        build_dashboard([run], tmp_path / "site")
+    assert not (tmp_path / "site").exists()
+
+
+def _edit_json(run: Path, **changes: Any) -> None:
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, **changes}))
+
+
+def test_publish_reloads_and_matches_records(sites: dict[str, Path], tmp_path: Path) -> None:
+    import datasets
+
+    from evalsuite.publish import MARKER as PUBLISHED
+    from evalsuite.publish import publish_run
+
+    run = sites["base"]
+    out = publish_run(run, tmp_path / "ds")
+    ds = datasets.load_from_disk(str(out))
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert len(ds) == len(records) == 54 and (out / PUBLISHED).is_file()
+    for row, rec in zip(ds, records, strict=True):
+        assert (row["prompt"], row["seed"], row["guidance_scale"], row["image_index"]) == \
+            (rec["prompt"], rec["seed"], rec["guidance_scale"], rec["image_index"])
+        mine = rec["classifiers"]["miniature"]
+        assert row["classifier"] == "miniature" and row["skin_tone_label"] == mine["skin_tone"]["label"]
+        assert row["age_label"] == mine["age"]["label"] and row["gender_status"] == "not_measurable"
+        assert json.loads(row["classifiers"]) == rec["classifiers"]
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(run / rec["image"])))
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "perceived" in card and "load_from_disk" in card
+    publish_run(run, out)  # a previous export is replaced
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x").write_text("x")
+    with pytest.raises(SuiteError, match="refusing to replace"):
+        publish_run(run, tmp_path / "foreign")
+
+
+class Browser:
+    """Headless Chromium over the DevTools protocol on a pipe (fds 3/4): no port, no network."""
+
+    def __init__(self, user_data: Path) -> None:
+        to_child, self._w = os.pipe()
+        self._r, from_child = os.pipe()
+
+        def wire() -> None:  # in the child: the pipe ends become fds 3 (commands) and 4 (replies)
+            a, b = os.dup(to_child), os.dup(from_child)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+            os.set_inheritable(3, True)
+            os.set_inheritable(4, True)
+
+        self.proc = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--user-data-dir={user_data}",
+                                      "--remote-debugging-pipe"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
+                                     preexec_fn=wire)
+        os.close(to_child)
+        os.close(from_child)
+        self.buf, self.n, self.events = b"", 0, []  # type: tuple[bytes, int, list[dict[str, Any]]]
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.send(f"{domain}.enable", session=self.session)
+
+    def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> Any:
+        self.n += 1
+        msg = {"id": self.n, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        n = self.n
+        return self.wait(lambda m: m.get("id") == n).get("result", {})
+
+    def wait(self, done: Any, timeout: float = 30.0) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buf:
+                raw, self.buf = self.buf.split(b"\0", 1)
+                msg = json.loads(raw)
+                if msg.get("method") == ALERT:  # an alert(): record it, then dismiss it
+                    self.events.append(msg)
+                    self.send("Page.handleJavaScriptDialog", {"accept": True}, session=self.session)
+                elif "method" in msg:
+                    self.events.append(msg)
+                if done(msg):
+                    return msg
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError("no answer from chromium")
+            chunk = os.read(self._r, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium exited")
+            self.buf += chunk
+
+    def visit(self, url: str) -> dict[str, Any]:
+        """Load a page, force lazy images to load, and report what rendered plus the problems seen."""
+        self.events.clear()
+        self.send("Page.navigate", {"url": url}, session=self.session)
+        self.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        expr = """(async () => { for (const i of document.images) i.loading = 'eager';
+          await Promise.all([...document.images].map(i => i.complete ? 0 :
+            new Promise(r => { i.onload = i.onerror = r; })));
+          return {images: document.images.length, tables: document.querySelectorAll('table').length,
+            broken: [...document.images].filter(i => !i.naturalWidth).map(i => i.src),
+            scripts: document.scripts.length}; })()"""
+        got = self.send("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True},
+                        session=self.session)["result"]["value"]
+        problems = [e for e in self.events if e["method"] in ("Runtime.exceptionThrown", ALERT)
+                    or (e["method"] == CONSOLE and e["params"]["type"] in ("error", "assert"))
+                    or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+        return {**got, "problems": problems}
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+        finally:
+            self.proc.wait(timeout=20)
+
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update", "--hide-scrollbars"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_headless_chromium_renders_without_errors(sites: dict[str, Path], tmp_path: Path) -> None:
+    probe = tmp_path / "probe.html"  # the harness must notice an alert and a console error
+    probe.write_text("<!DOCTYPE html><title>p</title><script>console.error('bad'); alert(7)</script>")
+    browser = Browser(tmp_path / "profile")
+    try:
+        seen = browser.visit(probe.as_uri())["problems"]
+        assert {e["method"] for e in seen} >= {ALERT, CONSOLE}
+        for name in ("two", "xss_site"):
+            for page in sorted(sites[name].glob("*.html")):
+                got = browser.visit(page.as_uri())
+                assert got["problems"] == [] and got["broken"] == [] and got["scripts"] == 0, (page.name, got)
+                if page.name.endswith(("bias.html", "compare.html", "diversity.html")):
+                    assert got["images"] >= 4 and got["tables"] >= 1, (page.name, got)
+    finally:
+        browser.close()
+    index = sites["two"] / "r0-bias.html"
+    shot = tmp_path / "dashboard.png"
+    base = [str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=390,2400"]
+    subprocess.run([*base, f"--screenshot={shot}", index.as_uri()], check=True, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Image.open(shot) as img:
+        assert img.size == (390, 2400) and np.unique(np.asarray(img.convert("L"))).size > 16  # not blank
+    shutil.copyfile(shot, SCREENSHOT)
+    dom = subprocess.run([*base, "--dump-dom", index.as_uri()], check=True, timeout=120, capture_output=True,
+                         text=True).stdout
+    assert dom.count("<img") >= 10 and "<table>" in dom and "<figcaption>" in dom

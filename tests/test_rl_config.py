@@ -1,0 +1,308 @@
+"""Tests for rl.config: the shipped configs, collected problems, overrides, batch arithmetic, round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import evalsuite.models
+from evalsuite.errors import ConfigError
+from rl.config import (
+    RewardConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    with_primary_reward,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIATURE = ROOT / "rl" / "configs" / "miniature.yaml"
+SD15 = ROOT / "rl" / "configs" / "sd15.yaml"
+
+
+@pytest.fixture(autouse=True)
+def setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run from the repository root (configs name the battery relatively) and stand in a miniature
+    pipeline folder, so that these tests do not depend on the miniature world being built."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "assets" / "pipeline").mkdir(parents=True)
+    (tmp_path / "assets" / "pipeline" / "model_index.json").write_text("{}")
+    monkeypatch.setattr(evalsuite.models, "ASSETS", tmp_path / "assets")
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def shipped_data() -> dict:
+    return yaml.safe_load(MINIATURE.read_text(encoding="utf-8"))
+
+
+def problems(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+    return excinfo.value.problems
+
+
+def test_shipped_miniature_config_loads() -> None:
+    cfg = load_config(MINIATURE)
+    assert (cfg.model, cfg.battery, cfg.seed) == ("miniature", "prompts/occupations.yaml", 0)
+    assert cfg.sampling.guidance_scales == (7.5,) and cfg.sampling.eta == 1.0
+    assert cfg.training.mixed_precision == "no" and cfg.training.advantage == "group"
+    assert cfg.lora.targets == ("to_q", "to_k", "to_v", "to_out.0")
+    assert [r.name for r in cfg.rewards] == ["diversity", "alignment", "drift"]
+    assert cfg.rewards[0].options_dict == {"kernel": "rbf", "features": "probs", "reference": "uniform"}
+    assert cfg.rewards[1] == RewardConfig("alignment", 0.2, ())
+    assert cfg.rewards[2].options_dict == {"features": "embedding"}
+    assert cfg.reward_attributes == ("skin_tone",)
+    assert (cfg.reward_classifier, cfg.evaluation.classifier) == ("miniature", "oracle")
+    assert cfg.evaluation.guidance_scales == (1.0, 3.0, 7.5, 12.0)
+    assert cfg.source == str(MINIATURE)
+    hash(cfg)  # frozen all the way down
+
+
+def test_shipped_sd15_config_loads() -> None:
+    cfg = load_config(SD15)
+    assert cfg.model == "runwayml/stable-diffusion-v1-5"
+    assert (cfg.sampling.steps, cfg.sampling.guidance_scales) == (50, (5.0, 7.5))
+    assert (cfg.training.mixed_precision, cfg.training.gradient_checkpointing) == ("bf16", True)
+    assert (cfg.lora.rank, cfg.lora.alpha) == (4, 4.0)
+    assert cfg.reward_classifier == "clip"
+    assert cfg.evaluation.classifier == "clip:openai/clip-vit-base-patch32"
+    # 8 x 32 = 256 samples; 256 / 16 = 16 sampling batches; 256 / 8 = 32 micro-batches; 32 / 4 = 8 steps
+    assert (cfg.samples_per_epoch_per_process, cfg.sampling_batches_per_epoch,
+            cfg.train_micro_batches_per_epoch, cfg.optimizer_steps_per_epoch, cfg.train_timesteps) \
+        == (256, 16, 32, 8, 50)
+
+
+def test_batch_arithmetic_of_the_miniature_config() -> None:
+    cfg = load_config(MINIATURE)
+    # By hand: 4 prompts x 32 images = 128 samples per process; sampling 128 / 32 = 4 batches;
+    # training 128 / 16 = 8 micro-batches; 8 / 2 accumulation = 4 optimizer steps per inner epoch;
+    # floor(20 steps x 0.5) = 10 timesteps per sample; one optimizer step = 16 x 2 = 32 samples
+    # x 10 timesteps = 320 terms. With 2 processes: 256 samples, 8 groups, 640 terms per step.
+    assert cfg.samples_per_epoch_per_process == 128
+    assert cfg.sampling_batches_per_epoch == 4
+    assert cfg.train_micro_batches_per_epoch == 8
+    assert cfg.optimizer_steps_per_epoch == 4
+    assert cfg.train_timesteps == 10
+    one = cfg.batch_arithmetic(1)
+    assert "= 128 (4 groups of 32" in one and "= 4 micro-batches" in one and "= 8 micro-batches" in one
+    assert "floor(20 x 0.5) = 10 of 20" in one and "= 4 per inner epoch" in one
+    assert "= 32 samples x 10 timesteps = 320 log-prob terms" in one
+    two = cfg.batch_arithmetic(2)
+    assert "= 256 (8 groups of 32" in two and "= 64 samples x 10 timesteps = 640" in two
+    with pytest.raises(Exception, match="num_processes"):
+        cfg.batch_arithmetic(0)
+
+
+def test_train_timesteps_is_at_least_one() -> None:
+    cfg = load_config(MINIATURE, ["training.timestep_fraction=0.01"])
+    assert cfg.train_timesteps == 1
+    cfg = load_config(MINIATURE, ["sampling.steps=50", "training.timestep_fraction=0.58"])
+    assert cfg.train_timesteps == 29  # 50 x 0.58 is 28.999999999999996 in floating point
+
+
+def test_many_problems_are_reported_at_once(tmp_path: Path) -> None:
+    data = shipped_data()
+    data["model"] = "./nope"
+    data["rewards"][0]["name"] = "diversty"
+    data["sampling"].update(group_size=1, batch_size=3)     # 4 x 1 = 4 samples: 3 does not divide 4
+    data["training"]["batch_size"] = 8                       # does not divide 4 either
+    data["lora"]["rank"] = 0
+    data["evaluation"]["classifier"] = "miniature"           # the reward classifier
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    found = problems(excinfo)
+    text = str(excinfo.value)
+    assert text.startswith(f"{path}: {len(found)} problems")
+    expected = {
+        "rewards[0].name": "unknown reward 'diversty' (did you mean 'diversity'?)",
+        "sampling.group_size": "must be an int >= 3, got int 1",
+        "sampling.batch_size": "must divide the samples per epoch",
+        "training.batch_size": "must divide the samples per epoch",
+        "model": "'./nope' is not a local folder",
+        "lora.rank": "must be an int >= 1, got int 0",
+        "evaluation.classifier": "a reward classifier equal to the evaluation classifier is refused unless "
+                                 "explicitly allowed",
+    }
+    for key, message in expected.items():
+        assert any(p.startswith(f"{key}: ") and message in p for p in found), (key, found)
+    assert len(found) == len(expected), found
+
+
+def test_structure_problems(tmp_path: Path) -> None:
+    data = shipped_data()
+    del data["seed"]
+    data["trainig"] = {}
+    data["training"]["lerning_rate"] = 1.0
+    data["training"].update(advantage="tracker", tracker_buffer=8, tracker_min_count=16)
+    data["training"]["mixed_precision"] = "fp8"
+    data["training"]["gradient_accumulation_steps"] = 3     # 16 divides 128, 48 does not
+    data["rewards"][0].update(kernal="rbf", reference="balanced")
+    data["rewards"][1]["kernel"] = "rbf"
+    data["rewards"][2]["weight"] = -1
+    data["reward_attributes"] = ["skin_tones"]
+    data["validity_threshold"] = 1.0
+    data["evaluation"]["classifier"] = "nonesuch"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, data))
+    found = problems(excinfo)
+    for start in ("seed: required key is missing",
+                  "trainig: unknown key 'trainig' (did you mean 'training'?)",
+                  "training.lerning_rate: unknown key 'lerning_rate' (did you mean 'learning_rate'?)",
+                  "training.tracker_min_count: must be <= tracker_buffer (8), got 16",
+                  "training.mixed_precision: str 'fp8' is not allowed",
+                  "training.gradient_accumulation_steps: training.batch_size x gradient_accumulation_steps "
+                  "= 16 x 3 = 48 must divide",
+                  "rewards[0].kernal: unknown option 'kernal' of reward 'diversity' (did you mean 'kernel'?)",
+                  "rewards[0].reference: str 'balanced' is not allowed",
+                  "rewards[1].kernel: unknown option 'kernel' of reward 'alignment'; it takes no options",
+                  "rewards[2].weight: must be a number >= 0, got int -1",
+                  "reward_attributes[0]: 'skin_tones' is not an attribute of battery",
+                  "validity_threshold: must be a number in [0, 1), got float 1.0",
+                  "evaluation.classifier: unknown classifier 'nonesuch'"):
+        assert any(p.startswith(start) for p in found), (start, found)
+    assert any("did you mean 'skin_tone'?" in p for p in found)
+
+
+def test_reward_rules(tmp_path: Path) -> None:
+    data = shipped_data()
+    data["rewards"] = [{"name": "diversity", "weight": 0}, {"name": "diversity", "weight": 0.0}]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, data))
+    assert problems(excinfo) == ["rewards[1].name: reward 'diversity' is listed twice; list each reward once"]
+    with pytest.raises(ConfigError, match="at least one reward needs a weight > 0"):
+        load_config(MINIATURE, ["rewards.0.weight=0", "rewards.1.weight=0", "rewards.2.weight=0"])
+    with pytest.raises(ConfigError, match="rewards: must be a non-empty list"):
+        load_config(MINIATURE, ["rewards=[]"])
+    cfg = load_config(MINIATURE, ["rewards=[{name: balance, weight: 2}]"])
+    assert cfg.rewards == (RewardConfig("balance", 2.0, (("mode", "kl"), ("reference", "uniform"))),)
+
+
+def test_battery_problems_are_reported_with_the_config_problems(tmp_path: Path) -> None:
+    heldout_free = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
+    del heldout_free["heldout"]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(heldout_free))
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, [f"battery={tmp_path / 'b.yaml'}", "seed=-1"])
+    found = problems(excinfo)
+    assert any(p.startswith("battery: ") and "no heldout prompts" in p for p in found)
+    assert any(p.startswith("seed: ") for p in found)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, [f"battery={tmp_path / 'missing.yaml'}"])
+    assert problems(excinfo) == [f"battery: {tmp_path / 'missing.yaml'}: battery file not found"]
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(MINIATURE, [
+        "training.learning_rate=1e-4", "sampling.guidance_scales=[3,7.5]", "rewards.0.weight=0.5",
+        "rewards[0].kernel=poly3", "training.gradient_checkpointing=true", "seed=7",
+        "training.mixed_precision=bf16", "output_dir=results/rl/other", "lora.targets=[to_q, to_v]",
+    ])
+    assert cfg.training.learning_rate == 1e-4 and isinstance(cfg.training.learning_rate, float)
+    assert cfg.sampling.guidance_scales == (3.0, 7.5)
+    assert cfg.rewards[0].weight == 0.5 and cfg.rewards[0].options_dict["kernel"] == "poly3"
+    assert cfg.training.gradient_checkpointing is True
+    assert cfg.seed == 7 and isinstance(cfg.seed, int)
+    assert (cfg.training.mixed_precision, cfg.output_dir) == ("bf16", "results/rl/other")
+    assert cfg.lora.targets == ("to_q", "to_v")
+    # YAML 1.1 reads an unquoted `no` as false, taken to mean "no"
+    assert load_config(MINIATURE, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+
+
+def test_override_problems_are_collected_with_the_file_problems(tmp_path: Path) -> None:
+    data = shipped_data()
+    data["lora"]["rank"] = 0
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, data), ["training.lerning_rate=1e-4", "sampling.steps", "modle=x",
+                                            "rewards.5.weight=1", "seed.x=1", "sampling.steps=[1"])
+    found = problems(excinfo)
+    assert "lora.rank: must be an int >= 1, got int 0" in found
+    expected = [
+        "override 'training.lerning_rate=1e-4': unknown key 'lerning_rate' in training "
+        "(did you mean 'learning_rate'?)",
+        "override 'sampling.steps': must be key=value",
+        "override 'modle=x': unknown key 'modle' (did you mean 'model'?)",
+        "override 'rewards.5.weight=1': rewards has 3 entries",
+        "override 'seed.x=1': 'seed' has no sub-keys",
+        "override 'sampling.steps=[1': the value is not valid YAML",
+    ]
+    for start in expected:
+        assert any(p.startswith(start) for p in found), (start, found)
+    assert len(found) == len(expected) + 1
+
+
+def test_file_problems_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(tmp_path / "none.yaml", ["bogus=1"])
+    assert problems(excinfo)[0] == "config file not found"
+    assert problems(excinfo)[1].startswith("override 'bogus=1': unknown key 'bogus'")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [miniature\n")
+    with pytest.raises(ConfigError, match="YAML syntax error at line"):
+        load_config(bad)
+    bad.write_text("")
+    with pytest.raises(ConfigError, match="file is empty"):
+        load_config(bad)
+    bad.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_the_allow_flag_permits_the_same_classifier() -> None:
+    same = ["evaluation.classifier=miniature"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, same)
+    assert problems(excinfo) == [
+        "evaluation.classifier: 'miniature' is also the reward_classifier: a reward classifier equal to the "
+        "evaluation classifier is refused unless explicitly allowed "
+        "(set evaluation.allow_same_classifier: true)"
+    ]
+    cfg = load_config(MINIATURE, [*same, "evaluation.allow_same_classifier=true"])
+    assert cfg.evaluation.classifier == cfg.reward_classifier == "miniature"
+    assert cfg.evaluation.allow_same_classifier is True
+
+
+def test_allow_same_classifier_defaults_to_false(tmp_path: Path) -> None:
+    data = shipped_data()
+    del data["evaluation"]["allow_same_classifier"]
+    assert load_config(write(tmp_path, data)).evaluation.allow_same_classifier is False
+
+
+@pytest.mark.parametrize("config", [MINIATURE, SD15])
+def test_to_dict_round_trips(config: Path) -> None:
+    cfg = load_config(config)
+    data = cfg.to_dict()
+    assert "source" not in data
+    assert config_from_dict(data, "elsewhere") == cfg
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(data, sort_keys=False)), "x") == cfg
+    assert config_from_dict(json.loads(json.dumps(data)), "x") == cfg
+    if config == MINIATURE:
+        assert data == shipped_data()  # every key of the shipped file, nothing added
+
+
+def test_config_from_dict_collects_problems() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_dict({"model": "miniature"}, "data")
+    assert excinfo.value.source == "data"
+    assert "battery: required key is missing" in problems(excinfo)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        config_from_dict([], "data")  # type: ignore[arg-type]
+
+
+def test_with_primary_reward() -> None:
+    cfg = load_config(MINIATURE)
+    moved = with_primary_reward(cfg, "drift")
+    assert [r.name for r in moved.rewards] == ["drift", "diversity", "alignment"]
+    assert moved.rewards[0] == cfg.rewards[2]
+    alone = with_primary_reward(cfg, "balance")
+    assert alone.rewards == (RewardConfig("balance", 1.0, (("mode", "kl"), ("reference", "uniform"))),)
+    assert isinstance(alone, TrainConfig) and alone.training == cfg.training
+    assert with_primary_reward(cfg, "diversity") == cfg
+    with pytest.raises(ConfigError, match=r"unknown reward 'diversty' \(did you mean 'diversity'\?\)"):
+        with_primary_reward(cfg, "diversty")

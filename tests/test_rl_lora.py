@@ -1,0 +1,239 @@
+"""rl.lora and rl.checkpoint on the tiny StableDiffusionPipeline (CPU, one thread)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from safetensors import safe_open
+from tiny_pipeline import tiny_sd_pipeline
+
+from evalsuite.errors import SuiteError
+from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.lora import add_lora, kohya_key, load_kohya, lora_named_parameters, save_adapter
+
+torch.set_num_threads(1)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
+RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: a loader that ignores alpha gets the wrong scale
+
+
+def _cond(pipe, n: int = 2) -> torch.Tensor:
+    ids = pipe.tokenizer(["a photo of a nurse", "a photo of an old doctor"][:n], padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def _inputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+
+
+def _eps(pipe, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.unet(x, t, _cond(pipe)).sample
+
+
+def _train(pipe, opt: torch.optim.Optimizer, steps: int, x: torch.Tensor | None = None) -> list[float]:
+    """Dummy objective: mean squared UNet output. Without `x`, inputs come from the global torch RNG."""
+    losses = []
+    t = torch.tensor([10, 500])
+    for _ in range(steps):
+        xs = torch.randn(2, 4, 8, 8) if x is None else x
+        with torch.no_grad():
+            cond = _cond(pipe)
+        loss = pipe.unet(xs, t, cond).sample.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def pipe(tmp_path: Path):
+    return tiny_sd_pipeline(tmp_path / "base")
+
+
+def test_add_lora_trainable_set_and_identity_start(pipe) -> None:
+    x, t = _inputs(pipe)
+    base = _eps(pipe, x, t)
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    named = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    assert named and all(".lora_A." in n or ".lora_B." in n for n in named)
+    assert {id(p) for p in params} == {id(p) for p in named.values()}
+    assert all(p.dtype == torch.float32 for p in params)
+    # 4 transformers (down 1, mid 1, up 2), each: attn1 + attn2 (to_q/k/v/out.0) and proj_in = 4 * 9 modules
+    assert len(params) == 2 * 36
+    b = [p for n, p in named.items() if ".lora_B." in n]
+    a = [p for n, p in named.items() if ".lora_A." in n]
+    assert all(torch.count_nonzero(p) == 0 for p in b) and all(torch.count_nonzero(p) > 0 for p in a)
+    assert torch.equal(_eps(pipe, x, t), base)  # B = 0: exactly the base model
+
+
+def test_add_lora_rejects_bad_targets_and_init(pipe, tmp_path: Path) -> None:
+    with pytest.raises(SuiteError, match=r"to_qq, nonexistent"):
+        add_lora(pipe.unet, RANK, ALPHA, ["to_q", "to_qq", "nonexistent"])
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # a refused call leaves the model alone
+    with pytest.raises(SuiteError, match=r"attn1 \(Attention\)"):
+        add_lora(pipe.unet, RANK, ALPHA, ["attn1"])
+    with pytest.raises(SuiteError, match="unknown LoRA init"):
+        add_lora(pipe.unet, RANK, ALPHA, TARGETS, init="pissa")
+    add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    with pytest.raises(SuiteError, match="already has a LoRA adapter"):
+        add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    half = tiny_sd_pipeline(tmp_path / "half").unet.half()
+    assert all(p.dtype == torch.float32 for p in add_lora(half, RANK, ALPHA, TARGETS))
+
+
+def test_training_moves_only_lora(pipe) -> None:
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    lora_before = [p.detach().clone() for p in params]
+    x, _ = _inputs(pipe)
+    _train(pipe, torch.optim.AdamW(params, lr=1e-2), 2, x)
+    assert all(not torch.equal(p, q) for p, q in zip(params, lora_before, strict=True))
+    base_now = {n.replace(".base_layer", ""): p for n, p in pipe.unet.named_parameters() if "lora_" not in n}
+    assert base_now.keys() == before.keys()
+    assert all(torch.equal(base_now[n], before[n]) for n in before)
+
+
+def test_save_adapter_round_trips(pipe, tmp_path: Path) -> None:
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    x, t = _inputs(pipe)
+    _train(pipe, torch.optim.AdamW(params, lr=1e-2), 2, x)
+    trained = _eps(pipe, x, t)
+    meta = {"guidance_scale": 7.5, "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "base_model": "tiny"}
+    paths = save_adapter(pipe, tmp_path / "adapter", metadata=meta, name="tiny_rl")
+    assert set(paths) == {"dir", "diffusers", "info", "kohya"} and all(p.exists() for p in paths.values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]  # no temporary left over
+    info = json.loads(paths["info"].read_text())
+    assert info["guidance_scale"] == 7.5 and info["adapter"]["unet"]["rank"] == RANK
+    assert info["adapter"]["unet"]["alpha"] == ALPHA and info["adapter"]["text_encoder"] is None
+
+    fresh = tiny_sd_pipeline(tmp_path / "fresh")
+    assert not torch.equal(_eps(fresh, x, t), trained)
+    fresh.load_lora_weights(paths["dir"])
+    torch.testing.assert_close(_eps(fresh, x, t), trained, atol=1e-5, rtol=0)
+
+    kohya = load_kohya(paths["kohya"])
+    peft_sd = get_peft_model_state_dict(pipe.unet)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
+    assert len(kohya) == 3 * len(modules)
+    for path in modules:
+        key = kohya_key(path)
+        assert torch.equal(kohya[key + ".lora_down.weight"], peft_sd[path + ".lora_A.weight"])
+        assert torch.equal(kohya[key + ".lora_up.weight"], peft_sd[path + ".lora_B.weight"])
+        assert kohya[key + ".alpha"].shape == () and kohya[key + ".alpha"].item() == ALPHA
+    for key in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0.lora_up.weight",
+                "lora_unet_mid_block_attentions_0_proj_in.alpha"):
+        assert key in kohya
+    assert kohya["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape == (RANK, 16, 1, 1)
+    with safe_open(str(paths["kohya"]), "pt") as f:
+        kmeta = f.metadata()
+    assert kmeta["ss_network_dim"] == "4" and kmeta["ss_network_alpha"] == "2.0"
+    assert kmeta["ss_base_model_version"] == "sd_v1" and kmeta["ss_sd_model_name"] == "tiny"
+    # diffusers' kohya converter maps these names back to the UNet and honours the per-module .alpha
+    via_kohya = tiny_sd_pipeline(tmp_path / "fresh_kohya")
+    via_kohya.load_lora_weights(str(paths["kohya"]))
+    torch.testing.assert_close(_eps(via_kohya, x, t), trained, atol=1e-5, rtol=0)
+    again = save_adapter(pipe, tmp_path / "adapter", metadata=meta, name="tiny_rl")  # replaces the folder
+    assert again == paths and torch.equal(load_kohya(again["kohya"])[key], kohya[key])
+    assert sorted(p.name for p in tmp_path.iterdir() if "adapter" in p.name) == ["adapter"]
+
+
+def test_save_adapter_with_text_encoder(pipe, tmp_path: Path) -> None:
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS, text_encoder=pipe.text_encoder, text_rank=1)
+    te_trainable = [n for n, p in pipe.text_encoder.named_parameters() if p.requires_grad]
+    assert len(te_trainable) == 2 * 4 and all("self_attn" in n and "lora_" in n for n in te_trainable)
+    x, t = _inputs(pipe)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):  # train through the text encoder too
+        loss = pipe.unet(x, t, _cond(pipe)).sample.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = _eps(pipe, x, t)
+    paths = save_adapter(pipe, tmp_path / "adapter", metadata={})
+    kohya = load_kohya(paths["kohya"])
+    te_key = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"  # the transformers-4 CLIP path
+    assert kohya[te_key + ".lora_down.weight"].shape == (1, 16) and kohya[te_key + ".alpha"].item() == ALPHA
+    assert sum(k.startswith("lora_te_") for k in kohya) == 4 * 3
+    for src in (paths["dir"], str(paths["kohya"])):
+        fresh = tiny_sd_pipeline(tmp_path / "fresh")
+        fresh.load_lora_weights(src)
+        torch.testing.assert_close(_eps(fresh, x, t), trained, atol=1e-5, rtol=0)
+
+
+def _lora_run(tmp: Path) -> tuple[object, dict[str, torch.nn.Parameter], torch.optim.Optimizer]:
+    p = tiny_sd_pipeline(tmp)
+    add_lora(p.unet, RANK, ALPHA, TARGETS)
+    named = lora_named_parameters(p.unet)
+    return p, named, torch.optim.AdamW(list(named.values()), lr=1e-2)
+
+
+def _probe() -> tuple[list[float], list[float], float]:
+    return torch.rand(4).tolist(), np.random.rand(3).tolist(), random.random()
+
+
+def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(9)
+    pipe, named, opt = _lora_run(tmp_path / "a")
+    first = _train(pipe, opt, 2)
+    extra = {"tracker": {"a photo of a nurse": [0.1, 0.2]}, "log_offset": 17}
+    ckpt = save_checkpoint(tmp_path / "ckpt", step=2, trainable=named, optimizer=opt, rng=capture_rng(),
+                           extra=extra)
+    assert ckpt.name == "step-000002" and latest_checkpoint(tmp_path / "ckpt") == ckpt
+    at2 = {n: p.detach().clone() for n, p in named.items()}
+    probe = _probe()
+    rest = _train(pipe, opt, 2)
+    assert len(first + rest) == 4
+
+    # both files read back with weights_only=True
+    assert torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    assert "python" in torch.load(ckpt / "rng.pt", weights_only=True)
+
+    torch.manual_seed(999)  # disturb every RNG; the checkpoint must restore them
+    np.random.seed(999)
+    random.seed(999)
+    pipe2, named2, opt2 = _lora_run(tmp_path / "b")
+    step, extra2 = load_checkpoint(ckpt, params=named2, optimizer=opt2)
+    assert step == 2 and extra2 == extra
+    assert named2.keys() == at2.keys() and all(torch.equal(named2[n], at2[n]) for n in at2)
+    assert _probe() == probe
+    assert _train(pipe2, opt2, 2) == rest  # exactly the uninterrupted losses
+    assert all(torch.equal(named2[n], named[n]) for n in named)
+
+    bad = {n.replace("lora_A", "lora_X"): p for n, p in named2.items()}
+    with pytest.raises(SuiteError, match="names differ"):
+        load_checkpoint(ckpt, params=bad, optimizer=None)
+
+
+def test_checkpoint_keeps_newest(tmp_path: Path) -> None:
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2)
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    folder = tmp_path / "ckpt"
+    assert latest_checkpoint(folder) is None
+    for step in (1, 2, 10, 3):
+        save_checkpoint(folder, step=step, model=lin, optimizer=opt, rng=capture_rng(), extra={"step": step},
+                        keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000003", "step-000010"]
+    assert latest_checkpoint(folder) == folder / "step-000010"
+    with pytest.raises(SuiteError, match="JSON"):
+        save_checkpoint(folder, step=11, trainable=dict(lin.named_parameters()), optimizer=opt,
+                        rng=capture_rng(), extra={"bad": object()})
+    assert latest_checkpoint(folder) == folder / "step-000010"
+    step, extra = load_checkpoint(folder / "step-000010", model=lin, optimizer=opt, rng=False)
+    assert (step, extra) == (10, {"step": 10})
+    with pytest.raises(SuiteError, match="exactly one"):
+        load_checkpoint(folder / "step-000010", model=lin, params=dict(lin.named_parameters()))
