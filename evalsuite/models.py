@@ -60,6 +60,8 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SuiteError(f"--device: '{name}' requested but no CUDA device is available; use --device cpu")
+    if re.fullmatch(r"cpu:\d+", name):  # accelerate names the CPU of each process 'cpu:N'
+        return "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
         raise SuiteError(f"--device: '{name}' is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
     return name

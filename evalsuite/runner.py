@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -133,7 +134,7 @@ def versions() -> dict[str, str]:
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -182,7 +183,10 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     from .summary import summary_table
 
     _validate(battery, options)
-    state = PartialState(cpu=options.device == "cpu")
+    import torch
+
+    # cpu=True is what makes accelerate join the processes of a multi-process launch without a GPU (gloo)
+    state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     device = str(state.device) if options.device == "auto" else resolve_device(options.device)
     run_dir = options.results_dir / (options.name or default_run_name(battery, options))
@@ -225,7 +229,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     text_emb = {p.text: e for p, e in zip(battery.prompts(), embedder.embed_texts([p.text for p in battery.prompts()]))}
     generator = make_generator(loaded, battery.steps, compile=options.compile)
     shard = run_dir / f"records.rank{rank}.jsonl"
-    bar = progress(len(plan.units), n_done, main)
+    bar = progress(len(plan.units), n_done, main and log.isEnabledFor(logging.INFO))
     gen_s = 0.0
     for b in mine:
         batch = plan.batches[b]

@@ -48,7 +48,7 @@ def read_shard(path: Path) -> list[dict[str, Any]]:
 def done_batches(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) -> set[int]:
     """Batches whose every record is present and whose images match their recorded SHA-256."""
     by_batch: dict[int, int] = {}
-    for shard in sorted(run_dir.glob("records.rank*.jsonl")):
+    for shard in record_files(run_dir):
         for rec in read_shard(shard):
             path = run_dir / rec["image"]
             try:
@@ -98,10 +98,15 @@ def save_battery(path: Path, battery: Battery) -> None:
 
 
 
+def record_files(run_dir: Path) -> list[Path]:
+    """records.jsonl (a finished run's merged records) and every process's shard."""
+    merged = run_dir / "records.jsonl"
+    return ([merged] if merged.exists() else []) + sorted(run_dir.glob("records.rank*.jsonl"))
+
+
 def merge_shards(run_dir: Path) -> list[dict[str, Any]]:
-    """All shard records in unit order, written to records.jsonl (shards removed afterwards)."""
-    records = sorted((r for shard in sorted(run_dir.glob("records.rank*.jsonl")) for r in read_shard(shard)),
-                     key=lambda r: r["unit"])
+    """Merged and shard records in unit order, written to records.jsonl (shards removed afterwards)."""
+    records = sorted((r for shard in record_files(run_dir) for r in read_shard(shard)), key=lambda r: r["unit"])
     units = [r["unit"] for r in records]
     if len(set(units)) != len(units):
         raise SuiteError(f"{run_dir}: duplicate records for units; the results folder is damaged")

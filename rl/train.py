@@ -88,6 +88,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     unet, text_encoder = pipe.unet, pipe.text_encoder
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation
     params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
                       text_encoder=text_encoder if cfg.lora.text_encoder_rank else None,
                       text_rank=cfg.lora.text_encoder_rank or None)

@@ -195,7 +195,7 @@ def test_with_overrides(shipped: Battery) -> None:
     changed = shipped.with_overrides(images_per_prompt=2, guidance_scales=[7.5, 1], steps=3, seed=9)
     assert (changed.images_per_prompt, changed.steps, changed.seed) == (2, 3, 9)
     assert changed.guidance_scales == (1.0, 7.5)
-    assert changed.prompts() == shipped.prompts() and shipped.images_per_prompt == 16
+    assert changed.prompts() == shipped.prompts() and shipped.images_per_prompt == 12
     limited = shipped.with_overrides(limit_prompts=5)
     assert limited.prompts() == shipped.prompts()[:5]
     assert dict(limited.heldout) == {"occupation": ("teacher",)}

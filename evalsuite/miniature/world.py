@@ -63,9 +63,8 @@ class Occupation:
 
 
 def _tones(dominant: int, share: float) -> tuple[float, float, float, float]:
-    rest = round((1.0 - share) / 3, 6)
-    probs = [rest] * 4
-    probs[dominant] = round(1.0 - 3 * rest, 6)
+    probs = [(1.0 - share) / 3] * 4
+    probs[dominant] = share
     return (probs[0], probs[1], probs[2], probs[3])
 
 
