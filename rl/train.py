@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     start = 0
     ckpt_dir = out / "checkpoints"
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        _check_same_run(cfg, out / "config.json")
         start, extra = load_checkpoint(ckpt, params=trainable(), optimizer=optimizer)
         tracker.load_state_dict(extra["tracker"])
         _truncate_log(out / "log.jsonl", extra["log_lines"])
@@ -332,6 +333,24 @@ def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, to
                      for m in masks]
         row[f"{label}_dominant_share"] = round(float(np.mean(per_group)), 4)
     return row
+
+
+def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: everything but the epoch count, evaluation and
+    checkpoint cadence must match."""
+    if not saved.exists():
+        return
+
+    def essence(d: dict[str, Any]) -> dict[str, Any]:
+        d = json.loads(json.dumps(d))
+        for key in ("evaluation", "checkpoint_every", "keep_checkpoints"):
+            d.pop(key, None)
+        d.get("training", {}).pop("epochs", None)
+        return d
+
+    if essence(json.loads(saved.read_text())) != essence(cfg.to_dict()):
+        raise SuiteError(f"{saved.parent} holds checkpoints of a run with another configuration; "
+                         "choose another output_dir or delete its checkpoints/")
 
 
 def _truncate_log(path: Path, lines: int) -> None:

@@ -64,6 +64,7 @@ def test_a_resumed_run_reproduces_the_next_losses_exactly(tmp_path: Path) -> Non
     assert finetune(tmp_path / "whole", "training.epochs=3") == 0
     assert finetune(tmp_path / "cut", "training.epochs=2") == 0
     shutil.rmtree(tmp_path / "cut" / "adapter")
+    assert finetune(tmp_path / "cut", "training.epochs=3", "training.learning_rate=0.5") == 2  # not the same run
     assert finetune(tmp_path / "cut", "training.epochs=3") == 0  # resumes from the epoch-2 checkpoint
     whole, cut = log(tmp_path / "whole"), log(tmp_path / "cut")
     assert [r["epoch"] for r in cut] == [1, 2, 3]
