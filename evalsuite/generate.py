@@ -137,7 +137,7 @@ class PipelineGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
-        dtype = next(p for p in self.pipe.components.values() if isinstance(p, torch.nn.Module)).dtype
+        dtype: torch.dtype = next(p for p in self.pipe.components.values() if isinstance(p, torch.nn.Module)).dtype  # type: ignore[assignment]
         out: list[np.ndarray | None] = [None] * len(prompts)
         groups: dict[tuple[str, float], list[int]] = {}
         for i, key in enumerate(zip(prompts, scales)):

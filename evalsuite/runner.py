@@ -87,7 +87,7 @@ class Plan:
 
 
 def plan_units(battery: Battery, batch_size: int) -> Plan:
-    units = []
+    units: list[Unit] = []
     for pi, prompt in enumerate(battery.prompts()):
         for g in battery.guidance_scales:
             for ii in range(battery.images_per_prompt):

@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     unet, optimizer = acc.prepare(unet, optimizer)
 
-    def trainable() -> dict[str, torch.Tensor]:
+    def trainable() -> dict[str, Any]:
         return lora_named_parameters(acc.unwrap_model(unet), text_encoder if cfg.lora.text_encoder_rank else None)
 
     ctx = ClassifierContext(device=str(acc.device), miniature=model.is_miniature)
@@ -178,7 +178,7 @@ def _encode(pipe: Any, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_epoch(cfg: TrainConfig, pipe: Any, unet: torch.nn.Module, prompts: list[str], epoch: int,
+def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epoch: int,
                  rank: int) -> Batch:
     s = cfg.sampling
     rng = np.random.default_rng([cfg.seed, epoch, rank])

@@ -110,7 +110,8 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
                       "oracle_tone_acc": float((ot == tone_true).mean()),
                       "oracle_age_acc": float((oa == age_true).mean())}
 
-    rows, agree = [], {"tone": [], "age": []}
+    rows: list[dict[str, Any]] = []
+    agree: dict[str, list[bool]] = {"tone": [], "age": []}
     for k, name in enumerate(occupations):
         occ = OCCUPATIONS[name]
         for g in scales:

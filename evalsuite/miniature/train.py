@@ -168,7 +168,7 @@ def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: C
     """Epsilon-prediction training on VAE latents, conditioned on the frozen CLIP text tower's hidden
     states; captions are redrawn every step (including the empty caption for guidance). Returns the
     EMA weights."""
-    unet = new_unet(clip.config.text_config.hidden_size)
+    unet = new_unet(clip.text_model.config.hidden_size)
     ema = copy.deepcopy(unet).requires_grad_(False)
     mean, std = encode_latents(vae, data.images)
     scale = vae.config.scaling_factor
