@@ -28,7 +28,9 @@ from rl.rewards import KERNELS, REWARDS
 
 # Options each reward takes -> allowed values; the first value is the default.
 REWARD_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "diversity": {"kernel": tuple(KERNELS), "features": ("probs", "embedding"),
+    # diversity features: the reward classifier's class probabilities (an image-embedding variant needs a
+    # reference image set, not built yet)
+    "diversity": {"kernel": tuple(KERNELS), "features": ("probs",),
                   "reference": ("uniform", "target")},
     "balance": {"mode": ("kl", "entropy"), "reference": ("uniform", "target")},
     "alignment": {},
