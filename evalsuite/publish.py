@@ -22,6 +22,7 @@ import yaml
 
 from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.errors import SuiteError
+from evalsuite.store import check_output_target
 
 MARKER = ".evalsuite-publish"
 
@@ -72,14 +73,7 @@ def _rows(run: str) -> Iterator[dict[str, Any]]:
 
 
 def _check_target(out: Path) -> None:
-    for side in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")):
-        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not (side / MARKER).is_file()):
-            raise SuiteError(f"{side}: exists and is not a publish build folder; remove it first")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise SuiteError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise SuiteError(f"{out}: exists and does not hold a dataset published by evalsuite (no {MARKER} "
-                         "file); refusing to replace it: choose another --out or remove it")
+    check_output_target(out, MARKER, "published dataset")
 
 
 def publish_run(run: Path, out: Path, *, push_to_hub: str | None = None, token: str | None = None) -> Path:

@@ -226,7 +226,8 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     n_done = sum(len(plan.batches[b]) for b in done)
     if main and done:
         log.info("resuming %s: %d of %d images already made", run_dir, n_done, len(plan.units))
-    text_emb = {p.text: e for p, e in zip(battery.prompts(), embedder.embed_texts([p.text for p in battery.prompts()]))}
+    texts = [p.text for p in battery.prompts()]
+    text_emb = dict(zip(texts, embedder.embed_texts(texts)))
     generator = make_generator(loaded, battery.steps, compile=options.compile)
     shard = run_dir / f"records.rank{rank}.jsonl"
     bar = progress(len(plan.units), n_done, main and log.isEnabledFor(logging.INFO))

@@ -98,6 +98,19 @@ def save_battery(path: Path, battery: Battery) -> None:
 
 
 
+def check_output_target(out: Path, marker: str, what: str) -> None:
+    """Refuse an --out folder (or its `.partial` / `.old` siblings) that evalsuite did not write: only a
+    folder holding `marker` (a previous `what`) or an empty one may be replaced."""
+    for side in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")):
+        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not (side / marker).is_file()):
+            raise SuiteError(f"{side}: exists and is not a {what} build folder; remove it first")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SuiteError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise SuiteError(f"{out}: exists and does not hold an evalsuite {what} "
+                         f"(no {marker} file); refusing to replace it: choose another --out or remove it")
+
+
 def record_files(run_dir: Path) -> list[Path]:
     """records.jsonl (a finished run's merged records) and every process's shard."""
     merged = run_dir / "records.jsonl"

@@ -223,10 +223,11 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
     for r in cfg.rewards:
         opts = r.options_dict
         values = torch.zeros(len(batch.prompts), dtype=torch.float64)
+        if r.name == "diversity":
+            ref = _reference(attrs, opts.get("reference", "uniform"), 16 * max(len(a.classes) for a in attrs))
         for gid in batch.group.unique():
             m = batch.group == gid
             if r.name == "diversity":
-                ref = _reference(attrs, opts.get("reference", "uniform"), 16 * max(len(a.classes) for a in attrs))
                 values[m] = diversity_reward(feats[m], ref, kernel=opts.get("kernel", "rbf")).double()
             elif r.name == "balance":
                 values[m] = sum(balance_reward(p[m].double(), _target(a, opts.get("reference", "uniform")),

@@ -16,22 +16,13 @@ from evalsuite.dashboard import collapse, compare, compare_page, images, methods
 from evalsuite.dashboard.html import CSS, CSS_FILE, page
 from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.errors import SuiteError
+from evalsuite.store import check_output_target
 
 MARKER = ".evalsuite-dashboard"
 
 
 def _check_target(out: Path) -> None:
-    """Refuse an --out that is not ours to replace (also its `.partial` / `.old` siblings)."""
-    for side in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")):
-        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not (side / MARKER).is_file()):
-            raise SuiteError(f"{side}: exists and is not a dashboard build folder; remove it first")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise SuiteError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise SuiteError(
-            f"{out}: exists and does not hold an evalsuite dashboard (no {MARKER} file); "
-            "refusing to replace it: choose another --out or remove it"
-        )
+    check_output_target(out, MARKER, "dashboard")
 
 
 def _fresh(path: Path) -> None:
