@@ -5,7 +5,7 @@ The recipe is `rl.train`; its parts: `rl.config` (YAML config), `rl.sampling` an
 MDP), `rl.rewards` (set-level rewards with leave-one-out credit), `rl.advantages` (normalisation and the
 PPO surrogate), `rl.lora` (adapters and their export), `rl.checkpoint` (exact resume)."""
 
-from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore
+from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from rl.config import (
     REWARD_OPTIONS,
@@ -70,6 +70,7 @@ __all__ = [
     "mmd2_unbiased",
     "mmd_loo_credit",
     "poly3_kernel",
+    "pooled_group_scores",
     "rbf_kernel",
     "reference_from_target",
     "resolve_kernel",

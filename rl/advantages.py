@@ -5,6 +5,8 @@
   last ``buffer_size`` rewards; after adding the current batch, A = (r - mean) / (std + 1e-6) with the
   prompt's buffer statistics once it holds >= ``min_count`` values, else with the whole batch's.
 * :func:`group_zscore`: GRPO-style within-group z-scores (Shao et al., 2024).
+* :func:`pooled_group_scores`: rewards centred within their group and scaled by the batch's pooled
+  within-group spread (ours; see its docstring for why set-level rewards need it).
 * :func:`clipped_surrogate`: PPO's clipped objective (Schulman et al., 2017) with DDPO's advantage clip
   and diagnostics.
 """
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from evalsuite.errors import SuiteError
 
-__all__ = ["PerPromptStatTracker", "clipped_surrogate", "group_zscore"]
+__all__ = ["PerPromptStatTracker", "clipped_surrogate", "group_zscore", "pooled_group_scores"]
 
 
 class PerPromptStatTracker:
@@ -87,20 +89,40 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(vals, maxlen=buffer_size) for p, vals in buffers.items()}
 
 
-def group_zscore(rewards: Tensor, group_ids: Tensor, eps: float = 1e-8) -> Tensor:
-    """(r - group mean) / group std within each group (population std); groups with std <= eps get 0.
-
-    ``rewards`` and ``group_ids`` (integer labels) have shape (B,)."""
+def _group_centred(rewards: Tensor, group_ids: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(r - group mean, inverse group index, group sizes) for rewards and integer group ids of shape (B,)."""
     if rewards.ndim != 1 or group_ids.shape != rewards.shape:
         raise SuiteError(
-            f"group_zscore: need rewards (B,) and group_ids (B,), got {tuple(rewards.shape)} and "
+            f"{name}: need rewards (B,) and group_ids (B,), got {tuple(rewards.shape)} and "
             f"{tuple(group_ids.shape)}"
         )
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     n = counts.to(rewards.dtype)
     sums = torch.zeros(n.shape, dtype=rewards.dtype, device=rewards.device).index_add(0, inverse, rewards)
-    mean = (sums / n)[inverse]
-    centred = rewards - mean
+    return rewards - (sums / n)[inverse], inverse, n
+
+
+def pooled_group_scores(rewards: Tensor, group_ids: Tensor, eps: float = 1e-8) -> Tensor:
+    """(r - group mean) / s, with s = sqrt(sum of all squared deviations from the group means / B), the
+    batch's pooled within-group standard deviation; all zeros if s <= eps.
+
+    Why not per-group z-scores: a set-level reward of a fully collapsed group (every image the same
+    class) differs between images only by rounding-sized amounts. Dividing by that group's own tiny
+    standard deviation blows these up to advantages of size 1, a random signal that pushes the policy
+    toward whatever makes the classifier slightly less sure (degraded images). With the pooled scale a
+    collapsed group gets advantages near 0, and a group that holds a few minority images passes their
+    credit on at full strength. Groups are still centred on their own mean, so set rewards are only
+    compared inside their group."""
+    centred, _, _ = _group_centred(rewards, group_ids, "pooled_group_scores")
+    pooled = float((centred**2).mean().sqrt())
+    return centred / pooled if pooled > eps else torch.zeros_like(centred)
+
+
+def group_zscore(rewards: Tensor, group_ids: Tensor, eps: float = 1e-8) -> Tensor:
+    """(r - group mean) / group std within each group (population std); groups with std <= eps get 0.
+
+    ``rewards`` and ``group_ids`` (integer labels) have shape (B,)."""
+    centred, inverse, n = _group_centred(rewards, group_ids, "group_zscore")
     var = torch.zeros_like(n).index_add(0, inverse, centred**2) / n
     std = var.sqrt()[inverse]
     safe = torch.where(std > eps, std, torch.ones_like(std))

@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import train
 
         out = train(cfg, evaluate=not args.no_eval)
+        if (out / "eval" / "comparison.md").exists():
+            print((out / "eval" / "comparison.md").read_text())
         print(f"adapter and logs: {out}")
     except SuiteError as exc:
         print(f"rl: error: {exc}", file=sys.stderr)

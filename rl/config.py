@@ -73,6 +73,7 @@ class TrainingConfig:
     advantage: str
     tracker_buffer: int
     tracker_min_count: int
+    timestep_window: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,15 @@ class TrainConfig:
         return self.train_micro_batches_per_epoch // self.training.gradient_accumulation_steps
 
     @property
+    def window_timesteps(self) -> int:
+        """The first ceil(steps * timestep_window) denoising steps (the noisiest), from which trained
+        steps are drawn."""
+        return max(1, math.ceil(self.sampling.steps * self.training.timestep_window - 1e-9))
+
+    @property
     def train_timesteps(self) -> int:
-        """Denoising steps trained per sample: floor(steps * timestep_fraction), at least 1."""
-        return max(1, math.floor(self.sampling.steps * self.training.timestep_fraction + 1e-9))
+        """Denoising steps trained per sample: floor(window steps * timestep_fraction), at least 1."""
+        return max(1, math.floor(self.window_timesteps * self.training.timestep_fraction + 1e-9))
 
     def batch_arithmetic(self, num_processes: int) -> str:
         """A human explanation of how samples, batches and optimizer steps relate, for logs."""
@@ -163,7 +170,10 @@ class TrainConfig:
             f"sampling: {n} / {s.batch_size} = {self.sampling_batches_per_epoch} micro-batches per process",
             f"training: {n} / {t.batch_size} = {micro} micro-batches per process per inner epoch "
             f"({t.inner_epochs} inner epoch(s))",
-            f"timesteps trained per sample: floor({s.steps} x {frac:g}) = {t_per} of {s.steps}",
+            (f"timesteps trained per sample: floor({s.steps} x {frac:g}) = {t_per} of {s.steps}"
+             if t.timestep_window == 1.0 else
+             f"timesteps trained per sample: floor({self.window_timesteps} x {frac:g}) = {t_per} of the first "
+             f"{self.window_timesteps} (ceil({s.steps} x window {t.timestep_window:g})) of {s.steps}"),
             f"optimizer steps per epoch: {micro} / {accum} = {steps} per inner epoch, "
             f"{steps * t.inner_epochs} in all",
             f"effective batch per optimizer step: {p} x {t.batch_size} x {accum} = "
@@ -226,14 +236,15 @@ _SECTIONS: dict[str, dict[str, Checker]] = {
                  "gradient_accumulation_steps": _int(1), "learning_rate": _POSITIVE,
                  "weight_decay": _num("[0, inf)"), "max_grad_norm": _POSITIVE, "clip_range": _POSITIVE,
                  "adv_clip_max": _POSITIVE, "timestep_fraction": _num("(0, 1]"),
+                 "timestep_window": _num("(0, 1]"),
                  "mixed_precision": _precision, "gradient_checkpointing": _bool,
-                 "advantage": _choice("group", "tracker"),
+                 "advantage": _choice("pooled", "group", "tracker"),
                  "tracker_buffer": _int(1), "tracker_min_count": _int(1)},
     "lora": {"rank": _int(1), "alpha": _POSITIVE, "targets": _names, "text_encoder_rank": _int(0)},
     "evaluation": {"classifier": _text, "allow_same_classifier": _bool, "every": _int(0),
                    "images_per_prompt": _int(1), "guidance_scales": _scales, "steps": _int(1)},
 }
-_OPTIONAL = {"evaluation.allow_same_classifier": False}
+_OPTIONAL = {"evaluation.allow_same_classifier": False, "training.timestep_window": 1.0}
 _TOP: dict[str, Checker] = {
     "model": _text, "battery": _text, "output_dir": _text, "seed": _int(0), "reward_classifier": _text,
     "reward_attributes": _names, "validity_threshold": _num("[0, 1)"),

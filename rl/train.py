@@ -11,8 +11,10 @@ reward, reconstructed as the leave-one-out credit of an unbiased MMD² to a bala
 Choices made here (documented in rl/configs/miniature.yaml too):
 * Each group is G images of one prompt at one guidance scale drawn from the training schedule; the
   set rewards are computed inside the group.
-* Every reward component is z-scored within its group before weighting, so weights compare
-  components in units of their within-group spread (raw LOO credits are ~1e-3, CLIP cosines ~0.3).
+* Every reward component is centred within its group and divided by its pooled within-group spread
+  over the batch (`pooled_group_scores`) before weighting, so weights compare components in common
+  units (raw LOO credits are ~1e-3, CLIP cosines ~0.3) while a collapsed group, whose credits differ
+  only by rounding, contributes next to nothing instead of amplified noise.
 * Validity gating: an image whose reward-classifier confidence is below `validity_threshold` gets
   its group's lowest reward minus one, so degenerate images never pay.
 * Seeds of epoch e on process r derive from (seed, e, r) alone, so a resumed run draws exactly the
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,9 @@ from evalsuite.errors import SuiteError
 from evalsuite.generate import initial_noise, latent_shape, to_uint8
 from evalsuite.models import load_model
 
-from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore
+from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .compare import compare_runs, to_markdown
 from .config import TrainConfig
 from .lora import add_lora, lora_named_parameters, save_adapter
 from .rewards import alignment_reward, balance_reward, diversity_reward, drift_reward, reference_from_target
@@ -128,15 +132,19 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     # ------------------------------------------------------------ loop
     bar = tqdm(range(start, cfg.training.epochs), desc="rl", unit="epoch", disable=not acc.is_main_process)
     for epoch in bar:
+        t0 = time.perf_counter()
         batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
         rewards, parts, valid = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
-        if cfg.training.advantage == "group":
+        if cfg.training.advantage == "pooled":
+            adv = pooled_group_scores(rewards, batch.group)
+        elif cfg.training.advantage == "group":
             adv = group_zscore(rewards, batch.group)
         else:
             keys = [f"{p}|g={s:g}" for p, s in zip(batch.prompts, batch.scales.tolist())]
             adv = torch.from_numpy(tracker.update(keys, rewards.numpy())).float()
         stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
         row = log_row(epoch, batch, rewards, parts, valid, stats, reward_clf, monitor, attrs)
+        row["epoch_s"] = round(time.perf_counter() - t0, 2)  # sample + reward + update on this process
         if acc.is_main_process:
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -165,6 +173,11 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
                                metadata=_adapter_metadata(cfg))["dir"]
         if evaluate:
             _evaluate(cfg, battery, out / "eval" / "final", lora=adapter)
+            if (out / "eval" / "base" / "run.json").exists():
+                table = compare_runs(out / "eval" / "base", out / "eval" / "final", cfg.evaluation.classifier,
+                                     cfg.reward_attributes[0], cfg.reward_classifier)
+                (out / "eval" / "comparison.md").write_text(
+                    to_markdown(table, cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier))
     return out
 
 
@@ -220,7 +233,8 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
     base_emb = torch.from_numpy(embedder.embed_images(batch.base_images)) if batch.base_images is not None else None
     feats = torch.cat(probs, 1).double()
     parts: dict[str, torch.Tensor] = {}
-    for r in cfg.rewards:
+    active = [r for r in cfg.rewards if r.weight > 0]  # a zero weight switches a term off (drift: no base images)
+    for r in active:
         opts = r.options_dict
         values = torch.zeros(len(batch.prompts), dtype=torch.float64)
         if r.name == "diversity":
@@ -239,8 +253,8 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
                 values[m] = drift_reward(emb[m], base_emb[m]).double()
         parts[r.name] = values
     total = torch.zeros(len(batch.prompts), dtype=torch.float64)
-    for r in cfg.rewards:
-        total += r.weight * group_zscore(parts[r.name], batch.group)
+    for r in active:
+        total += r.weight * pooled_group_scores(parts[r.name], batch.group)
     for gid in batch.group.unique():
         m = batch.group == gid
         if (m & ~valid).any():
@@ -278,15 +292,14 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
                adv: torch.Tensor, epoch: int, rank: int) -> dict[str, float]:
     """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps."""
     t = cfg.training
-    n, steps = batch.log_probs.shape
-    k = cfg.train_timesteps
+    n, k, window = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
     uncond = _encode(pipe, [""]).detach()
     losses, kls, clips = [], [], []
     unet.train()
     for _ in range(t.inner_epochs):
         order = torch.randperm(n, generator=gen)
-        ts = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])[:, :k]
+        ts = torch.stack([torch.randperm(window, generator=gen) for _ in range(n)])[:, :k]
         for start in range(0, n, t.batch_size):
             idx = order[start:start + t.batch_size]
             with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0):
@@ -333,6 +346,10 @@ def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, to
         per_group = [np.bincount(out.probs[m].argmax(1), minlength=len(attrs[0].classes)).max() / max(m.sum(), 1)
                      for m in masks]
         row[f"{label}_dominant_share"] = round(float(np.mean(per_group)), 4)
+        scale_of = [float(batch.scales[batch.group == g][0]) for g in groups]
+        row[f"{label}_dominant_share_by_guidance"] = {
+            f"{s:g}": round(float(np.mean([d for d, g in zip(per_group, scale_of) if g == s])), 4)
+            for s in sorted(set(scale_of))}
     return row
 
 

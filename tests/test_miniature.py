@@ -37,6 +37,22 @@ def test_oracle_finds_no_person_in_a_blank_image() -> None:
     assert tone.tolist() == [-1, -1, -1] and age.tolist() == [-1, -1, -1]
 
 
+def test_blended_renders_keep_their_attributes_for_the_oracle() -> None:
+    """The classifier's generated-looking training images: colours move toward a neighbouring palette
+    entry, never past the midpoint, so the oracle (whose reading is the training target) still reads
+    the rendered attributes, while the pixels do change."""
+    from evalsuite.miniature.train import blend_colours, oracle_labels
+
+    portraits = sample_portraits(list(OCCUPATIONS) * 4, np.random.default_rng(3))
+    images = torch.from_numpy(render_batch(portraits)).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
+    tone = torch.tensor([TONE_NAMES.index(p.tone) for p in portraits])
+    age = torch.tensor([AGE_NAMES.index(p.age) for p in portraits])
+    blended = blend_colours(images, tone, age, torch.Generator().manual_seed(0), max_noise=0.0)
+    read_tone, read_age = oracle_labels(blended)
+    assert torch.equal(read_tone, tone) and torch.equal(read_age, age)
+    assert (blended - images).abs().amax((1, 2, 3)).min() > 0  # every image was changed
+
+
 def test_sampled_attributes_follow_the_documented_skew() -> None:
     rng = np.random.default_rng(2)
     n = 4000

@@ -50,13 +50,13 @@ def problems(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
 def test_shipped_miniature_config_loads() -> None:
     cfg = load_config(MINIATURE)
     assert (cfg.model, cfg.battery, cfg.seed) == ("miniature", "prompts/occupations.yaml", 0)
-    assert cfg.sampling.guidance_scales == (7.5,) and cfg.sampling.eta == 1.0
-    assert cfg.training.mixed_precision == "no" and cfg.training.advantage == "group"
+    assert cfg.sampling.guidance_scales == (1.0, 3.0, 7.5) and cfg.sampling.eta == 1.0
+    assert cfg.training.mixed_precision == "no" and cfg.training.advantage == "pooled"
     assert cfg.lora.targets == ("to_q", "to_k", "to_v", "to_out.0")
     assert [r.name for r in cfg.rewards] == ["diversity", "alignment", "drift"]
     assert cfg.rewards[0].options_dict == {"kernel": "rbf", "features": "probs", "reference": "uniform"}
-    assert cfg.rewards[1] == RewardConfig("alignment", 0.2, ())
-    assert cfg.rewards[2].options_dict == {"features": "embedding"}
+    assert cfg.rewards[1] == RewardConfig("alignment", 0.1, ())
+    assert cfg.rewards[2].options_dict == {"features": "embedding"} and cfg.rewards[2].weight == 0.0
     assert cfg.reward_attributes == ("skin_tone",)
     assert (cfg.reward_classifier, cfg.evaluation.classifier) == ("miniature", "oracle")
     assert cfg.evaluation.guidance_scales == (1.0, 3.0, 7.5, 12.0)
@@ -81,20 +81,22 @@ def test_shipped_sd15_config_loads() -> None:
 def test_batch_arithmetic_of_the_miniature_config() -> None:
     cfg = load_config(MINIATURE)
     # By hand: 4 prompts x 32 images = 128 samples per process; sampling 128 / 32 = 4 batches;
-    # training 128 / 16 = 8 micro-batches; 8 / 2 accumulation = 4 optimizer steps per inner epoch;
-    # floor(20 steps x 0.5) = 10 timesteps per sample; one optimizer step = 16 x 2 = 32 samples
-    # x 10 timesteps = 320 terms. With 2 processes: 256 samples, 8 groups, 640 terms per step.
+    # training 128 / 16 = 8 micro-batches; 8 / 1 accumulation = 8 optimizer steps per inner epoch;
+    # the first ceil(20 x 0.5) = 10 steps, floor(10 x 1.0) = 10 of them per sample; one optimizer
+    # step = 16 x 1 = 16 samples x 10 timesteps = 160 terms. With 2 processes: 256 samples, 8 groups,
+    # 320 terms per step.
     assert cfg.samples_per_epoch_per_process == 128
     assert cfg.sampling_batches_per_epoch == 4
     assert cfg.train_micro_batches_per_epoch == 8
-    assert cfg.optimizer_steps_per_epoch == 4
-    assert cfg.train_timesteps == 10
+    assert cfg.optimizer_steps_per_epoch == 8
+    assert (cfg.window_timesteps, cfg.train_timesteps) == (10, 10)
     one = cfg.batch_arithmetic(1)
     assert "= 128 (4 groups of 32" in one and "= 4 micro-batches" in one and "= 8 micro-batches" in one
-    assert "floor(20 x 0.5) = 10 of 20" in one and "= 4 per inner epoch" in one
-    assert "= 32 samples x 10 timesteps = 320 log-prob terms" in one
+    assert "floor(10 x 1) = 10 of the first 10 (ceil(20 x window 0.5)) of 20" in one
+    assert "= 8 per inner epoch" in one
+    assert "= 16 samples x 10 timesteps = 160 log-prob terms" in one
     two = cfg.batch_arithmetic(2)
-    assert "= 256 (8 groups of 32" in two and "= 64 samples x 10 timesteps = 640" in two
+    assert "= 256 (8 groups of 32" in two and "= 32 samples x 10 timesteps = 320" in two
     with pytest.raises(Exception, match="num_processes"):
         cfg.batch_arithmetic(0)
 
@@ -104,6 +106,19 @@ def test_train_timesteps_is_at_least_one() -> None:
     assert cfg.train_timesteps == 1
     cfg = load_config(MINIATURE, ["sampling.steps=50", "training.timestep_fraction=0.58"])
     assert cfg.train_timesteps == 29  # 50 x 0.58 is 28.999999999999996 in floating point
+
+
+def test_timestep_window_draws_trained_steps_from_the_noisiest_part() -> None:
+    cfg = load_config(MINIATURE, ["sampling.steps=20", "training.timestep_window=0.5",
+                                  "training.timestep_fraction=0.5"])
+    # by hand: the first ceil(20 x 0.5) = 10 steps are candidates; floor(10 x 0.5) = 5 of them are trained
+    assert (cfg.window_timesteps, cfg.train_timesteps) == (10, 5)
+    assert "floor(10 x 0.5) = 5 of the first 10 (ceil(20 x window 0.5)) of 20" in cfg.batch_arithmetic(1)
+    cfg = load_config(MINIATURE, ["sampling.steps=7", "training.timestep_window=0.3",
+                                  "training.timestep_fraction=1.0"])
+    assert (cfg.window_timesteps, cfg.train_timesteps) == (3, 3)  # ceil(2.1) = 3
+    with pytest.raises(ConfigError, match="timestep_window"):
+        load_config(MINIATURE, ["training.timestep_window=0"])
 
 
 def test_many_problems_are_reported_at_once(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from rl import (
     median_bandwidth,
     mmd2_unbiased,
     mmd_loo_credit,
+    pooled_group_scores,
     rbf_kernel,
     reference_from_target,
 )
@@ -291,6 +292,18 @@ def test_group_zscore() -> None:
     z = group_zscore(rewards, torch.tensor([0, 0, 1, 1, 2]))
     # group 0: mean 2, population std 1 -> -1, 1; group 1 and the singleton group 2: std 0 -> 0
     assert z.tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def test_pooled_group_scores_hand_computed() -> None:
+    # group 0 deviates by -1, +1; group 1 is nearly collapsed (deviations -1e-6, +1e-6);
+    # pooled std = sqrt((1 + 1 + 1e-12 + 1e-12) / 4) = sqrt(0.5) to 12 digits
+    rewards = torch.tensor([1.0, 3.0, 5.0 - 1e-6, 5.0 + 1e-6], dtype=torch.float64)
+    scores = pooled_group_scores(rewards, torch.tensor([0, 0, 1, 1]))
+    s = math.sqrt(0.5)
+    assert scores.tolist() == pytest.approx([-1 / s, 1 / s, -1e-6 / s, 1e-6 / s], abs=1e-11)
+    # per-group z-scores blow the tiny deviations up to -1, +1
+    assert group_zscore(rewards, torch.tensor([0, 0, 1, 1]))[2:].tolist() == pytest.approx([-1.0, 1.0])
+    assert torch.equal(pooled_group_scores(torch.full((4,), 2.0), torch.tensor([0, 0, 1, 1])), torch.zeros(4))
 
 
 def test_clipped_surrogate_hand_computed() -> None:

@@ -36,7 +36,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextM
 from .captions import vocabulary
 from .classifier import load_classifier, save_classifier
 from .tokenizer import build_tokenizer
-from .train import MiniData, train_classifier, train_clip, train_unet, train_vae
+from .train import MiniData, cpu_has_bf16, train_classifier, train_clip, train_unet, train_vae
 from .world import OCCUPATIONS
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ class BuildConfig:
     per_occupation: int = 600
     clip_steps: int = 600
     vae_steps: int = 900
-    unet_steps: int = 2200
-    classifier_steps: int = 400
+    unet_steps: int = 2500
+    classifier_steps: int = 500
 
     @classmethod
     def quick(cls, seed: int = 0) -> BuildConfig:
@@ -108,10 +108,11 @@ def build_world(out: Path, config: BuildConfig = BuildConfig(), threads: int | N
 
     clip = stage("clip", 1, lambda rng: train_clip(data, tokenizer, config.clip_steps, rng),
                  lambda f: CLIPModel.from_pretrained(f).eval(), save_pretrained)
-    vae = stage("vae", 2, lambda rng: train_vae(data, config.vae_steps, rng),
+    bf16 = cpu_has_bf16()
+    vae = stage("vae", 2, lambda rng: train_vae(data, config.vae_steps, rng, bf16=bf16),
                 lambda f: AutoencoderKL.from_pretrained(f).eval(), save_pretrained)
     unet = stage("unet", 3, lambda rng: train_unet(data, vae, clip, tokenizer, DDPMScheduler(**BETAS),
-                                                   config.unet_steps, rng),
+                                                   config.unet_steps, rng, bf16=bf16),
                  lambda f: UNet2DConditionModel.from_pretrained(f).eval(), save_pretrained)
     net = stage("classifier", 4, lambda rng: train_classifier(data, vae, config.classifier_steps, rng),
                 load_classifier, save_classifier)
@@ -139,7 +140,7 @@ def build_world(out: Path, config: BuildConfig = BuildConfig(), threads: int | N
 
     t1 = time.perf_counter()
     quick = config.unet_steps < 100
-    measure_confusion(final, n_per=2 if quick else 24, steps=2 if quick else 20,
+    measure_confusion(final, n_per=2 if quick else 16, steps=2 if quick else 20,
                       occupations=("doctor", "nurse") if quick else tuple(OCCUPATIONS))
     timings["confusion"] = round(time.perf_counter() - t1, 1)
     trained_here.append("confusion")
@@ -154,6 +155,7 @@ def build_world(out: Path, config: BuildConfig = BuildConfig(), threads: int | N
         "total_s": round(sum(timings.values()) + time.perf_counter() - t0 - sum(timings[k] for k in trained_here), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),
+        "vae_and_unet_autocast": "bfloat16" if bf16 else "float32",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }

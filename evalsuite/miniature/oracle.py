@@ -18,7 +18,7 @@ from .world import AGES, BACKGROUNDS, BADGES, CLOTHING, SKIN_TONES
 _SKIN = list(SKIN_TONES.values())
 _HAIR = list(AGES.values())
 _OTHER = list(BACKGROUNDS) + list(CLOTHING) + list(BADGES) + list(HATS.values()) + [EYES, MOUTH]
-_PALETTE = np.asarray(_SKIN + _HAIR + _OTHER, dtype=np.float32)  # (P, 3)
+PALETTE = np.asarray(_SKIN + _HAIR + _OTHER, dtype=np.float32)  # (P, 3): every colour a render uses
 MIN_SKIN_PIXELS = 12
 MIN_HAIR_PIXELS = 6
 
@@ -28,8 +28,11 @@ def read_attributes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Labels index `world.TONE_NAMES` and `world.AGE_NAMES`.
     """
-    x = images.reshape(len(images), -1, 1, 3).astype(np.float32)
-    nearest = np.argmin(((x - _PALETTE) ** 2).sum(-1), axis=-1)  # (n, pixels)
+    # in chunks: the (images, pixels, palette, 3) difference array takes 400 kB per 32x32 image
+    nearest = np.concatenate([
+        np.argmin(((images[i:i + 256].reshape(-1, images[0].size // 3, 1, 3).astype(np.float32) - PALETTE) ** 2)
+                  .sum(-1), axis=-1)
+        for i in range(0, len(images), 256)]) if len(images) else np.zeros((0, 0), dtype=np.int64)  # (n, pixels)
     counts = np.stack([(nearest == k).sum(1) for k in range(len(_SKIN) + len(_HAIR))], axis=1)
     skin, hair = counts[:, : len(_SKIN)], counts[:, len(_SKIN):]
     person = (skin.sum(1) >= MIN_SKIN_PIXELS) & (hair.sum(1) >= MIN_HAIR_PIXELS)

@@ -45,11 +45,12 @@ def _generator(world: Path, steps: int) -> Any:
     from diffusers import StableDiffusionPipeline
 
     from ..generate import BatchedGenerator
-    from ..models import LoadedModel
+    from ..models import LoadedModel, use_math_attention
 
     pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    use_math_attention(pipe.unet)
     loaded = LoadedModel(pipe=pipe, model_id="miniature", revision=None, is_miniature=True, dtype="float32",
                          device="cpu")
     return BatchedGenerator(loaded, steps=steps)

@@ -22,8 +22,10 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, C
 
 from .captions import sample_captions
 from .classifier import AttributeNet
+from .oracle import PALETTE as ORACLE_PALETTE
+from .oracle import read_attributes
 from .render import Portrait, render_batch, sample_portraits
-from .world import AGE_NAMES, OCCUPATIONS, TONE_NAMES
+from .world import AGE_NAMES, AGES, OCCUPATIONS, SKIN_TONES, TONE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +121,18 @@ def new_vae() -> AutoencoderKL:
 
 
 def train_vae(data: MiniData, steps: int, rng: np.random.Generator, batch: int = 64,
-              lr: float = 2e-3, kl_weight: float = 1e-6) -> AutoencoderKL:
+              lr: float = 2e-3, kl_weight: float = 1e-6, bf16: bool = False) -> AutoencoderKL:
+    """Reconstruction plus a small KL term. `bf16`: forward passes under bfloat16 autocast (see
+    `train_unet`)."""
     vae = new_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     bar = _bar(steps, "vae")
     for step, idx in enumerate(data.batches(batch, steps, rng)):
         x = data.images[idx]
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec.float(), x) + kl_weight * post.kl().float().mean()
         _cosine_lr(opt, step, steps, lr)
         opt.zero_grad()
         loss.backward()
@@ -164,11 +169,15 @@ def new_unet(cross_dim: int = 64) -> UNet2DConditionModel:
 
 def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: CLIPTokenizer,
                noise_scheduler: DDPMScheduler, steps: int, rng: np.random.Generator, batch: int = 128,
-               lr: float = 1e-3, ema_decay: float = 0.999) -> UNet2DConditionModel:
+               lr: float = 1e-3, ema_decay: float = 0.999, bf16: bool = False) -> UNet2DConditionModel:
     """Epsilon-prediction training on VAE latents, conditioned on the frozen CLIP text tower's hidden
     states; captions are redrawn every step (including the empty caption for guidance). Returns the
-    EMA weights."""
+    EMA weights. `bf16` runs the forward pass under bfloat16 autocast (weights, optimiser and loss stay
+    float32); use it only where the CPU has native bfloat16 (`cpu_has_bf16`)."""
+    from ..models import use_math_attention
+
     unet = new_unet(clip.text_model.config.hidden_size)
+    use_math_attention(unet)
     ema = copy.deepcopy(unet).requires_grad_(False)
     mean, std = encode_latents(vae, data.images)
     scale = vae.config.scaling_factor
@@ -193,7 +202,9 @@ def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: C
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train, (len(idx),), generator=gen)
         xt = noise_scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(xt, t, cond).sample, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred.float(), noise)
         _cosine_lr(opt, step, steps, lr, warmup=100)
         opt.zero_grad()
         loss.backward()
@@ -206,28 +217,101 @@ def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: C
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
+    ema.set_default_attn_processor()  # saved and shipped with diffusers' default attention
     return ema.eval()
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere autocast to
+    bfloat16 is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 # ---------------------------------------------------------------- classifier
 
 
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _palette(colours: dict[str, tuple[int, int, int]]) -> torch.Tensor:
+    return torch.tensor(list(colours.values()), dtype=torch.float32) / 127.5 - 1
+
+
+def _safe_blend(colours: dict[str, tuple[int, int, int]], margin: float = 0.9) -> torch.Tensor:
+    """(K, K) table: how far (as a fraction of the way) colour i may move toward colour j while the
+    oracle's nearest-palette reading stays i, times `margin`."""
+    names = list(colours)
+    rgb = np.asarray(list(colours.values()), dtype=np.float32)
+    own_index = [int(np.argmin(((ORACLE_PALETTE - c) ** 2).sum(1))) for c in rgb]
+    fractions = np.linspace(0, 1, 201, dtype=np.float32)
+    table = torch.zeros(len(names), len(names))
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if i != j:
+                path = rgb[i] + fractions[:, None] * (rgb[j] - rgb[i])
+                nearest = np.argmin(((path[:, None] - ORACLE_PALETTE[None]) ** 2).sum(-1), axis=1)
+                table[i, j] = margin * float(fractions[np.argmax(nearest != own_index[i])])
+    return table
+
+
+def blend_colours(images: torch.Tensor, tone: torch.Tensor, age: torch.Tensor, gen: torch.Generator,
+                  max_noise: float = 0.08) -> torch.Tensor:
+    """Renders made to look like generated images, whose skin and hair colours fall between palette
+    entries: each face moves a random part of the way to an adjacent skin tone, the hair likewise
+    toward the other hair colour, at most 90 % of the way to where the oracle's nearest-palette reading
+    would change (`_safe_blend`); every pixel then gets Gaussian noise (standard deviation up to
+    `max_noise`, in [-1, 1] units). Labels for the result are read by the oracle."""
+    skin, hair = _palette(SKIN_TONES), _palette(AGES)
+    n = len(images)
+    out = images.clone()
+    step = torch.where(torch.rand(n, generator=gen) < 0.5, -1, 1)
+    neighbour = torch.where(tone == 0, 1, torch.where(tone == len(skin) - 1, len(skin) - 2, tone + step))
+    for pal, limit, own, other in ((skin, _safe_blend(SKIN_TONES), tone, neighbour),
+                                   (hair, _safe_blend(AGES), age, 1 - age)):
+        mask = (images - pal[own][:, :, None, None]).abs().amax(1, keepdim=True) < 1e-3
+        shift = (pal[other] - pal[own]) * (torch.rand(n, generator=gen) * limit[own, other])[:, None]
+        out = out + mask * shift[:, :, None, None]
+    sigma = torch.rand(n, 1, 1, 1, generator=gen) * max_noise
+    return (out + sigma * torch.randn(out.shape, generator=gen)).clamp(-1, 1)
+
+
+def oracle_labels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's tone and age reading of images in [-1, 1] (-1 where it finds no person)."""
+    tone, age = read_attributes(_uint8(images))
+    return torch.from_numpy(tone), torch.from_numpy(age)
+
+
 def train_classifier(data: MiniData, vae: AutoencoderKL, steps: int, rng: np.random.Generator,
                      batch: int = 128, lr: float = 3e-3) -> AttributeNet:
-    """Supervised tone/age classifier on renders and their VAE reconstructions (half each), so it reads
-    decoded images as well as clean ones."""
+    """Supervised tone/age classifier. Each batch is half renders with fresh colour blending and noise
+    (`blend_colours`), half VAE reconstructions of one fixed blended copy of the data, so it reads
+    clean, decoded and generated-looking images alike. Targets are the oracle's reading of the very
+    image the classifier sees, so the classifier learns the oracle's decision rule (the truth the
+    suite measures against), including on colours between palette entries."""
     net = AttributeNet()
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(data.images[i:i + 512]).latent_dist.mean).sample
-                           for i in range(0, len(data.images), 512)]).clamp(-1, 1)
+        blended = blend_colours(data.images, data.tone, data.age, gen)
+        recon = torch.cat([vae.decode(vae.encode(blended[i:i + 512]).latent_dist.mean).sample
+                           for i in range(0, len(blended), 512)]).clamp(-1, 1)
+    recon_tone, recon_age = oracle_labels(recon)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     bar = _bar(steps, "classifier")
     for step, idx in enumerate(data.batches(batch, steps, rng)):
         half = len(idx) // 2
-        x = torch.cat([data.images[idx[:half]], recon[idx[half:]]])
-        x = x + 0.03 * torch.randn_like(x)
+        it, ir = torch.from_numpy(idx[:half]), torch.from_numpy(idx[half:])
+        fresh = blend_colours(data.images[it], data.tone[it], data.age[it], gen)
+        fresh_tone, fresh_age = oracle_labels(fresh)
+        x = torch.cat([fresh, recon[ir]])
+        tone = torch.cat([fresh_tone, recon_tone[ir]])
+        age = torch.cat([fresh_age, recon_age[ir]])
         tone_logits, age_logits = net(x)
-        loss = F.cross_entropy(tone_logits, data.tone[idx]) + F.cross_entropy(age_logits, data.age[idx])
+        loss = (F.cross_entropy(tone_logits, tone, ignore_index=-1)
+                + F.cross_entropy(age_logits, age, ignore_index=-1))
         _cosine_lr(opt, step, steps, lr)
         opt.zero_grad()
         loss.backward()
