@@ -104,7 +104,8 @@ def test_batch_arithmetic_of_the_miniature_config() -> None:
 def test_train_timesteps_is_at_least_one() -> None:
     cfg = load_config(MINIATURE, ["training.timestep_fraction=0.01"])
     assert cfg.train_timesteps == 1
-    cfg = load_config(MINIATURE, ["sampling.steps=50", "training.timestep_fraction=0.58"])
+    cfg = load_config(MINIATURE, ["sampling.steps=50", "training.timestep_window=1.0",
+                                  "training.timestep_fraction=0.58"])
     assert cfg.train_timesteps == 29  # 50 x 0.58 is 28.999999999999996 in floating point
 
 
