@@ -129,11 +129,9 @@ def main() -> None:
         r[f"{name}_max_abs_diff_u8"], r[f"{name}_mean_abs_diff_u8"] = int(diff.max()), round(float(diff.mean()), 4)
         r[f"{name}_psnr_db"] = round(10 * np.log10(255**2 / mse), 2) if mse > 0 else float("inf")
         print(json.dumps(r), flush=True)
-        if a.out:
+        if a.out:  # after every variant, so a run cut short keeps what it measured
             a.out.write_text(json.dumps(r, indent=1))
     print(json.dumps(r, indent=1), flush=True)
-    if a.out:
-        a.out.write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":

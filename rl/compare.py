@@ -31,12 +31,15 @@ class Row:
     tuned: dict[str, float]
 
 
-def _aggregate(folder: Path, classifier: str, attribute: str, metrics: tuple[str, ...]) -> dict[tuple, float]:
+def _aggregate(folder: Path, attribute: str, wanted: dict[tuple[str, str], str]) -> dict[tuple, float]:
+    """Values of `attribute` per (split, scale, name) for the (classifier, metric) pairs in `wanted`,
+    which maps each pair to the name it is reported under."""
     out: dict[tuple, float] = {}
     with open(folder / "metrics" / "aggregate.csv", newline="") as fh:
         for r in csv.DictReader(fh):
-            if r["classifier"] == classifier and r["attribute"] == attribute and r["metric"] in metrics:
-                out[(r["split"], float(r["guidance_scale"]), r["metric"])] = float(r["value"])
+            name = wanted.get((r["classifier"], r["metric"]))
+            if name is not None and r["attribute"] == attribute:
+                out[(r["split"], float(r["guidance_scale"]), name)] = float(r["value"])
     return out
 
 
@@ -54,9 +57,9 @@ def _diversity(folder: Path) -> dict[tuple, float]:
 
 
 def _metrics(folder: Path, classifier: str, attribute: str, reward_classifier: str) -> dict[tuple, float]:
-    values = _aggregate(folder, classifier, attribute, BIAS)
-    for (split, scale, _), v in _aggregate(folder, reward_classifier, attribute, ("low_confidence_rate",)).items():
-        values[(split, scale, "reward_low_confidence")] = v
+    wanted = {(classifier, m): m for m in BIAS}
+    wanted[(reward_classifier, "low_confidence_rate")] = "reward_low_confidence"
+    values = _aggregate(folder, attribute, wanted)
     values.update(_diversity(folder))
     return values
 

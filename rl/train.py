@@ -328,6 +328,7 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
 def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, torch.Tensor], valid: torch.Tensor,
             stats: dict[str, float], clf: Any, monitor: Any, attrs: list[Any]) -> dict[str, Any]:
     groups = batch.group.unique()
+    scale_of = [float(batch.scales[batch.group == g][0]) for g in groups]
     row: dict[str, Any] = {"epoch": epoch + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                            "within_group_std": float(np.mean([float(rewards[batch.group == g].std()) for g in groups])),
                            "valid_rate": float(valid.float().mean()), **stats,
@@ -346,7 +347,6 @@ def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, to
         per_group = [np.bincount(out.probs[m].argmax(1), minlength=len(attrs[0].classes)).max() / max(m.sum(), 1)
                      for m in masks]
         row[f"{label}_dominant_share"] = round(float(np.mean(per_group)), 4)
-        scale_of = [float(batch.scales[batch.group == g][0]) for g in groups]
         row[f"{label}_dominant_share_by_guidance"] = {
             f"{s:g}": round(float(np.mean([d for d, g in zip(per_group, scale_of) if g == s])), 4)
             for s in sorted(set(scale_of))}

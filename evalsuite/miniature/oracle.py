@@ -28,11 +28,10 @@ def read_attributes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Labels index `world.TONE_NAMES` and `world.AGE_NAMES`.
     """
-    # in chunks: the (images, pixels, palette, 3) difference array takes 400 kB per 32x32 image
-    nearest = np.concatenate([
-        np.argmin(((images[i:i + 256].reshape(-1, images[0].size // 3, 1, 3).astype(np.float32) - PALETTE) ** 2)
-                  .sum(-1), axis=-1)
-        for i in range(0, len(images), 256)]) if len(images) else np.zeros((0, 0), dtype=np.int64)  # (n, pixels)
+    pixels = images.reshape(len(images), -1, 1, 3)
+    nearest = np.zeros(pixels.shape[:2], dtype=np.int64)  # (n, pixels): index into PALETTE
+    for i in range(0, len(images), 256):  # chunks: the difference array takes 400 kB per 32x32 image
+        nearest[i:i + 256] = np.argmin(((pixels[i:i + 256].astype(np.float32) - PALETTE) ** 2).sum(-1), axis=-1)
     counts = np.stack([(nearest == k).sum(1) for k in range(len(_SKIN) + len(_HAIR))], axis=1)
     skin, hair = counts[:, : len(_SKIN)], counts[:, len(_SKIN):]
     person = (skin.sum(1) >= MIN_SKIN_PIXELS) & (hair.sum(1) >= MIN_HAIR_PIXELS)

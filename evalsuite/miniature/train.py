@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
+from ..generate import to_uint8
 from .captions import sample_captions
 from .classifier import AttributeNet
 from .oracle import PALETTE as ORACLE_PALETTE
@@ -233,10 +234,6 @@ def cpu_has_bf16() -> bool:
 # ---------------------------------------------------------------- classifier
 
 
-def _uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def _palette(colours: dict[str, tuple[int, int, int]]) -> torch.Tensor:
     return torch.tensor(list(colours.values()), dtype=torch.float32) / 127.5 - 1
 
@@ -281,7 +278,7 @@ def blend_colours(images: torch.Tensor, tone: torch.Tensor, age: torch.Tensor, g
 
 def oracle_labels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle's tone and age reading of images in [-1, 1] (-1 where it finds no person)."""
-    tone, age = read_attributes(_uint8(images))
+    tone, age = read_attributes(to_uint8(images))
     return torch.from_numpy(tone), torch.from_numpy(age)
 
 
