@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evalsuite import models
 from evalsuite.generate import BatchedGenerator, initial_noise, latent_shape, unit_seed
 from evalsuite.miniature import OCCUPATIONS
 from evalsuite.models import DTYPES, LoadedModel, load_model
@@ -96,6 +97,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="the runner's batch size")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--compile", action="store_true", help="also time the runner with torch.compile")
+    ap.add_argument("--no-eager", action="store_true", help="with --compile: time only the compiled runner")
+    ap.add_argument("--attention", default="", help="the runner's attention kernel priority on a GPU, e.g. "
+                    "CUDNN_ATTENTION,FLASH_ATTENTION (evalsuite.models.CUDA_ATTENTION_ORDER); default: as shipped")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,7 +119,11 @@ def main() -> None:
     ref, t_plain = plain(model, work, steps)
     r["plain_img_s"] = round(n / t_plain, 3)
     print(json.dumps(r), flush=True)
-    variants = [("runner", False)] + ([("runner_compiled", True)] if a.compile else [])
+    if a.attention:
+        models.CUDA_ATTENTION_ORDER = tuple(a.attention.split(","))
+    r["attention_order"] = list(models.CUDA_ATTENTION_ORDER or ()) or "pytorch"
+    variants = [] if a.compile and a.no_eager else [("runner", False)]
+    variants += [("runner_compiled", True)] if a.compile else []
     for name, compiled in variants:
         gen = BatchedGenerator(model, steps, compile=compiled)
         t0 = time.perf_counter()

@@ -239,7 +239,9 @@ def aggregate_metrics(groups: pd.DataFrame, records: Sequence[Mapping[str, Any]]
 def diversity_metrics(records: Sequence[Mapping[str, Any]], threshold: float = 0.95) -> pd.DataFrame:
     """metrics/diversity.csv: per (prompt, scale) vendi (q=1, cosine), mean_pairwise_cosine,
     near_duplicate_rate (cos > ``threshold``), clip_score (mean, t-interval) and clip_score_std (ddof 1),
-    over every image of the group whatever its status; ``n`` = images with an embedding (a clip score)."""
+    over every image of the group whatever its status; ``n`` = images with an embedding (a clip score).
+    Where records carry ``oracle_hat`` (miniature runs of prompts with an ``occupation`` slot), also
+    on_prompt_rate: the share of images wearing the occupation's hat (``n`` = images read)."""
     rows: list[Row] = []
     for (pi, scale), idx in _groups(records).items():
         group = [records[i] for i in idx]
@@ -254,6 +256,10 @@ def diversity_metrics(records: Sequence[Mapping[str, Any]], threshold: float = 0
         std = float(clip.std(ddof=1)) if clip.size > 1 else NAN
         rows += [(*head, "clip_score", *t_interval(clip), clip.size),
                  (*head, "clip_score_std", std, NAN, NAN, clip.size)]
+        hats = [r["oracle_hat"] for r in group if r.get("oracle_hat")]
+        if hats:  # miniature runs: the oracle's reading of the occupation's hat
+            rows.append((*head, "on_prompt_rate", mx.on_prompt_rate([h["read"] for h in hats], hats[0]["wanted"]),
+                         NAN, NAN, len(hats)))
     return pd.DataFrame(rows, columns=DIVERSITY_COLUMNS)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .models import LoadedModel
+from .models import LoadedModel, attention_order
 
 
 def unit_seed(battery_name: str, prompt: str, image_index: int) -> int:
@@ -75,6 +75,8 @@ class BatchedGenerator:
         self.unet = self.pipe.unet
         self.decoder = self.pipe.vae.decode
         self.fixed_batch: int | None = None  # compiled graphs want one shape: pad to the first batch size
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # batches have one shape: let cuDNN time its conv kernels
         if compile:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.vae.to(memory_format=torch.channels_last)
@@ -115,14 +117,15 @@ class BatchedGenerator:
         sched.set_timesteps(self.steps, device=self.device)
         latents = initial_noise(seeds, self.shape).to(self.device, self.dtype) * sched.init_noise_sigma
         step_kwargs = {"eta": self.eta} if "eta" in sched.step.__code__.co_varnames else {}
-        for t in sched.timesteps:
-            x = sched.scale_model_input(torch.cat([latents[with_u], latents]), t)
-            out = self.unet(x, t, encoder_hidden_states=emb).sample
-            eps_u, eps_c = out[:n_u][guided[with_u]], out[n_u:]
-            eps = eps_c.clone()
-            eps[guided] = eps_u + g[guided] * (eps_c[guided] - eps_u)
-            latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
-        images = self.decoder(latents / self.pipe.vae.config.scaling_factor).sample
+        with attention_order(self.device):
+            for t in sched.timesteps:
+                x = sched.scale_model_input(torch.cat([latents[with_u], latents]), t)
+                out = self.unet(x, t, encoder_hidden_states=emb).sample
+                eps_u, eps_c = out[:n_u][guided[with_u]], out[n_u:]
+                eps = eps_c.clone()
+                eps[guided] = eps_u + g[guided] * (eps_c[guided] - eps_u)
+                latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
+            images = self.decoder(latents / self.pipe.vae.config.scaling_factor).sample
         return to_uint8(images[:n])
 
 

@@ -6,8 +6,10 @@ SD3, ...), with safetensors only and never remote code. The miniature model is t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,36 @@ def use_math_attention(unet: Any) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
     unet.set_attn_processor(AttnProcessor())
+
+
+# Order in which PyTorch's fused attention kernels are tried on a GPU (the first that supports the call
+# runs; none is switched off). None keeps PyTorch's own order. Measured on an H200 with Stable
+# Diffusion 1.5's shapes (heads 40 wide, 4,096 tokens) by bench/attention.py: see bench/README.md.
+CUDA_ATTENTION_ORDER: tuple[str, ...] | None = None
+
+
+@contextlib.contextmanager
+def attention_order(device: str | torch.device, order: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Within the block, try PyTorch's fused attention kernels in `order` (names of
+    `torch.nn.attention.SDPBackend`, default `CUDA_ATTENTION_ORDER`) on a CUDA device.
+
+    Only the priority changes: every kernel stays enabled, so a call that the first kernel cannot
+    run falls through to the next. On a CPU, or with no order, the block runs unchanged.
+    """
+    order = CUDA_ATTENTION_ORDER if order is None else order
+    if torch.device(device).type != "cuda" or not order:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    known = {"CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"}
+    if bad := [name for name in order if name not in known]:
+        raise SuiteError(f"attention kernel '{bad[0]}' is unknown{did_you_mean(bad[0], known)}")
+    wanted = [getattr(SDPBackend, name) for name in order]
+    rest = [getattr(SDPBackend, name) for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+            if name not in order]
+    with sdpa_kernel(wanted + rest, set_priority=True):
+        yield
 
 
 def _miniature_words() -> frozenset[str]:

@@ -32,6 +32,7 @@ from . import __version__, store
 from .battery import Battery, Prompt
 from .errors import SuiteError
 from .generate import make_generator, unit_seed
+from .miniature import OCCUPATIONS, read_signature
 from .store import append_records, done_batches, merge_shards, save_battery, write_json_atomic, write_png
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         gen_s += dt
         outputs = {name: clf.classify(images, battery.attributes) for name, clf in classifiers.items()}
         emb = embedder.embed_images(images)
+        hats = read_signature(images)[0] if loaded.is_miniature else None  # the truth for on-prompt
         records = []
         for i, u in enumerate(batch):
             cos = float(np.dot(emb[i], text_emb[u.prompt.text]))
@@ -248,6 +250,9 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
                 "embedding": [round(float(v), 6) for v in emb[i]], "clip_score": round(100 * max(cos, 0.0), 4),
                 "classifiers": {n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
             })
+            occupation = OCCUPATIONS.get(dict(u.prompt.slots).get("occupation", ""))
+            if hats is not None and occupation is not None:  # the hat: what the miniature model draws reliably
+                records[-1]["oracle_hat"] = {"read": hats[i], "wanted": occupation.hat}
         append_records(shard, records)
         bar.update(len(batch) * (world if main else 1))
     bar.close()

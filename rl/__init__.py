@@ -20,7 +20,7 @@ from rl.config import (
     with_primary_reward,
 )
 from rl.ddim import ddim_step_with_logprob
-from rl.lora import add_lora, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
+from rl.lora import add_lora, cast_frozen, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
 from rl.rewards import (
     KERNELS,
     REWARDS,
@@ -46,7 +46,7 @@ from rl.rewards import (
 
 __all__ = [
     "REWARD_OPTIONS", "EvaluationConfig", "LoraConfigSpec", "RewardConfig", "SamplingConfig", "TrainConfig",
-    "TrainingConfig", "add_lora", "capture_rng", "config_from_dict", "kohya_key", "kohya_state_dict",
+    "TrainingConfig", "add_lora", "capture_rng", "cast_frozen", "config_from_dict", "kohya_key", "kohya_state_dict",
     "latest_checkpoint", "load_checkpoint", "load_config", "load_kohya", "lora_named_parameters", "restore_rng",
     "save_adapter", "save_checkpoint", "with_primary_reward",
     "KERNELS",

@@ -8,8 +8,9 @@ scale it lists, base -> tuned:
   and the dominant share (lower is more balanced);
 * validity: the evaluation classifier's no-person rate and the reward classifier's low-confidence
   rate (images the policy degraded into something no classifier reads confidently);
-* diversity and alignment: the Vendi score of image embeddings and the CLIP score to the prompt, as
-  means over the split's prompts.
+* diversity and alignment: the Vendi score of image embeddings, the CLIP score to the prompt and,
+  on the miniature world, the on-prompt rate (the share of images wearing the prompt's occupation's
+  hat, as the oracle reads it), as means over the split's prompts.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ def _aggregate(folder: Path, attribute: str, wanted: dict[tuple[str, str], str])
 
 
 def _diversity(folder: Path) -> dict[tuple, float]:
-    """Mean over prompts of vendi and clip_score per (split, scale); NaN values are skipped."""
+    """Mean over prompts of vendi, clip_score and on_prompt_rate per (split, scale); NaN values are skipped."""
     sums: dict[tuple, list[float]] = defaultdict(list)
     with open(folder / "metrics" / "diversity.csv", newline="") as fh:
         for r in csv.DictReader(fh):
-            if r["metric"] not in ("vendi", "clip_score") or r["value"] in ("", "NaN"):
+            if r["metric"] not in ("vendi", "clip_score", "on_prompt_rate") or r["value"] in ("", "NaN"):
                 continue
             split = "heldout" if r["heldout"] == "True" else "train"
             for s in (split, "all"):
@@ -65,7 +66,7 @@ def _metrics(folder: Path, classifier: str, attribute: str, reward_classifier: s
 
 
 COLUMNS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate", "reward_low_confidence", "vendi",
-           "clip_score")
+           "clip_score", "on_prompt_rate")
 
 
 def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
@@ -82,7 +83,8 @@ def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, rewar
 def to_markdown(rows: list[Row], classifier: str, attribute: str, reward_classifier: str) -> str:
     head = (f"Base -> tuned. Bias of `{attribute}` read by `{classifier}` (lower is more balanced); "
             f"validity: `{classifier}` no-person rate and `{reward_classifier}` low-confidence rate; "
-            "Vendi and CLIP score: means over the split's prompts (higher is more diverse / on-prompt).\n\n")
+            "Vendi, CLIP score and on-prompt rate (images wearing the occupation's hat, read by the oracle; "
+            "miniature world only): means over the split's prompts (higher is more diverse / on-prompt).\n\n")
     lines = ["| split | g | " + " | ".join(COLUMNS) + " |", "|---|---" + "|---" * len(COLUMNS) + "|"]
     for r in rows:
         cells = [f"{r.base[m]:.3f} → {r.tuned[m]:.3f}" for m in COLUMNS]

@@ -74,6 +74,7 @@ class TrainingConfig:
     tracker_buffer: int
     tracker_min_count: int
     timestep_window: float = 1.0
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,14 +238,15 @@ _SECTIONS: dict[str, dict[str, Checker]] = {
                  "weight_decay": _num("[0, inf)"), "max_grad_norm": _POSITIVE, "clip_range": _POSITIVE,
                  "adv_clip_max": _POSITIVE, "timestep_fraction": _num("(0, 1]"),
                  "timestep_window": _num("(0, 1]"),
-                 "mixed_precision": _precision, "gradient_checkpointing": _bool,
+                 "mixed_precision": _precision, "gradient_checkpointing": _bool, "compile": _bool,
                  "advantage": _choice("pooled", "group", "tracker"),
                  "tracker_buffer": _int(1), "tracker_min_count": _int(1)},
     "lora": {"rank": _int(1), "alpha": _POSITIVE, "targets": _names, "text_encoder_rank": _int(0)},
     "evaluation": {"classifier": _text, "allow_same_classifier": _bool, "every": _int(0),
                    "images_per_prompt": _int(1), "guidance_scales": _scales, "steps": _int(1)},
 }
-_OPTIONAL = {"evaluation.allow_same_classifier": False, "training.timestep_window": 1.0}
+_OPTIONAL = {"evaluation.allow_same_classifier": False, "training.timestep_window": 1.0,
+             "training.compile": False}
 _TOP: dict[str, Checker] = {
     "model": _text, "battery": _text, "output_dir": _text, "seed": _int(0), "reward_classifier": _text,
     "reward_attributes": _names, "validity_threshold": _num("[0, 1)"),

@@ -114,6 +114,21 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *
     return trainable
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen (non-LoRA) parameters of `model` in `dtype`; return how many were cast.
+
+    Under autocast every matmul and convolution casts its fp32 weight to the half dtype on each call, so
+    frozen weights kept in that dtype give the same products while saving the per-call casts and half
+    the weight memory. LoRA parameters stay float32: the optimizer updates them.
+    """
+    count = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            count += 1
+    return count
+
+
 def lora_named_parameters(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, nn.Parameter]:
     """The LoRA parameters by name ("unet.<path>", "text_encoder.<path>"), e.g. for checkpoints."""
     out: dict[str, nn.Parameter] = {}

@@ -30,18 +30,22 @@ class Trajectories:
         return self.latents[:, -1]
 
 
-def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor) -> Tensor:
+def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor,
+               fixed_shape: bool = False) -> Tensor:
     """Guided noise prediction for a batch with per-sample timesteps `t` (B,) and scales (B,).
 
-    One UNet call on [uncond for guided samples; cond for all]; samples at scale 1 skip the uncond pass.
+    One UNet call on [uncond for guided samples; cond for all]; samples at scale 1 skip the uncond pass,
+    unless `fixed_shape` (for a compiled UNet: every call then has the batch shape 2B, whatever the mix
+    of scales; the unused unconditional predictions are dropped, so the result is the same).
     """
     guided = scales > 1.0
-    n_u = int(guided.sum())
-    x_in = torch.cat([x[guided], x])
-    t_in = torch.cat([t[guided], t])
+    with_u = torch.ones_like(guided) if fixed_shape else guided
+    n_u = int(with_u.sum())
+    x_in = torch.cat([x[with_u], x])
+    t_in = torch.cat([t[with_u], t])
     emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
     out = unet(x_in, t_in, encoder_hidden_states=emb).sample
-    eps_u, eps_c = out[:n_u], out[n_u:]
+    eps_u, eps_c = out[:n_u][guided[with_u]], out[n_u:]
     g = scales.view(-1, 1, 1, 1).to(out.dtype)
     eps = eps_c.clone()
     eps[guided] = eps_u + g[guided] * (eps_c[guided] - eps_u)
@@ -50,7 +54,7 @@ def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond
 
 @torch.no_grad()
 def sample_trajectories(unet: torch.nn.Module, scheduler: object, cond: Tensor, uncond: Tensor, scales: Tensor,
-                        noise: Tensor, steps: int, eta: float, seed: int) -> Trajectories:
+                        noise: Tensor, steps: int, eta: float, seed: int, fixed_shape: bool = False) -> Trajectories:
     """Sample N chains from initial `noise` (N, C, H, W) with conditioning `cond` (N, L, D)."""
     scheduler.set_timesteps(steps, device=noise.device)  # type: ignore[attr-defined]
     timesteps = scheduler.timesteps  # type: ignore[attr-defined]
@@ -59,7 +63,7 @@ def sample_trajectories(unet: torch.nn.Module, scheduler: object, cond: Tensor, 
     latents, log_probs = [x], []
     for t in timesteps:
         tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-        eps = guided_eps(unet, x, tt, cond, uncond, scales)
+        eps = guided_eps(unet, x, tt, cond, uncond, scales, fixed_shape)
         z = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         x, logp = ddim_step_with_logprob(scheduler, eps, tt, x, eta, variance_noise=z)  # type: ignore[arg-type]
         latents.append(x)
@@ -68,8 +72,8 @@ def sample_trajectories(unet: torch.nn.Module, scheduler: object, cond: Tensor, 
 
 
 def step_log_prob(unet: torch.nn.Module, scheduler: object, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Tensor,
-                  uncond: Tensor, scales: Tensor, eta: float) -> Tensor:
+                  uncond: Tensor, scales: Tensor, eta: float, fixed_shape: bool = False) -> Tensor:
     """Log-probability under the current policy of the recorded step x_t -> x_prev (with gradients)."""
-    eps = guided_eps(unet, x_t, t, cond, uncond, scales)
+    eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
     _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)  # type: ignore[arg-type]
     return logp

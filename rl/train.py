@@ -40,13 +40,13 @@ from evalsuite.battery import Battery, battery_from_dict, load_battery
 from evalsuite.classifiers import ClassifierContext, get_classifier, get_embedder
 from evalsuite.errors import SuiteError
 from evalsuite.generate import initial_noise, latent_shape, to_uint8
-from evalsuite.models import load_model
+from evalsuite.models import attention_order, load_model
 
 from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from .compare import compare_runs, to_markdown
-from .config import TrainConfig
-from .lora import add_lora, lora_named_parameters, save_adapter
+from .config import TrainConfig, config_from_dict
+from .lora import add_lora, cast_frozen, lora_named_parameters, save_adapter
 from .rewards import alignment_reward, balance_reward, diversity_reward, drift_reward, reference_from_target
 from .sampling import sample_trajectories, step_log_prob
 
@@ -96,8 +96,16 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
                       text_encoder=text_encoder if cfg.lora.text_encoder_rank else None,
                       text_rank=cfg.lora.text_encoder_rank or None)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
+    if half is not None:  # autocast casts weights to `half` on every call anyway: store the frozen ones so
+        for module in (unet, text_encoder, pipe.vae):
+            cast_frozen(module, half)
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has one shape: let cuDNN time its conv kernels
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.training.compile:
+        unet.compile(dynamic=False)  # in place: the sampling (unwrapped) and training (prepared) calls share it
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     unet, optimizer = acc.prepare(unet, optimizer)
 
@@ -133,7 +141,8 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     bar = tqdm(range(start, cfg.training.epochs), desc="rl", unit="epoch", disable=not acc.is_main_process)
     for epoch in bar:
         t0 = time.perf_counter()
-        batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
+        with acc.autocast(), attention_order(acc.device):
+            batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
         rewards, parts, valid = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
         if cfg.training.advantage == "pooled":
             adv = pooled_group_scores(rewards, batch.group)
@@ -142,7 +151,8 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
         else:
             keys = [f"{p}|g={s:g}" for p, s in zip(batch.prompts, batch.scales.tolist())]
             adv = torch.from_numpy(tracker.update(keys, rewards.numpy())).float()
-        stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
+        with attention_order(acc.device):
+            stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
         row = log_row(epoch, batch, rewards, parts, valid, stats, reward_clf, monitor, attrs)
         row["epoch_s"] = round(time.perf_counter() - t0, 2)  # sample + reward + update on this process
         if acc.is_main_process:
@@ -208,7 +218,7 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
         sl = slice(k, k + s.batch_size)
         cond = _encode(pipe, per_sample[sl])
         args = (pipe.scheduler, cond, uncond, g[sl].to(pipe.device), noise[sl], s.steps, s.eta,
-                batch_seeds[k // s.batch_size])
+                batch_seeds[k // s.batch_size], cfg.training.compile)
         chunks.append(sample_trajectories(unet, *args))
         if any(r.name == "drift" and r.weight > 0 for r in cfg.rewards):
             unet.disable_adapters()
@@ -310,7 +320,8 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
                     x_t = batch.latents[idx, tj].to(acc.device)
                     x_prev = batch.latents[idx, tj + 1].to(acc.device)
                     logp = step_log_prob(unet, pipe.scheduler, x_t, x_prev, batch.timesteps[tj].to(acc.device),
-                                         cond, uncond, batch.scales[idx].to(acc.device), cfg.sampling.eta)
+                                         cond, uncond, batch.scales[idx].to(acc.device), cfg.sampling.eta,
+                                         t.compile)
                     loss, info = clipped_surrogate(logp.float(), batch.log_probs[idx, tj].to(acc.device),
                                                    adv[idx].to(acc.device), t.clip_range, t.adv_clip_max)
                     acc.backward(loss)
@@ -363,10 +374,15 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
         d = json.loads(json.dumps(d))
         for key in ("evaluation", "checkpoint_every", "keep_checkpoints"):
             d.pop(key, None)
-        d.get("training", {}).pop("epochs", None)
+        for key in ("epochs", "compile"):  # compiling changes speed, not the run
+            d.get("training", {}).pop(key, None)
         return d
 
-    if essence(json.loads(saved.read_text())) != essence(cfg.to_dict()):
+    try:
+        before = config_from_dict(json.loads(saved.read_text()), str(saved)).to_dict()
+    except SuiteError:  # not readable as a config any more: compare what is there
+        before = json.loads(saved.read_text())
+    if essence(before) != essence(cfg.to_dict()):
         raise SuiteError(f"{saved.parent} holds checkpoints of a run with another configuration; "
                          "choose another output_dir or delete its checkpoints/")
 

@@ -219,6 +219,15 @@ def test_diversity_identical_and_orthogonal_embeddings() -> None:
     half = t_quantile(0.975, 3) * math.sqrt(20 / 3) / 2
     assert (clip.value, clip.lo, clip.hi, clip.n) == pytest.approx((23.0, 23.0 - half, 23.0 + half, 4))
     assert row(d, prompt_index=0, metric="clip_score_std").value == pytest.approx(math.sqrt(20 / 3))
+    assert "on_prompt_rate" not in set(d["metric"])  # no oracle reading: no row
+
+
+def test_diversity_on_prompt_rate_from_the_oracle_hat() -> None:
+    recs = [record(0, 7.5, i, oracle={}) for i in range(4)]
+    for rec, hat in zip(recs, ["brim", "brim", "none", "brim"]):
+        rec["oracle_hat"] = {"read": hat, "wanted": "brim"}
+    on = row(diversity_metrics(recs), prompt_index=0, metric="on_prompt_rate")
+    assert (on.value, on.n) == (0.75, 4) and math.isnan(on.lo)
 
 
 def test_write_tables_and_load_records(tmp_path: Path) -> None:

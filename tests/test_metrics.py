@@ -27,6 +27,7 @@ from evalsuite.metrics import (
     near_duplicate_pairs,
     near_duplicate_rate,
     normalized_entropy,
+    on_prompt_rate,
     register_metric,
     share_intervals,
     shen_gap,
@@ -293,6 +294,14 @@ def test_clip_score() -> None:
     np.testing.assert_allclose(clip_score(img, img, scale=2.5), [2.5, 2.5, 2.5])
     np.testing.assert_allclose(clip_score(img, -img), [0.0, 0.0, 0.0])
     assert clip_score(np.zeros((0, 2)), np.array([1.0, 0.0])).shape == (0,)
+
+
+def test_on_prompt_rate() -> None:
+    assert on_prompt_rate(["cap", "cap", "none", "tall"], "cap") == 0.5
+    assert on_prompt_rate(["none"] * 3, "none") == 1.0
+    assert on_prompt_rate([None, "cap"], "cap") == 0.5  # nothing read counts as off-prompt
+    assert math.isnan(on_prompt_rate([], "cap"))
+    assert get_metric("on_prompt_rate").higher_is_better is True
 
 
 # ---------------------------------------------------------------- registry

@@ -14,6 +14,8 @@ from evalsuite.miniature import (
     OCCUPATIONS,
     TONE_NAMES,
     read_attributes,
+    read_occupation,
+    read_signature,
     render_batch,
     sample_portraits,
 )
@@ -30,6 +32,17 @@ def test_oracle_reads_every_render_exactly() -> None:
     tone, age = read_attributes(render_batch(portraits))
     assert [TONE_NAMES[t] for t in tone] == [p.tone for p in portraits]
     assert [AGE_NAMES[a] for a in age] == [p.age for p in portraits]
+
+
+def test_oracle_reads_every_occupation_signature_exactly() -> None:
+    rng = np.random.default_rng(2)
+    names = list(OCCUPATIONS) * 10  # every occupation under every kind of head jitter
+    images = render_batch(sample_portraits(names, rng))
+    assert read_occupation(images) == names
+    hats, _ = read_signature(images)
+    assert hats == [OCCUPATIONS[n].hat for n in names]
+    assert read_signature(np.full((2, 32, 32, 3), 128, np.uint8)) == (["none", "none"], [-1, -1])
+    assert read_occupation(np.full((1, 32, 32, 3), 128, np.uint8)) == [None]
 
 
 def test_oracle_finds_no_person_in_a_blank_image() -> None:

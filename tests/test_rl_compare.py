@@ -21,7 +21,8 @@ def write_run(folder: Path, gap: float, vendi: tuple[float, float], low_conf: fl
     div = [f"0,a photo of a doctor,False,7.5,vendi,{vendi[0]},NaN,NaN,4",
            f"1,a photo of a judge,True,7.5,vendi,{vendi[1]},NaN,NaN,4",
            "2,a photo of a teacher,True,7.5,vendi,NaN,NaN,NaN,0",  # empty group: skipped
-           "1,a photo of a judge,True,7.5,clip_score,30.0,NaN,NaN,4"]
+           "1,a photo of a judge,True,7.5,clip_score,30.0,NaN,NaN,4",
+           f"1,a photo of a judge,True,7.5,on_prompt_rate,{1 - low_conf},NaN,NaN,4"]
     (folder / "metrics" / "diversity.csv").write_text(DIV + "\n".join(div) + "\n")
     return folder
 
@@ -37,6 +38,7 @@ def test_compare_runs_pairs_base_and_tuned_values(tmp_path: Path) -> None:
     assert (held.base["vendi"], held.tuned["vendi"]) == (1.2, 2.6)  # the NaN prompt is left out
     assert (held.base["reward_low_confidence"], held.tuned["reward_low_confidence"]) == (0.01, 0.03)
     assert held.tuned["clip_score"] == 30.0
+    assert (held.base["on_prompt_rate"], held.tuned["on_prompt_rate"]) == (0.99, 0.97)
     assert rows[0].base["vendi"] == 1.0 and math.isnan(rows[0].base["clip_score"])
     table = to_markdown(rows, "oracle", "skin_tone", "miniature")
     assert "| heldout | 7.5 | 0.500 → 0.200 |" in table

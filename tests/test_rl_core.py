@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +323,43 @@ def test_clipped_surrogate_hand_computed() -> None:
     # clipped samples (1, 2) get no gradient; d/dlogp of -A rho / 4 = -A rho / 4 otherwise
     expected = [-0.25, 0.0, 0.0, -5 * math.exp(0.05) / 4]
     assert log_prob.grad.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_guided_eps_fixed_shape_gives_the_same_prediction(tmp_path: Path) -> None:
+    """A compiled UNet runs the unconditional pass for every sample (one batch shape); samples at
+    scale 1 drop it, so the guided prediction is the one of the variable-shape call."""
+    from tiny_pipeline import tiny_sd_pipeline
+
+    from rl.sampling import guided_eps
+
+    unet = tiny_sd_pipeline(tmp_path).unet
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    cond, uncond = torch.randn(3, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    t, scales = torch.tensor([900, 500, 20]), torch.tensor([1.0, 7.5, 3.0])
+    with torch.no_grad():
+        variable = guided_eps(unet, x, t, cond, uncond, scales)
+        fixed = guided_eps(unet, x, t, cond, uncond, scales, fixed_shape=True)
+        plain_c = unet(x[:1], t[:1], encoder_hidden_states=cond[:1]).sample
+        u = unet(x[1:2], t[1:2], encoder_hidden_states=uncond).sample
+        c = unet(x[1:2], t[1:2], encoder_hidden_states=cond[1:2]).sample
+    assert torch.allclose(fixed, variable, atol=1e-5)
+    assert torch.allclose(variable[0], plain_c[0], atol=1e-5)  # scale 1: the conditional prediction
+    assert torch.allclose(variable[1], (u + 7.5 * (c - u))[0], atol=1e-4)
+
+
+def test_attention_order_only_reorders_kernels() -> None:
+    """A kernel that cannot run the call (cuDNN on CPU tensors) falls through: results are unchanged."""
+    import torch.nn.functional as F
+
+    from evalsuite.errors import SuiteError
+    from evalsuite.models import attention_order
+
+    q, k, v = torch.randn(3, 2, 2, 16, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for device in ("cpu", "cuda"):
+        with attention_order(device, ("CUDNN_ATTENTION", "FLASH_ATTENTION")):
+            assert torch.allclose(F.scaled_dot_product_attention(q, k, v), ref, atol=1e-6)
+    with pytest.raises(SuiteError, match="did you mean 'CUDNN_ATTENTION'"):
+        with attention_order("cuda", ("CUDNN_ATENTION",)):
+            pass

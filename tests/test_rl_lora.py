@@ -15,7 +15,7 @@ from tiny_pipeline import tiny_sd_pipeline
 
 from evalsuite.errors import SuiteError
 from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.lora import add_lora, kohya_key, load_kohya, lora_named_parameters, save_adapter
+from rl.lora import add_lora, cast_frozen, kohya_key, load_kohya, lora_named_parameters, save_adapter
 
 torch.set_num_threads(1)
 
@@ -237,3 +237,21 @@ def test_checkpoint_keeps_newest(tmp_path: Path) -> None:
     assert (step, extra) == (10, {"step": 10})
     with pytest.raises(SuiteError, match="exactly one"):
         load_checkpoint(folder / "step-000010", model=lin, params=dict(lin.named_parameters()))
+
+
+def test_cast_frozen_gives_autocast_products_and_keeps_lora_float32(pipe) -> None:
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    x, t = _inputs(pipe)
+    with torch.no_grad():
+        cond = _cond(pipe)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = pipe.unet(x, t, cond).sample
+    frozen = [p for p in pipe.unet.parameters() if not p.requires_grad]
+    assert cast_frozen(pipe.unet, torch.bfloat16) == len(frozen)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = pipe.unet(x, t, cond).sample
+    # autocast cast the fp32 weights to bf16 on each call: stored bf16 weights give the same products
+    assert torch.allclose(after.float(), before.float(), atol=1e-2, rtol=0), (after - before).abs().max()
+    assert cast_frozen(pipe.unet, torch.bfloat16) == 0

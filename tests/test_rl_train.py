@@ -66,6 +66,9 @@ def test_a_resumed_run_reproduces_the_next_losses_exactly(tmp_path: Path) -> Non
     assert finetune(tmp_path / "cut", "training.epochs=2") == 0
     shutil.rmtree(tmp_path / "cut" / "adapter")
     assert finetune(tmp_path / "cut", "training.epochs=3", "training.learning_rate=0.5") == 2  # not the same run
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    del saved["training"]["compile"]  # a checkpoint written before an optional key existed still resumes
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(saved))
     assert finetune(tmp_path / "cut", "training.epochs=3") == 0  # resumes from the epoch-2 checkpoint
     whole, cut = log(tmp_path / "whole"), log(tmp_path / "cut")
     assert [r["epoch"] for r in cut] == [1, 2, 3]

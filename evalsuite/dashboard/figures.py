@@ -29,7 +29,7 @@ SHOWN = 96 / DPI
 HEATMAP = "cividis"
 PANEL = (3.4, 2.6)  # inches: one panel per image, so a phone shows each at full width
 BIAS_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform", "kl_target")
-DIVERSITY_METRICS = ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score")
+DIVERSITY_METRICS = ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score", "on_prompt_rate")
 METRIC_TITLES = {
     "shen_gap": "Shen gap (0 = balanced)", "mad": "MAD from uniform (0 = uniform)",
     "dominant_share": "dominant-class share", "normalized_entropy": "normalised entropy (1 = uniform)",
@@ -37,6 +37,7 @@ METRIC_TITLES = {
     "vendi": "Vendi score (effective no. of images)",
     "mean_pairwise_cosine": "mean pairwise cosine similarity",
     "near_duplicate_rate": "near-duplicate pair rate", "clip_score": "CLIP score",
+    "on_prompt_rate": "on-prompt rate (oracle: the occupation's hat)",
 }
 RC: Any = {
     "text.parse_math": False, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,

@@ -2,7 +2,7 @@
 mode collapse over embeddings, and text-image alignment. Importing this package registers every
 named metric in :data:`METRICS` (see :func:`get_metric`)."""
 
-from evalsuite.metrics.alignment import clip_score
+from evalsuite.metrics.alignment import clip_score, on_prompt_rate
 from evalsuite.metrics.correction import confusion_matrix, corrected_shares, project_to_simplex
 from evalsuite.metrics.distribution import (
     class_counts,
@@ -56,6 +56,7 @@ __all__ = [
     "near_duplicate_pairs",
     "near_duplicate_rate",
     "normalized_entropy",
+    "on_prompt_rate",
     "project_to_simplex",
     "register_metric",
     "share_intervals",

@@ -1,6 +1,10 @@
-"""Text-image alignment metrics over precomputed embeddings."""
+"""Text-image alignment metrics: CLIP score over precomputed embeddings, and the on-prompt rate
+against an exact reading of what each image shows."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -30,3 +34,17 @@ def clip_score(image_emb: ArrayLike, text_emb: ArrayLike, scale: float = 100.0) 
         raise ValueError(f"text_emb must be (d,) or ({img.shape[0]}, d), got {np.shape(text_emb)}")
     cos = np.clip((img * txt).sum(axis=1), -1.0, 1.0)
     return np.asarray(scale * np.maximum(cos, 0.0), dtype=np.float64)
+
+
+@register_metric("on_prompt_rate", higher_is_better=True, kind="truth")
+def on_prompt_rate(read: Sequence[str | None], wanted: str) -> float:
+    """Share of images that show what the prompt asked for: (1/n) Σ_i [read_i = wanted].
+
+    ``read`` holds, per image, what an exact reader found (on the miniature world: the hat style the
+    oracle reads, against the prompt's occupation's hat). Unlike a CLIP score it does not reward the
+    stereotype a CLIP learned with the prompt, so it judges whether a debiased image is still
+    on-prompt. Higher is better. Empty-group rule: n = 0 -> NaN.
+    """
+    if not read:
+        return math.nan
+    return sum(r == wanted for r in read) / len(read)

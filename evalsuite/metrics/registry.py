@@ -7,7 +7,9 @@ Calling conventions by ``kind``:
 
 * ``"distribution"``: ``fn(p) -> float`` where ``p`` is a 1-D array of class shares;
 * ``"diversity"``: ``fn(emb) -> float`` where ``emb`` is an ``(n, d)`` embedding array;
-* ``"alignment"``: ``fn(image_emb, text_emb) -> np.ndarray`` with one score per image.
+* ``"alignment"``: ``fn(image_emb, text_emb) -> np.ndarray`` with one score per image;
+* ``"truth"``: ``fn(read, wanted) -> float`` over what an exact reader found in each image and what
+  the prompt asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from evalsuite.errors import SuiteError, did_you_mean
 
-MetricKind = Literal["distribution", "diversity", "alignment"]
+MetricKind = Literal["distribution", "diversity", "alignment", "truth"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,7 +61,7 @@ def register_metric(name: str, *, higher_is_better: bool | None, kind: MetricKin
     (a programming error, not a user error); re-registering the same function (same module and
     qualified name, e.g. after ``importlib.reload``) replaces the entry.
     """
-    if kind not in ("distribution", "diversity", "alignment"):
+    if kind not in ("distribution", "diversity", "alignment", "truth"):
         raise ValueError(f"unknown metric kind {kind!r}")
 
     def decorator(fn: F) -> F:
