@@ -7,7 +7,8 @@
   on decoded images), then the classifier's accuracy on images *generated* by the miniature model,
   where the truth is the oracle's reading;
 * per occupation and guidance scale, the generated skin-tone and age shares against the training
-  distribution (total variation) and the dominant share: conditional mode collapse;
+  distribution (total variation) and the dominant share: conditional mode collapse; and how often
+  the occupation's signature (hat style, badge colour) is drawn;
 * generation throughput (images/s at batch 64, 20 steps).
 
 `measure_confusion` writes the classifier's confusion matrices against the oracle on generated images
@@ -27,9 +28,9 @@ import torch
 
 from . import ASSETS
 from .classifier import load_classifier
-from .oracle import read_attributes
+from .oracle import read_attributes, read_signature
 from .render import render_batch, sample_portraits
-from .world import AGE_NAMES, OCCUPATIONS, TONE_NAMES
+from .world import AGE_NAMES, BADGES, OCCUPATIONS, TONE_NAMES
 
 DEFAULT_OCCUPATIONS = ("doctor", "nurse", "engineer", "teacher", "lawyer", "farmer")
 
@@ -122,12 +123,15 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
             agree["tone"] += list((pt == tone)[tone >= 0])
             agree["age"] += list((pa == age)[age >= 0])
             ts, as_ = _shares(tone, 4), _shares(age, 2)
+            hats, badges = read_signature(images)
             rows.append({"occupation": name, "guidance": g, "n": n, "person_rate": float((tone >= 0).mean()),
                          "tone_shares": ts.round(3).tolist(), "train_tone": list(occ.tone_probs),
                          "tone_tv": float(0.5 * np.abs(ts - np.asarray(occ.tone_probs)).sum()),
                          "dominant_share": float(ts[TONE_NAMES.index(occ.dominant_tone)]),
                          "old_share": float(as_[1]), "train_old": occ.p_old,
-                         "age_tv": float(abs(as_[1] - occ.p_old))})
+                         "age_tv": float(abs(as_[1] - occ.p_old)),
+                         "hat_rate": float(np.mean([h == occ.hat for h in hats])),
+                         "badge_rate": float(np.mean([b == BADGES.index(occ.badge) for b in badges]))})
     out["generated"] = {"classifier_vs_oracle_tone_acc": float(np.mean(agree["tone"])),
                         "classifier_vs_oracle_age_acc": float(np.mean(agree["age"])), "images": len(agree["tone"])}
     out["distributions"] = rows
@@ -152,12 +156,16 @@ def to_markdown(m: dict[str, Any]) -> str:
     g = m["generated"]
     lines += ["", f"Classifier against the oracle on {g['images']} generated images: tone "
               f"{g['classifier_vs_oracle_tone_acc']:.4f}, age {g['classifier_vs_oracle_age_acc']:.4f}.", "",
-              "| occupation | g | tone shares (light/medium/tan/dark) | training | TV | dominant | old | train old |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| occupation | g | tone shares (light/medium/tan/dark) | training | TV | dominant | old | train old "
+              "| hat | badge |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in m["distributions"]:
         lines.append(f"| {r['occupation']} | {r['guidance']:g} | {'/'.join(f'{s:.2f}' for s in r['tone_shares'])} | "
                      f"{'/'.join(f'{s:.2f}' for s in r['train_tone'])} | {r['tone_tv']:.3f} | "
-                     f"{r['dominant_share']:.2f} | {r['old_share']:.2f} | {r['train_old']:.2f} |")
-    lines += ["", f"Throughput: {m['throughput_img_per_s_b64_20steps']} images/s (batch 64, 20 DDIM steps, "
+                     f"{r['dominant_share']:.2f} | {r['old_share']:.2f} | {r['train_old']:.2f} | "
+                     f"{r.get('hat_rate', float('nan')):.2f} | {r.get('badge_rate', float('nan')):.2f} |")
+    lines += ["", "hat, badge: share of images whose hat style / badge colour the oracle reads as the "
+              "occupation's (`read_signature`); the on-prompt rate of `evalsuite run` uses the hat.",
+              "", f"Throughput: {m['throughput_img_per_s_b64_20steps']} images/s (batch 64, 20 DDIM steps, "
               f"guidance 7.5, {m['threads']} threads)."]
     return "\n".join(lines) + "\n"
