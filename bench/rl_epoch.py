@@ -10,8 +10,8 @@ not matter for speed: every variant gets the same random advantages.
 * plain: the ddpo-pytorch recipe as published (methods.md 2.3): fp32 weights under bf16 autocast,
   sampling batch 8, training batch 8 with the unconditional and conditional halves in one call.
 * ours: what `rl.train` does with `mixed_precision: bf16` (the same functions: `add_lora`,
-  `cast_frozen`, `sample_trajectories`, `step_log_prob`, `attention_order`): frozen weights stored in
-  bf16 under bf16 autocast with fp32 LoRA parameters, cuDNN autotuning, the attention kernel order
+  `cast_frozen`, `sample_trajectories`, `step_log_prob`, `attention_order`): frozen linear and conv
+  weights stored in bf16 under bf16 autocast with fp32 LoRA parameters, cuDNN autotuning, the attention kernel order
   of `--attention`, sampling batch 64, training batch 32.
 * ours_compiled: the same with `training.compile: true` (the UNet compiled in place, fixed shapes).
 """
@@ -126,7 +126,8 @@ def main() -> None:
         torch.manual_seed(0)
         add_lora(pipe.unet, 4, 4.0, TARGETS)
         if o["ours"] and device == "cuda":  # what rl.train does under mixed_precision: bf16
-            for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+            pipe.text_encoder.requires_grad_(False)
+            for module in (pipe.unet, pipe.text_encoder):
                 cast_frozen(module, torch.bfloat16)
             torch.backends.cudnn.benchmark = True
         if o["compile"]:

@@ -75,9 +75,9 @@ class BatchedGenerator:
         self.unet = self.pipe.unet
         self.decoder = self.pipe.vae.decode
         self.fixed_batch: int | None = None  # compiled graphs want one shape: pad to the first batch size
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # batches have one shape: let cuDNN time its conv kernels
         if compile:
+            if self.device.type == "cuda":  # compiled batches have one shape: let cuDNN time its conv kernels
+                torch.backends.cudnn.benchmark = True
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.vae.to(memory_format=torch.channels_last)
             self.unet = torch.compile(self.pipe.unet, dynamic=False)

@@ -7,6 +7,7 @@ SD3, ...), with safetensors only and never remote code. The miniature model is t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Iterator
@@ -150,21 +151,22 @@ def attention_order(device: str | torch.device, order: tuple[str, ...] | None = 
     `torch.nn.attention.SDPBackend`, default `CUDA_ATTENTION_ORDER`) on a CUDA device.
 
     Only the priority changes: every kernel stays enabled, so a call that the first kernel cannot
-    run falls through to the next. On a CPU, or with no order, the block runs unchanged.
+    run falls through to the next. On a CPU, with no order, or on PyTorch < 2.6 (which cannot reorder
+    without switching kernels off), the block runs unchanged.
     """
     order = CUDA_ATTENTION_ORDER if order is None else order
-    if torch.device(device).type != "cuda" or not order:
-        yield
-        return
+    known = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "OVERRIDEABLE")
+    if bad := [name for name in order or () if name not in known]:
+        raise SuiteError(f"attention kernel '{bad[0]}' is unknown{did_you_mean(bad[0], known)}")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    known = {"CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"}
-    if bad := [name for name in order if name not in known]:
-        raise SuiteError(f"attention kernel '{bad[0]}' is unknown{did_you_mean(bad[0], known)}")
-    wanted = [getattr(SDPBackend, name) for name in order]
-    rest = [getattr(SDPBackend, name) for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-            if name not in order]
-    with sdpa_kernel(wanted + rest, set_priority=True):
+    reorders = "set_priority" in inspect.signature(sdpa_kernel).parameters  # PyTorch >= 2.6
+    if torch.device(device).type != "cuda" or not order or not reorders:
+        yield  # (an older PyTorch cannot reorder kernels without switching some off: keep its order)
+        return
+    every = [name for name in known if hasattr(SDPBackend, name)]
+    names = [n for n in order if n in every] + [n for n in every if n not in order]
+    with sdpa_kernel([getattr(SDPBackend, n) for n in names], set_priority=True):
         yield
 
 

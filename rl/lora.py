@@ -115,17 +115,22 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen (non-LoRA) parameters of `model` in `dtype`; return how many were cast.
+    """Store the frozen weights and biases of `model`'s linear and convolution layers in `dtype`; return
+    how many tensors were cast.
 
-    Under autocast every matmul and convolution casts its fp32 weight to the half dtype on each call, so
-    frozen weights kept in that dtype give the same products while saving the per-call casts and half
-    the weight memory. LoRA parameters stay float32: the optimizer updates them.
+    Under autocast every linear layer and convolution casts its fp32 weight and bias to the half dtype on
+    each call, so keeping the frozen ones in that dtype gives bit-identical products while saving the
+    per-call casts and half their memory. Norm and embedding parameters, which autocast runs in fp32,
+    stay as they are, and so do trainable (LoRA) parameters: the optimizer updates them.
     """
     count = 0
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-            count += 1
+    for module in model.modules():
+        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                count += 1
     return count
 
 

@@ -96,12 +96,15 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
                       text_encoder=text_encoder if cfg.lora.text_encoder_rank else None,
                       text_rank=cfg.lora.text_encoder_rank or None)
+    pipe.vae.requires_grad_(False)
+    if not cfg.lora.text_encoder_rank:
+        text_encoder.requires_grad_(False)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
-    if half is not None:  # autocast casts weights to `half` on every call anyway: store the frozen ones so
-        for module in (unet, text_encoder, pipe.vae):
+    if half is not None:  # autocast casts these weights to `half` on every call anyway: store them so
+        for module in (unet, text_encoder):  # (the VAE decodes in fp32: fp16 overflows in SD's VAE)
             cast_frozen(module, half)
-    if acc.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every batch has one shape: let cuDNN time its conv kernels
+    if acc.device.type == "cuda":  # let cuDNN time its conv kernels (GPU runs then vary in the last bits)
+        torch.backends.cudnn.benchmark = True
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.training.compile:
@@ -225,7 +228,11 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
             base.append(sample_trajectories(unet, *args).final)
             unet.enable_adapters()
     latents = torch.cat([c.latents for c in chunks])
-    decode = lambda z: to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample)  # noqa: E731
+
+    def decode(z: torch.Tensor) -> np.ndarray:  # in fp32 whatever the autocast around: as the evaluation does
+        with torch.autocast(pipe.device.type, enabled=False):
+            return to_uint8(pipe.vae.decode(z.float() / pipe.vae.config.scaling_factor).sample)
+
     return Batch(prompts=per_sample, group=torch.arange(s.prompts_per_epoch).repeat_interleave(s.group_size),
                  scales=g, latents=latents, log_probs=torch.cat([c.log_probs for c in chunks]),
                  timesteps=chunks[0].timesteps, images=decode(latents[:, -1]),
@@ -304,7 +311,8 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     t = cfg.training
     n, k, window = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
-    uncond = _encode(pipe, [""]).detach()
+    with acc.autocast():  # the embeddings of sampling (which runs under autocast), so the ratio starts at 1
+        uncond = _encode(pipe, [""]).detach()
     losses, kls, clips = [], [], []
     unet.train()
     for _ in range(t.inner_epochs):
@@ -312,7 +320,7 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
         ts = torch.stack([torch.randperm(window, generator=gen) for _ in range(n)])[:, :k]
         for start in range(0, n, t.batch_size):
             idx = order[start:start + t.batch_size]
-            with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0):
+            with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0), acc.autocast():  # as when sampling
                 cond = _encode(pipe, [batch.prompts[i] for i in idx.tolist()])
             for j in range(k):
                 tj = ts[idx, j]

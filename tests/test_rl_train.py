@@ -62,14 +62,15 @@ def test_two_steps_move_every_lora_weight_and_no_base_weight(tmp_path: Path) -> 
 
 
 def test_a_resumed_run_reproduces_the_next_losses_exactly(tmp_path: Path) -> None:
-    assert finetune(tmp_path / "whole", "training.epochs=3") == 0
-    assert finetune(tmp_path / "cut", "training.epochs=2") == 0
+    window = "training.timestep_window=1.0"  # the default, so a config saved without the key means the same
+    assert finetune(tmp_path / "whole", "training.epochs=3", window) == 0
+    assert finetune(tmp_path / "cut", "training.epochs=2", window) == 0
     shutil.rmtree(tmp_path / "cut" / "adapter")
-    assert finetune(tmp_path / "cut", "training.epochs=3", "training.learning_rate=0.5") == 2  # not the same run
+    assert finetune(tmp_path / "cut", "training.epochs=3", window, "training.learning_rate=0.5") == 2  # not the same
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())
-    del saved["training"]["compile"]  # a checkpoint written before an optional key existed still resumes
+    del saved["training"]["timestep_window"]  # a checkpoint written before an optional key existed still resumes
     (tmp_path / "cut" / "config.json").write_text(json.dumps(saved))
-    assert finetune(tmp_path / "cut", "training.epochs=3") == 0  # resumes from the epoch-2 checkpoint
+    assert finetune(tmp_path / "cut", "training.epochs=3", window) == 0  # resumes from the epoch-2 checkpoint
     whole, cut = log(tmp_path / "whole"), log(tmp_path / "cut")
     assert [r["epoch"] for r in cut] == [1, 2, 3]
     for key in ("loss", "approx_kl", "clipfrac", "reward_mean"):
