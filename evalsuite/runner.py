@@ -32,7 +32,7 @@ from . import __version__, store
 from .battery import Battery, Prompt
 from .errors import SuiteError
 from .generate import make_generator, unit_seed
-from .miniature import OCCUPATIONS, read_attributes, read_signature
+from .miniature import OCCUPATIONS, read_worn_hat
 from .store import append_records, done_batches, merge_shards, save_battery, write_json_atomic, write_png
 
 log = logging.getLogger(__name__)
@@ -239,9 +239,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         gen_s += dt
         outputs = {name: clf.classify(images, battery.attributes) for name, clf in classifiers.items()}
         emb = embedder.embed_images(images)
-        hats = None
-        if loaded.is_miniature:  # the truth for on-prompt: the hat the oracle reads, None where no person is
-            hats = [h if tone >= 0 else None for h, tone in zip(read_signature(images)[0], read_attributes(images)[0])]
+        hats = read_worn_hat(images) if loaded.is_miniature else None  # the truth for on-prompt
         records = []
         for i, u in enumerate(batch):
             cos = float(np.dot(emb[i], text_emb[u.prompt.text]))

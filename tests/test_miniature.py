@@ -16,6 +16,7 @@ from evalsuite.miniature import (
     read_attributes,
     read_occupation,
     read_signature,
+    read_worn_hat,
     render_batch,
     sample_portraits,
 )
@@ -43,6 +44,8 @@ def test_oracle_reads_every_occupation_signature_exactly() -> None:
     assert hats == [OCCUPATIONS[n].hat for n in names]
     assert read_signature(np.full((2, 32, 32, 3), 128, np.uint8)) == (["none", "none"], [-1, -1])
     assert read_occupation(np.full((1, 32, 32, 3), 128, np.uint8)) == [None]
+    assert read_worn_hat(images) == hats  # every render shows a person
+    assert read_worn_hat(np.full((1, 32, 32, 3), 128, np.uint8)) == [None]  # no person: no hat reading
 
 
 def test_oracle_finds_no_person_in_a_blank_image() -> None:

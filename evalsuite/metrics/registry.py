@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from evalsuite.errors import SuiteError, did_you_mean
 
@@ -61,7 +61,7 @@ def register_metric(name: str, *, higher_is_better: bool | None, kind: MetricKin
     (a programming error, not a user error); re-registering the same function (same module and
     qualified name, e.g. after ``importlib.reload``) replaces the entry.
     """
-    if kind not in ("distribution", "diversity", "alignment", "truth"):
+    if kind not in get_args(MetricKind):
         raise ValueError(f"unknown metric kind {kind!r}")
 
     def decorator(fn: F) -> F:

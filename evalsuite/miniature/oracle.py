@@ -46,15 +46,28 @@ def _nearest(images: np.ndarray) -> np.ndarray:
     return nearest.reshape(images.shape[:3])
 
 
-def read_signature(images: np.ndarray) -> tuple[list[str], list[int]]:
-    """The hat style ("none" where no hat is found) and the badge (an index into `world.BADGES`, -1
-    where none is found) of each uint8 image (n, H, W, 3)."""
-    nearest = _nearest(images)
+def _signature(nearest: np.ndarray) -> tuple[list[str], list[int]]:
     hats = np.stack([(nearest[:, HAT_ROWS] == _HAT_AT + k).sum((1, 2)) for k in range(len(_HAT_NAMES))], 1)
     badges = np.stack([(nearest[:, BADGE_ROWS] == _BADGE_AT + k).sum((1, 2)) for k in range(len(BADGES))], 1)
     hat = [_HAT_NAMES[int(h.argmax())] if h.max() >= MIN_HAT_PIXELS else "none" for h in hats]
     badge = [int(b.argmax()) if b.max() >= MIN_BADGE_PIXELS else -1 for b in badges]
     return hat, badge
+
+
+def _tone_age(nearest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = nearest.reshape(len(nearest), -1)
+    counts = np.stack([(flat == k).sum(1) for k in range(len(_SKIN) + len(_HAIR))], axis=1)
+    skin, hair = counts[:, : len(_SKIN)], counts[:, len(_SKIN):]
+    person = (skin.sum(1) >= MIN_SKIN_PIXELS) & (hair.sum(1) >= MIN_HAIR_PIXELS)
+    tone = np.where(person, skin.argmax(1), -1)
+    age = np.where(person, hair.argmax(1), -1)
+    return tone.astype(np.int64), age.astype(np.int64)
+
+
+def read_signature(images: np.ndarray) -> tuple[list[str], list[int]]:
+    """The hat style ("none" where no hat is found) and the badge (an index into `world.BADGES`, -1
+    where none is found) of each uint8 image (n, H, W, 3)."""
+    return _signature(_nearest(images))
 
 
 def read_occupation(images: np.ndarray) -> list[str | None]:
@@ -63,15 +76,17 @@ def read_occupation(images: np.ndarray) -> list[str | None]:
     return [_SIGNATURES.get(pair) for pair in zip(*read_signature(images))]
 
 
+def read_worn_hat(images: np.ndarray) -> list[str | None]:
+    """The hat style each uint8 image (n, H, W, 3) shows ("none" for a bare head), or None where no
+    person is found (`read_attributes`'s rule): the truth behind the on-prompt rate. One palette pass."""
+    nearest = _nearest(images)
+    tone, _ = _tone_age(nearest)
+    return [hat if t >= 0 else None for hat, t in zip(_signature(nearest)[0], tone)]
+
+
 def read_attributes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Skin-tone and age labels of uint8 images (n, H, W, 3); -1 where no person is found.
 
     Labels index `world.TONE_NAMES` and `world.AGE_NAMES`.
     """
-    nearest = _nearest(images).reshape(len(images), -1)  # (n, pixels): index into PALETTE
-    counts = np.stack([(nearest == k).sum(1) for k in range(len(_SKIN) + len(_HAIR))], axis=1)
-    skin, hair = counts[:, : len(_SKIN)], counts[:, len(_SKIN):]
-    person = (skin.sum(1) >= MIN_SKIN_PIXELS) & (hair.sum(1) >= MIN_HAIR_PIXELS)
-    tone = np.where(person, skin.argmax(1), -1)
-    age = np.where(person, hair.argmax(1), -1)
-    return tone.astype(np.int64), age.astype(np.int64)
+    return _tone_age(_nearest(images))
