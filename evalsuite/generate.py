@@ -116,9 +116,17 @@ class BatchedGenerator:
         emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
         sched.set_timesteps(self.steps, device=self.device)
         latents = initial_noise(seeds, self.shape).to(self.device, self.dtype) * sched.init_noise_sigma
-        step_kwargs = {"eta": self.eta} if "eta" in sched.step.__code__.co_varnames else {}
+        step_kwargs: dict[str, Any] = {"eta": self.eta} if "eta" in sched.step.__code__.co_varnames else {}
+        # eta > 0 (DDIM): each image's step noise comes from its own stream, seeded by its seed alone, so
+        # stochastic sampling is as paired and batch-independent as the initial noise
+        stochastic = self.eta > 0 and "variance_noise" in sched.step.__code__.co_varnames
+        streams = [torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([s, 1]).generate_state(1)[0]))
+                   for s in seeds] if stochastic else []
         with attention_order(self.device):
             for t in sched.timesteps:
+                if streams:
+                    z = torch.stack([torch.randn(self.shape, generator=g) for g in streams])
+                    step_kwargs["variance_noise"] = z.to(self.device, self.dtype)
                 x = sched.scale_model_input(torch.cat([latents[with_u], latents]), t)
                 out = self.unet(x, t, encoder_hidden_states=emb).sample
                 eps_u, eps_c = out[:n_u][guided[with_u]], out[n_u:]

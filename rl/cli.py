@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="train a LoRA adapter with DDPO and set-level rewards")
     ft.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.name})")
-    ft.add_argument("--reward", default=None, help="the primary reward (diversity, balance, alignment, drift)")
+    ft.add_argument("--reward", default=None,
+                    help="the primary reward (diversity, balance, alignment, drift, confidence)")
     ft.add_argument("--no-eval", action="store_true", help="skip the before/after battery evaluation")
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     return ap

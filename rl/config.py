@@ -35,6 +35,7 @@ REWARD_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "balance": {"mode": ("kl", "entropy"), "reference": ("uniform", "target")},
     "alignment": {},
     "drift": {"features": ("embedding",)},
+    "confidence": {},
 }
 
 

@@ -1,9 +1,16 @@
 """One stochastic DDIM step with the Gaussian log-density of the step (the DDPO policy).
 
 The reverse step x_t -> x_{t'} (t' = t - num_train_timesteps // num_inference_steps) of DDIM
-(Song et al., ICLR 2021, eqs. 12 and 16) for an epsilon-prediction model is Gaussian:
+(Song et al., ICLR 2021, eqs. 12 and 16) is Gaussian. From the model output m, by the scheduler's
+``prediction_type``:
 
-    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                  (optionally clipped)
+    epsilon:       eps = m,                                    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    v_prediction:  eps = sqrt(a_t) m + sqrt(1 - a_t) x_t,      x0_hat = sqrt(a_t) x_t - sqrt(1 - a_t) m
+    sample:        x0_hat = m,                                 eps = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)
+
+(v = sqrt(a_t) eps - sqrt(1 - a_t) x0: Salimans & Ho, "Progressive Distillation", ICLR 2022, used by
+SD 2.x at 768 px); x0_hat is optionally clipped, and then
+
     sigma  = eta * sqrt((1 - a_t') / (1 - a_t) * (1 - a_t / a_t'))
     mu     = sqrt(a_t') x0_hat + sqrt(1 - a_t' - sigma^2) eps
     x_t'   = mu + sigma z,   z ~ N(0, I)
@@ -31,6 +38,7 @@ from evalsuite.errors import SuiteError
 __all__ = ["ddim_step_with_logprob"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _per_sample(values: Tensor, ndim: int) -> Tensor:
@@ -45,10 +53,10 @@ def _check_config(scheduler: DDIMScheduler, eta: float) -> int:
             "and has no log-density (DDPO uses eta = 1.0)"
         )
     config = scheduler.config
-    if config["prediction_type"] != "epsilon":
+    if config["prediction_type"] not in PREDICTION_TYPES:
         raise SuiteError(
             f"ddim_step_with_logprob: prediction_type '{config['prediction_type']}' is not supported; "
-            "allowed: epsilon"
+            f"allowed: {', '.join(PREDICTION_TYPES)}"
         )
     if config.get("thresholding", False):
         raise SuiteError(
@@ -73,9 +81,10 @@ def ddim_step_with_logprob(
     """One DDIM step x_t -> x_{t-1}; returns ``(prev_sample, log_prob)``.
 
     Args:
-        scheduler: a ``DDIMScheduler`` after ``set_timesteps``; only ``prediction_type="epsilon"`` is
-            supported. ``clip_sample`` (with ``clip_sample_range``) is honoured, thresholding is refused.
-        noise_pred: the (guided) epsilon prediction, same shape as ``sample`` (B, ...).
+        scheduler: a ``DDIMScheduler`` after ``set_timesteps``; its ``prediction_type`` (epsilon,
+            v_prediction or sample) says what ``noise_pred`` is. ``clip_sample`` (with
+            ``clip_sample_range``) is honoured, thresholding is refused.
+        noise_pred: the (guided) model output, same shape as ``sample`` (B, ...).
         timestep: the current timestep t, an int, a 0-d tensor or a (B,) tensor of per-sample timesteps.
         sample: x_t, shape (B, ...).
         eta: DDIM eta, must be > 0 (sigma = 0 has no density).
@@ -123,8 +132,17 @@ def ddim_step_with_logprob(
     beta_prev = 1 - alpha_prev
 
     x_t = sample.to(dtype)
-    eps = noise_pred.to(dtype)
-    pred_x0 = (x_t - beta_t**0.5 * eps) / alpha_t**0.5
+    out = noise_pred.to(dtype)
+    kind = scheduler.config["prediction_type"]
+    if kind == "epsilon":
+        eps = out
+        pred_x0 = (x_t - beta_t**0.5 * eps) / alpha_t**0.5
+    elif kind == "v_prediction":
+        eps = alpha_t**0.5 * out + beta_t**0.5 * x_t
+        pred_x0 = alpha_t**0.5 * x_t - beta_t**0.5 * out
+    else:
+        pred_x0 = out
+        eps = (x_t - alpha_t**0.5 * pred_x0) / beta_t**0.5
     if scheduler.config["clip_sample"]:
         bound = float(scheduler.config["clip_sample_range"])
         pred_x0 = pred_x0.clamp(-bound, bound)

@@ -196,6 +196,21 @@ def alignment_reward(image_emb: Tensor, text_emb: Tensor) -> Tensor:
     return F.cosine_similarity(image_emb, text_emb.expand_as(image_emb), dim=-1)
 
 
+def confidence_reward(probs: Sequence[Tensor]) -> Tensor:
+    """The reward classifier's confidence in each image, shape (M,): min over attributes of the top class
+    probability, ``c_m = min_a max_k p_a[m, k]`` (each ``p_a`` is (M, K_a) with rows summing to 1).
+
+    The continuous counterpart of the validity gate: the soft MMD of the diversity reward credits a face
+    painted between two classes (its probability row sits between two one-hot reference points), and a
+    gate only acts below its threshold; this term pays for clear images at every confidence level. Our
+    design, not Miao et al.'s; the confidence line it serves is that of the evaluation (Shen et al.,
+    ICLR 2024, count predictions below 0.8 as unreliable). Per image, so no leave-one-out credit."""
+    if not probs or any(p.ndim != 2 or p.shape[0] != probs[0].shape[0] for p in probs):
+        shapes = [tuple(p.shape) for p in probs]
+        raise SuiteError(f"confidence_reward: need (M, K) probabilities per attribute, got {shapes}")
+    return torch.stack([p.max(1).values for p in probs]).min(0).values
+
+
 def drift_penalty(emb: Tensor, base_emb: Tensor) -> Tensor:
     """1 - cos(emb_i, base_emb_i), shape (M,): distance to the base model's image from the same noise.
     Non-negative; subtract it with a weight (the registered "drift" reward is its negative)."""
@@ -214,6 +229,7 @@ REWARDS: dict[str, Callable[..., Tensor]] = {
     "balance": balance_reward,  # (probs (M,K), target (K,), mode="kl" | "entropy")
     "alignment": alignment_reward,  # (image_emb (M,d), text_emb (d,) or (M,d))
     "drift": drift_reward,  # (emb (M,d), base_emb (M,d)); returns the negative distance
+    "confidence": confidence_reward,  # ([probs (M,K_a) per attribute]); the top probability, min over attributes
 }
 
 

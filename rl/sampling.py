@@ -32,7 +32,8 @@ class Trajectories:
 
 def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor,
                fixed_shape: bool = False) -> Tensor:
-    """Guided noise prediction for a batch with per-sample timesteps `t` (B,) and scales (B,).
+    """Guided model output (noise or v, per the scheduler's prediction type: guidance is linear in
+    either) for a batch with per-sample timesteps `t` (B,) and scales (B,).
 
     One UNet call on [uncond for guided samples; cond for all]; samples at scale 1 skip the uncond pass,
     unless `fixed_shape` (for a compiled UNet: every call then has the batch shape 2B, whatever the mix

@@ -47,7 +47,14 @@ from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_ch
 from .compare import compare_runs, to_markdown
 from .config import TrainConfig, config_from_dict
 from .lora import add_lora, cast_frozen, lora_named_parameters, save_adapter
-from .rewards import alignment_reward, balance_reward, diversity_reward, drift_reward, reference_from_target
+from .rewards import (
+    alignment_reward,
+    balance_reward,
+    confidence_reward,
+    diversity_reward,
+    drift_reward,
+    reference_from_target,
+)
 from .sampling import sample_trajectories, step_log_prob
 
 log = logging.getLogger("rl")
@@ -244,7 +251,7 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
     """Total reward per image (higher is better), the raw components, and the validity mask."""
     outputs = clf.classify(batch.images, attrs)
     probs = [torch.from_numpy(np.nan_to_num(outputs[a.name].probs, nan=0.0)) for a in attrs]
-    conf = torch.stack([p.max(1).values for p in probs]).min(0).values
+    conf = confidence_reward(probs)
     valid = conf >= cfg.validity_threshold
     emb = torch.from_numpy(embedder.embed_images(batch.images))
     base_emb = torch.from_numpy(embedder.embed_images(batch.base_images)) if batch.base_images is not None else None
@@ -268,6 +275,8 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
             elif r.name == "drift":
                 assert base_emb is not None
                 values[m] = drift_reward(emb[m], base_emb[m]).double()
+            elif r.name == "confidence":
+                values[m] = conf[m].double()
         parts[r.name] = values
     total = torch.zeros(len(batch.prompts), dtype=torch.float64)
     for r in active:

@@ -229,6 +229,11 @@ def test_overrides_are_typed() -> None:
     assert cfg.lora.targets == ("to_q", "to_v")
     # YAML 1.1 reads an unquoted `no` as false, taken to mean "no"
     assert load_config(MINIATURE, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    # one list entry replaced by a mapping: the ablation of docs/rl-miniature-comparison.md
+    swapped = load_config(MINIATURE, ["rewards.2={name: confidence, weight: 0.5}"])
+    assert swapped.rewards[2] == RewardConfig("confidence", 0.5, ())
+    with pytest.raises(ConfigError, match="unknown option 'kernel' of reward 'confidence'; it takes no options"):
+        load_config(MINIATURE, ["rewards.2={name: confidence, weight: 0.5, kernel: rbf}"])
 
 
 def test_override_problems_are_collected_with_the_file_problems(tmp_path: Path) -> None:

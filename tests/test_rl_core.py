@@ -75,6 +75,18 @@ def test_ddim_matches_diffusers_step(index: int, eta: float) -> None:
     assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_prediction_types_match_diffusers(prediction_type: str, clip: bool) -> None:
+    sched = make_scheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
+    for index in (0, 9, 19):
+        t = int(sched.timesteps[index])
+        sample, out, noise = tensors(30 + index)
+        ours, _ = ddim_step_with_logprob(sched, out, t, sample, 1.0, variance_noise=noise)
+        ref = sched.step(out, t, sample, eta=1.0, variance_noise=noise, return_dict=False)[0]
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+
+
 def test_ddim_clip_sample_matches_diffusers() -> None:
     sched = make_scheduler(clip_sample=True, clip_sample_range=0.5)
     t = int(sched.timesteps[3])
@@ -137,8 +149,10 @@ def test_ddim_errors() -> None:
     t = int(sched.timesteps[0])
     with pytest.raises(SuiteError, match="eta"):
         ddim_step_with_logprob(sched, eps, t, sample, 0.0)
-    with pytest.raises(SuiteError, match="prediction_type"):
-        ddim_step_with_logprob(make_scheduler(prediction_type="v_prediction"), eps, t, sample, 1.0)
+    unknown = make_scheduler()
+    unknown.register_to_config(prediction_type="flow")
+    with pytest.raises(SuiteError, match="prediction_type 'flow' is not supported; allowed: epsilon, v_prediction"):
+        ddim_step_with_logprob(unknown, eps, t, sample, 1.0)
     with pytest.raises(SuiteError, match="set_timesteps"):
         ddim_step_with_logprob(DDIMScheduler(), eps, t, sample, 1.0)
     with pytest.raises(SuiteError, match="timestep"):
@@ -264,6 +278,16 @@ def test_alignment_drift_combine_registry() -> None:
     assert spec.options["mode"] == "entropy"
     with pytest.raises(SuiteError):
         RewardSpec("alignment", -1.0)
+
+
+def test_confidence_reward_is_top_probability_min_over_attributes() -> None:
+    tone = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.45, 0.45, 0.05, 0.05], [0.0, 0.0, 0.0, 1.0]])
+    age = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    # per image: min(max tone, max age) = min(0.7, 0.9), min(0.45, 0.8), min(1.0, 0.6)
+    assert get_reward("confidence")([tone, age]).tolist() == pytest.approx([0.7, 0.45, 0.6], abs=1e-7)
+    assert get_reward("confidence")([tone]).tolist() == pytest.approx([0.7, 0.45, 1.0], abs=1e-7)
+    with pytest.raises(SuiteError, match="confidence_reward"):
+        get_reward("confidence")([tone, age[:2]])
 
 
 # ----------------------------------------------------------------------------------------- advantages

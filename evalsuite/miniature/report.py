@@ -6,6 +6,7 @@
 * the oracle's accuracy on VAE reconstructions (how far its nearest-palette reading can be trusted
   on decoded images), then the classifier's accuracy on images *generated* by the miniature model,
   where the truth is the oracle's reading;
+* how well the text side separates occupations (`measure_text_conditioning`);
 * per occupation and guidance scale, the generated skin-tone and age shares against the training
   distribution (total variation) and the dominant share: conditional mode collapse; and how often
   the occupation's signature (hat style, badge colour) is drawn;
@@ -73,18 +74,54 @@ def measure_confusion(world: Path = ASSETS, n_per: int = 24, steps: int = 20,
     of every occupation at guidance 1, 3 and 7.5; saved to classifier/confusion.json."""
     gen, net = _generator(world, steps), load_classifier(world / "classifier")
     counts = {"skin_tone": np.zeros((4, 4)), "age": np.zeros((2, 2))}
-    for k, name in enumerate(occupations):
-        for g in (1.0, 3.0, 7.5):
-            images = _generate(gen, f"a photo of a {name}", g, n_per, seed0=10_000 + 100 * k)
-            truth, pred = read_attributes(images), classify(net, images)
-            for attr, t, p in (("skin_tone", truth[0], pred[0]), ("age", truth[1], pred[1])):
-                np.add.at(counts[attr], (t[t >= 0], p[t >= 0]), 1)
+    # every (occupation, scale, image) unit, generated 64 at a time across prompts and scales
+    units = [(f"a photo of a {name}", g, 10_000 + 100 * k + i)
+             for k, name in enumerate(occupations) for g in (1.0, 3.0, 7.5) for i in range(n_per)]
+    for start in range(0, len(units), 64):
+        prompts, scales, seeds = zip(*units[start:start + 64])
+        images = gen.generate(list(prompts), list(scales), list(seeds))
+        truth, pred = read_attributes(images), classify(net, images)
+        for attr, t, p in (("skin_tone", truth[0], pred[0]), ("age", truth[1], pred[1])):
+            np.add.at(counts[attr], (t[t >= 0], p[t >= 0]), 1)
     out = {a: (c / np.maximum(c.sum(1, keepdims=True), 1)).round(6).tolist() for a, c in counts.items()}
     meta = {"rows": "oracle class (truth)", "columns": "classifier prediction",
             "counts": {a: c.tolist() for a, c in counts.items()},
             "measured_on": f"{n_per} generated images per occupation at guidance 1, 3, 7.5 ({steps} DDIM steps)"}
     (world / "classifier" / "confusion.json").write_text(json.dumps({**out, "_about": meta}, indent=1))
     return out
+
+
+@torch.no_grad()
+def measure_text_conditioning(world: Path, pipe: Any, pixels: torch.Tensor,
+                              portraits: Sequence[Any]) -> dict[str, float]:
+    """How well the text side tells occupations apart, which the UNet's conditioning inherits.
+
+    * the CLIP's zero-shot occupation accuracy on held-out renders (prompt "a photo of a {occupation}"
+      with the highest cosine), and how often it at least picks an occupation with the right hat;
+    * the mean cosine between the flattened text-encoder states of two occupations' prompts, for pairs
+      that share a hat style and for pairs that do not. Occupations whose states are close get nearly
+      the same conditioning (the UNet cross-attends to these states)."""
+    from transformers import CLIPModel
+
+    occupations = list(OCCUPATIONS.values())
+    names = [o.name for o in occupations]
+    ids = pipe.tokenizer([f"a photo of a {n}" for n in names], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    clip = CLIPModel.from_pretrained(world / "clip").eval()
+    out = clip(input_ids=ids, pixel_values=pixels[:1])
+    text = torch.nn.functional.normalize(out.text_embeds, dim=1)
+    images = torch.cat([clip(input_ids=ids[:1], pixel_values=pixels[i:i + 512]).image_embeds
+                        for i in range(0, len(pixels), 512)])
+    pred = (torch.nn.functional.normalize(images, dim=1) @ text.T).argmax(1).numpy()
+    truth = np.array([names.index(p.occupation) for p in portraits])
+    states = torch.nn.functional.normalize(pipe.text_encoder(input_ids=ids).last_hidden_state.flatten(1), dim=1)
+    cos = (states @ states.T).numpy()
+    same = np.array([[a.hat == b.hat for b in occupations] for a in occupations])
+    off_diagonal = ~np.eye(len(names), dtype=bool)
+    return {"clip_occupation_acc": float((pred == truth).mean()),
+            "clip_hat_acc": float(np.mean([occupations[p].hat == occupations[t].hat for p, t in zip(pred, truth)])),
+            "text_state_cosine_same_hat": float(cos[same & off_diagonal].mean()),
+            "text_state_cosine_other_hat": float(cos[~same].mean())}
 
 
 def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCCUPATIONS, n: int = 200,
@@ -112,6 +149,8 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
                       "oracle_tone_acc": float((ot == tone_true).mean()),
                       "oracle_age_acc": float((oa == age_true).mean())}
 
+    out["text_conditioning"] = measure_text_conditioning(world, gen.pipe, x, portraits)
+
     rows: list[dict[str, Any]] = []
     agree: dict[str, list[bool]] = {"tone": [], "age": []}
     for k, name in enumerate(occupations):
@@ -135,6 +174,15 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     out["generated"] = {"classifier_vs_oracle_tone_acc": float(np.mean(agree["tone"])),
                         "classifier_vs_oracle_age_acc": float(np.mean(agree["age"])), "images": len(agree["tone"])}
     out["distributions"] = rows
+    # the same noises at guidance 1 through the stochastic sampler (eta = 1, the RL policy's)
+    gen.eta = 1.0
+    out["guidance1_eta1"] = []
+    for k, name in enumerate(occupations):
+        tone, _ = read_attributes(_generate(gen, f"a photo of a {name}", 1.0, n, seed0=1_000_000 + 10_000 * k))
+        ts = _shares(tone, 4)
+        tv = float(0.5 * np.abs(ts - np.asarray(OCCUPATIONS[name].tone_probs)).sum())
+        out["guidance1_eta1"].append({"occupation": name, "tone_shares": ts.round(3).tolist(), "tone_tv": tv})
+    gen.eta = 0.0
     prompts = [f"a photo of a {o}" for o in list(OCCUPATIONS)[:64]]
     gen.generate(prompts[:8], [7.5] * 8, list(range(8)))  # warm up
     t0 = time.perf_counter()
@@ -164,6 +212,21 @@ def to_markdown(m: dict[str, Any]) -> str:
                      f"{'/'.join(f'{s:.2f}' for s in r['train_tone'])} | {r['tone_tv']:.3f} | "
                      f"{r['dominant_share']:.2f} | {r['old_share']:.2f} | {r['train_old']:.2f} | "
                      f"{r.get('hat_rate', float('nan')):.2f} | {r.get('badge_rate', float('nan')):.2f} |")
+    if m.get("guidance1_eta1"):
+        lines += ["", "Guidance 1 with the stochastic DDIM sampler (eta = 1; the table above uses eta = 0, "
+                  "diffusers' default), the same initial noises:", "",
+                  "| occupation | tone shares (light/medium/tan/dark) | TV |", "|---|---|---|"]
+        lines += [f"| {r['occupation']} | {'/'.join(f'{s:.2f}' for s in r['tone_shares'])} | {r['tone_tv']:.3f} |"
+                  for r in m["guidance1_eta1"]]
+    c = m.get("text_conditioning")
+    if c:
+        lines += ["", f"Text conditioning: the miniature CLIP names the occupation of a held-out render with "
+                  f"accuracy {c['clip_occupation_acc']:.3f} (the right hat style {c['clip_hat_acc']:.3f}); the "
+                  f"text-encoder states of two occupations' prompts have mean cosine "
+                  f"{c['text_state_cosine_same_hat']:.2f} when they share a hat style and "
+                  f"{c['text_state_cosine_other_hat']:.2f} when not. At guidance 1 the excess tones of an "
+                  "occupation are mostly its hat-mates' dominant tones; yet a CLIP trained 2.5x longer, which "
+                  "told occupations apart, did not bring the shares closer to the training skew (`BuildConfig`)."]
     lines += ["", "hat, badge: share of images whose hat style / badge colour the oracle reads as the "
               "occupation's (`read_signature`); the on-prompt rate of `evalsuite run` uses the hat.",
               "", f"Throughput: {m['throughput_img_per_s_b64_20steps']} images/s (batch 64, 20 DDIM steps, "

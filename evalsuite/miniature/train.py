@@ -171,8 +171,9 @@ def new_unet(cross_dim: int = 64) -> UNet2DConditionModel:
 def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: CLIPTokenizer,
                noise_scheduler: DDPMScheduler, steps: int, rng: np.random.Generator, batch: int = 128,
                lr: float = 1e-3, ema_decay: float = 0.999, bf16: bool = False) -> UNet2DConditionModel:
-    """Epsilon-prediction training on VAE latents, conditioned on the frozen CLIP text tower's hidden
-    states; captions are redrawn every step (including the empty caption for guidance). Returns the
+    """Denoising training on VAE latents with the target of `noise_scheduler`'s prediction type
+    (epsilon, v = sqrt(a_t) eps - sqrt(1 - a_t) x0, or x0 itself), conditioned on the frozen CLIP text
+    tower's hidden states; captions are redrawn every step (including the empty caption for guidance). Returns the
     EMA weights. `bf16` runs the forward pass under bfloat16 autocast (weights, optimiser and loss stay
     float32); use it only where the CPU has native bfloat16 (`cpu_has_bf16`)."""
     from ..models import use_math_attention
@@ -194,6 +195,9 @@ def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: C
 
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     n_train = noise_scheduler.config.num_train_timesteps
+    kind = noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"train_unet: prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     bar = _bar(steps, "unet")
     for step, idx in enumerate(data.batches(batch, steps, rng)):
@@ -205,7 +209,11 @@ def train_unet(data: MiniData, vae: AutoencoderKL, clip: CLIPModel, tokenizer: C
         xt = noise_scheduler.add_noise(x0, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        if kind == "v_prediction":
+            target = noise_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise if kind == "epsilon" else x0
+        loss = F.mse_loss(pred.float(), target)
         _cosine_lr(opt, step, steps, lr, warmup=100)
         opt.zero_grad()
         loss.backward()
