@@ -395,10 +395,11 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
             d.get("training", {}).pop(key, None)
         return d
 
+    before = json.loads(saved.read_text())
     try:
-        before = config_from_dict(json.loads(saved.read_text()), str(saved)).to_dict()
+        before = config_from_dict(before, str(saved)).to_dict()
     except SuiteError:  # not readable as a config any more: compare what is there
-        before = json.loads(saved.read_text())
+        pass
     if essence(before) != essence(cfg.to_dict()):
         raise SuiteError(f"{saved.parent} holds checkpoints of a run with another configuration; "
                          "choose another output_dir or delete its checkpoints/")

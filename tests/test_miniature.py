@@ -173,8 +173,7 @@ def test_shipped_clip_reads_hats_and_entangles_occupations_that_share_one() -> N
     from evalsuite.miniature.report import _generator, measure_text_conditioning
 
     portraits = sample_portraits([o for o in OCCUPATIONS for _ in range(10)], np.random.default_rng(99))
-    pixels = (torch.from_numpy(render_batch(portraits)).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
-    m = measure_text_conditioning(ASSETS, _generator(ASSETS, 2).pipe, pixels, portraits)
+    m = measure_text_conditioning(ASSETS, _generator(ASSETS, 2).pipe, render_batch(portraits), portraits)
     assert m["clip_hat_acc"] >= 0.95
     assert 0.2 <= m["clip_occupation_acc"] <= 0.7
     assert m["text_state_cosine_same_hat"] > m["text_state_cosine_other_hat"] + 0.3

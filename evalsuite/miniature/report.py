@@ -92,28 +92,26 @@ def measure_confusion(world: Path = ASSETS, n_per: int = 24, steps: int = 20,
 
 
 @torch.no_grad()
-def measure_text_conditioning(world: Path, pipe: Any, pixels: torch.Tensor,
+def measure_text_conditioning(world: Path, pipe: Any, images: np.ndarray,
                               portraits: Sequence[Any]) -> dict[str, float]:
     """How well the text side tells occupations apart, which the UNet's conditioning inherits.
 
-    * the CLIP's zero-shot occupation accuracy on held-out renders (prompt "a photo of a {occupation}"
-      with the highest cosine), and how often it at least picks an occupation with the right hat;
+    * the CLIP's zero-shot occupation accuracy on held-out uint8 renders `images` (prompt "a photo of a
+      {occupation}" with the highest cosine), and how often it at least picks an occupation with the
+      right hat;
     * the mean cosine between the flattened text-encoder states of two occupations' prompts, for pairs
       that share a hat style and for pairs that do not. Occupations whose states are close get nearly
       the same conditioning (the UNet cross-attends to these states)."""
-    from transformers import CLIPModel
+    from ..classifiers import ClassifierContext, get_embedder
 
     occupations = list(OCCUPATIONS.values())
     names = [o.name for o in occupations]
-    ids = pipe.tokenizer([f"a photo of a {n}" for n in names], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    clip = CLIPModel.from_pretrained(world / "clip").eval()
-    out = clip(input_ids=ids, pixel_values=pixels[:1])
-    text = torch.nn.functional.normalize(out.text_embeds, dim=1)
-    images = torch.cat([clip(input_ids=ids[:1], pixel_values=pixels[i:i + 512]).image_embeds
-                        for i in range(0, len(pixels), 512)])
-    pred = (torch.nn.functional.normalize(images, dim=1) @ text.T).argmax(1).numpy()
+    prompts = [f"a photo of a {n}" for n in names]
+    clip = get_embedder(f"clip:{world / 'clip'}", ClassifierContext())
+    pred = (clip.embed_images(images) @ clip.embed_texts(prompts).T).argmax(1)
     truth = np.array([names.index(p.occupation) for p in portraits])
+    ids = pipe.tokenizer(prompts, padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     states = torch.nn.functional.normalize(pipe.text_encoder(input_ids=ids).last_hidden_state.flatten(1), dim=1)
     cos = (states @ states.T).numpy()
     same = np.array([[a.hat == b.hat for b in occupations] for a in occupations])
@@ -122,6 +120,11 @@ def measure_text_conditioning(world: Path, pipe: Any, pixels: torch.Tensor,
             "clip_hat_acc": float(np.mean([occupations[p].hat == occupations[t].hat for p, t in zip(pred, truth)])),
             "text_state_cosine_same_hat": float(cos[same & off_diagonal].mean()),
             "text_state_cosine_other_hat": float(cos[~same].mean())}
+
+
+def _tone_tv(shares: np.ndarray, occupation: str) -> float:
+    """Total variation between generated tone shares and the occupation's training distribution."""
+    return float(0.5 * np.abs(shares - np.asarray(OCCUPATIONS[occupation].tone_probs)).sum())
 
 
 def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCCUPATIONS, n: int = 200,
@@ -149,7 +152,7 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
                       "oracle_tone_acc": float((ot == tone_true).mean()),
                       "oracle_age_acc": float((oa == age_true).mean())}
 
-    out["text_conditioning"] = measure_text_conditioning(world, gen.pipe, x, portraits)
+    out["text_conditioning"] = measure_text_conditioning(world, gen.pipe, renders, portraits)
 
     rows: list[dict[str, Any]] = []
     agree: dict[str, list[bool]] = {"tone": [], "age": []}
@@ -165,7 +168,7 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
             hats, badges = read_signature(images)
             rows.append({"occupation": name, "guidance": g, "n": n, "person_rate": float((tone >= 0).mean()),
                          "tone_shares": ts.round(3).tolist(), "train_tone": list(occ.tone_probs),
-                         "tone_tv": float(0.5 * np.abs(ts - np.asarray(occ.tone_probs)).sum()),
+                         "tone_tv": _tone_tv(ts, name),
                          "dominant_share": float(ts[TONE_NAMES.index(occ.dominant_tone)]),
                          "old_share": float(as_[1]), "train_old": occ.p_old,
                          "age_tv": float(abs(as_[1] - occ.p_old)),
@@ -180,8 +183,8 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     for k, name in enumerate(occupations):
         tone, _ = read_attributes(_generate(gen, f"a photo of a {name}", 1.0, n, seed0=1_000_000 + 10_000 * k))
         ts = _shares(tone, 4)
-        tv = float(0.5 * np.abs(ts - np.asarray(OCCUPATIONS[name].tone_probs)).sum())
-        out["guidance1_eta1"].append({"occupation": name, "tone_shares": ts.round(3).tolist(), "tone_tv": tv})
+        out["guidance1_eta1"].append({"occupation": name, "tone_shares": ts.round(3).tolist(),
+                                      "tone_tv": _tone_tv(ts, name)})
     gen.eta = 0.0
     prompts = [f"a photo of a {o}" for o in list(OCCUPATIONS)[:64]]
     gen.generate(prompts[:8], [7.5] * 8, list(range(8)))  # warm up
