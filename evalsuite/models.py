@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,9 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         if revision:
             kwargs["revision"] = revision
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+        with warnings.catch_warnings():  # new diffusers deprecate `torch_dtype` for `dtype`, which old ones lack
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise SuiteError(f"--model: could not load '{model_id}': {str(exc).splitlines()[0]}") from exc
     if getattr(pipe, "safety_checker", None) is not None:

@@ -28,9 +28,10 @@ from rl.rewards import KERNELS, REWARDS
 
 # Options each reward takes -> allowed values; the first value is the default.
 REWARD_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    # diversity features: the reward classifier's class probabilities (an image-embedding variant needs a
-    # reference image set, not built yet)
-    "diversity": {"kernel": tuple(KERNELS), "features": ("probs",),
+    # diversity features: the reward classifier's class probabilities, or one-hot labels of its most
+    # probable class (rl.rewards.hard_labels); an image-embedding variant needs a reference image set,
+    # not built yet
+    "diversity": {"kernel": tuple(KERNELS), "features": ("probs", "labels"),
                   "reference": ("uniform", "target")},
     "balance": {"mode": ("kl", "entropy"), "reference": ("uniform", "target")},
     "alignment": {},

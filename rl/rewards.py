@@ -129,6 +129,21 @@ def diversity_reward(
     return mmd_loo_credit(features, reference, k)
 
 
+def hard_labels(probs: Tensor) -> Tensor:
+    """One-hot rows of each image's most probable class, shape of ``probs`` (M, K): the "labels" features
+    of the diversity reward. A row of zeros (no measurement, e.g. no person) stays all zero; ties go to the
+    lower class index.
+
+    Why: with soft class probabilities an image painted between two classes sits between two one-hot
+    reference points, and the MMD credits it as partly of the rare class. With labels it counts only as
+    the class it is read as, so the reward pays for images that are clearly of a rare class and nothing
+    for drifting toward one. The cost: a fully collapsed group has no signal even in the last digits."""
+    if probs.ndim != 2:
+        raise SuiteError(f"hard_labels: need (M, K) probabilities, got {tuple(probs.shape)}")
+    onehot = F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
+    return onehot * (probs.sum(1, keepdim=True) > 0).to(probs.dtype)
+
+
 def _one_hot_rows(counts: Sequence[int], smoothing: float) -> Tensor:
     k = len(counts)
     if not 0.0 <= smoothing < 1.0:

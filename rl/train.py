@@ -53,6 +53,7 @@ from .rewards import (
     confidence_reward,
     diversity_reward,
     drift_reward,
+    hard_labels,
     reference_from_target,
 )
 from .sampling import sample_trajectories, step_log_prob
@@ -256,6 +257,7 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
     emb = torch.from_numpy(embedder.embed_images(batch.images))
     base_emb = torch.from_numpy(embedder.embed_images(batch.base_images)) if batch.base_images is not None else None
     feats = torch.cat(probs, 1).double()
+    labels = torch.cat([hard_labels(p) for p in probs], 1).double()
     parts: dict[str, torch.Tensor] = {}
     active = [r for r in cfg.rewards if r.weight > 0]  # a zero weight switches a term off (drift: no base images)
     for r in active:
@@ -266,7 +268,8 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
         for gid in batch.group.unique():
             m = batch.group == gid
             if r.name == "diversity":
-                values[m] = diversity_reward(feats[m], ref, kernel=opts.get("kernel", "rbf")).double()
+                x = labels[m] if opts.get("features", "probs") == "labels" else feats[m]
+                values[m] = diversity_reward(x, ref, kernel=opts.get("kernel", "rbf")).double()
             elif r.name == "balance":
                 values[m] = sum(balance_reward(p[m].double(), _target(a, opts.get("reference", "uniform")),
                                                mode=opts.get("mode", "kl")) for a, p in zip(attrs, probs))

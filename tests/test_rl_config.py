@@ -55,6 +55,9 @@ def test_shipped_miniature_config_loads() -> None:
     assert cfg.lora.targets == ("to_q", "to_k", "to_v", "to_out.0")
     assert [r.name for r in cfg.rewards] == ["diversity", "alignment", "drift"]
     assert cfg.rewards[0].options_dict == {"kernel": "rbf", "features": "probs", "reference": "uniform"}
+    assert load_config(MINIATURE, ["rewards.0.features=labels"]).rewards[0].options_dict["features"] == "labels"
+    with pytest.raises(ConfigError, match=r"rewards\[0\].features: .*'label'.*'labels'.*allowed: labels, probs"):
+        load_config(MINIATURE, ["rewards.0.features=label"])
     assert cfg.rewards[1] == RewardConfig("alignment", 0.1, ())
     assert cfg.rewards[2].options_dict == {"features": "embedding"} and cfg.rewards[2].weight == 0.0
     assert cfg.reward_attributes == ("skin_tone",)

@@ -28,6 +28,7 @@ from rl import (
     drift_penalty,
     get_reward,
     group_zscore,
+    hard_labels,
     median_bandwidth,
     mmd2_unbiased,
     mmd_loo_credit,
@@ -288,6 +289,21 @@ def test_confidence_reward_is_top_probability_min_over_attributes() -> None:
     assert get_reward("confidence")([tone]).tolist() == pytest.approx([0.7, 0.45, 1.0], abs=1e-7)
     with pytest.raises(SuiteError, match="confidence_reward"):
         get_reward("confidence")([tone, age[:2]])
+
+
+def test_hard_labels_and_their_diversity_credit() -> None:
+    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.55, 0.45, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.8, 0.1, 0.0],
+                          [0.5, 0.5, 0.0, 0.0]])
+    # argmax one-hot; the all-zero row (no measurement) stays zero; the tie goes to the lower index
+    assert hard_labels(probs).tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]]
+    # group L, L, L(painted between light and medium: read as light), M against one reference point per class,
+    # linear kernel. S_m (sum of k to the other members) = 2, 2, 2, 0; T_m (sum of k to the reference) = 1;
+    # MMD^2_u(G) = 6/12 - 2*4/16 = 0; without m: (6 - 2 S_m)/6 - 2*3/12 = -1/6 (light), 1/2 (medium).
+    group = hard_labels(torch.tensor([[1.0, 0, 0, 0], [0.97, 0.03, 0, 0], [0.55, 0.45, 0, 0], [0.1, 0.9, 0, 0]]))
+    credit = diversity_reward(group.double(), balanced_reference(4, 1), kernel="linear")
+    assert credit.tolist() == pytest.approx([-1 / 6, -1 / 6, -1 / 6, 0.5], abs=1e-12)
+    with pytest.raises(SuiteError, match="hard_labels"):
+        hard_labels(torch.ones(4))
 
 
 # ----------------------------------------------------------------------------------------- advantages
