@@ -10,7 +10,6 @@ import contextlib
 import inspect
 import logging
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +95,7 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
     check_model_source(model)
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
+    kwargs: dict[str, Any] = {_dtype_keyword(): torch_dtype, "use_safetensors": True}
     if model in (None, MINIATURE):
         source, model_id, vocab = str(ASSETS / "pipeline"), MINIATURE, _miniature_words()
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -106,9 +105,7 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         if revision:
             kwargs["revision"] = revision
     try:
-        with warnings.catch_warnings():  # new diffusers deprecate `torch_dtype` for `dtype`, which old ones lack
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+        pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise SuiteError(f"--model: could not load '{model_id}': {str(exc).splitlines()[0]}") from exc
     if getattr(pipe, "safety_checker", None) is not None:
@@ -128,6 +125,14 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, is_miniature=model_id == MINIATURE,
                        dtype=dtype, device=device, lora=lora, vocabulary=vocab)
+
+
+def _dtype_keyword() -> str:
+    """diffusers 0.40 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns until 1.0)."""
+    from importlib.metadata import version
+
+    major_minor = tuple(int(part) for part in re.findall(r"\d+", version("diffusers"))[:2])
+    return "dtype" if major_minor >= (0, 40) else "torch_dtype"
 
 
 def use_math_attention(unet: Any) -> None:

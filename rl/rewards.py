@@ -11,7 +11,8 @@ Diversity reward (Miao et al., "Training Diffusion Models Towards Diverse Image 
 Reinforcement Learning", CVPR 2024). The authors never released code; this is the reconstruction of
 shared/reference/methods.md section 1.3: set reward R_set(G) = -MMD^2_u(G, R) against a reference set R,
 per-image LOO credit computed in closed form in O(M^2 + MN). Features may be attribute-classifier class
-probabilities (reference: :func:`balanced_reference` / :func:`reference_from_target`) or image embeddings
+probabilities or their one-hot labels (:func:`hard_labels`; reference: :func:`balanced_reference` /
+:func:`reference_from_target`) or image embeddings
 (CLIP, DINOv2; reference: embeddings of a balanced image set). Kernel, features and credit rule are our
 choices, not verified as Miao's. A fully collapsed group (all features identical) yields identical credits,
 so after per-prompt normalisation it carries no learning signal (methods.md 6.3).
@@ -136,8 +137,10 @@ def hard_labels(probs: Tensor) -> Tensor:
 
     Why: with soft class probabilities an image painted between two classes sits between two one-hot
     reference points, and the MMD credits it as partly of the rare class. With labels it counts only as
-    the class it is read as, so the reward pays for images that are clearly of a rare class and nothing
-    for drifting toward one. The cost: a fully collapsed group has no signal even in the last digits."""
+    the class it is read as, so the reward pays for images read as a rare class and nothing for drifting
+    toward one. The cost: a collapsed group's identical labels give identical credits, so no signal at
+    all after normalisation. Our design, not Miao et al.'s; measured on the miniature model it cost
+    validity and hats (docs/rl-miniature-comparison.md)."""
     if probs.ndim != 2:
         raise SuiteError(f"hard_labels: need (M, K) probabilities, got {tuple(probs.shape)}")
     onehot = F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)

@@ -41,6 +41,17 @@ def test_seeds_are_paired_across_scales_and_models() -> None:
     assert torch.equal(a[1], initial_noise([12], (4, 8, 8))[0])
 
 
+def test_a_dtype_reaches_every_component_without_deprecation_warnings() -> None:
+    import warnings
+
+    from evalsuite.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # diffusers >= 0.40 warns on `torch_dtype`
+        pipe = load_model("miniature", dtype="bfloat16").pipe
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.bfloat16}
+
+
 def test_batched_generation_equals_plain_diffusers() -> None:
     """A batch mixing prompts and scales gives the images of one plain pipeline call per (prompt, scale)."""
     from evalsuite.models import load_model

@@ -57,9 +57,10 @@ class BuildConfig:
     with 2400 UNet steps (0.177). At 600 steps the CLIP reads the 3×3 occupation badge poorly, so
     occupations sharing a hat style get close text states; 1500 steps separated them (zero-shot
     occupation accuracy 0.47 -> 0.95) without bringing the tone shares closer to the training skew.
-    Drawing UNet training timesteps toward high noise, where the tone is settled (t/T = 1 - (1 - u)^2),
-    moved the mean TV from 0.132 to 0.123 with the default sampler but from 0.077 to 0.085 with eta = 1
-    (max 0.245 -> 0.180 and 0.137 -> 0.182): within the noise of 200 images per occupation; not kept.
+    Drawing UNet training timesteps toward high noise, where the tone is decided (t/T = 1 - (1 - u)^2),
+    moved the mean / max TV from 0.132 / 0.245 to 0.123 / 0.180 with the default sampler (eta = 0) but
+    from 0.077 / 0.137 to 0.085 / 0.182 with eta = 1: within the noise of 200 images per occupation;
+    not kept.
     """
 
     seed: int = 0
