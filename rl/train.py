@@ -257,19 +257,19 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
     emb = torch.from_numpy(embedder.embed_images(batch.images))
     base_emb = torch.from_numpy(embedder.embed_images(batch.base_images)) if batch.base_images is not None else None
     feats = torch.cat(probs, 1).double()
-    labels = torch.cat([hard_labels(p) for p in probs], 1).double()
     parts: dict[str, torch.Tensor] = {}
     active = [r for r in cfg.rewards if r.weight > 0]  # a zero weight switches a term off (drift: no base images)
     for r in active:
         opts = r.options_dict
         values = torch.zeros(len(batch.prompts), dtype=torch.float64)
         if r.name == "diversity":
+            labels = opts.get("features") == "labels"
+            features = torch.cat([hard_labels(p) for p in probs], 1).double() if labels else feats
             ref = _reference(attrs, opts.get("reference", "uniform"), 16 * max(len(a.classes) for a in attrs))
         for gid in batch.group.unique():
             m = batch.group == gid
             if r.name == "diversity":
-                x = labels[m] if opts.get("features", "probs") == "labels" else feats[m]
-                values[m] = diversity_reward(x, ref, kernel=opts.get("kernel", "rbf")).double()
+                values[m] = diversity_reward(features[m], ref, kernel=opts.get("kernel", "rbf")).double()
             elif r.name == "balance":
                 values[m] = sum(balance_reward(p[m].double(), _target(a, opts.get("reference", "uniform")),
                                                mode=opts.get("mode", "kl")) for a, p in zip(attrs, probs))

@@ -110,9 +110,8 @@ def measure_text_conditioning(world: Path, pipe: Any, images: np.ndarray,
     clip = get_embedder(f"clip:{world / 'clip'}", ClassifierContext())
     pred = (clip.embed_images(images) @ clip.embed_texts(prompts).T).argmax(1)
     truth = np.array([names.index(p.occupation) for p in portraits])
-    ids = pipe.tokenizer(prompts, padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    states = torch.nn.functional.normalize(pipe.text_encoder(input_ids=ids).last_hidden_state.flatten(1), dim=1)
+    hidden = pipe.encode_prompt(prompts, pipe.device, 1, False)[0]  # what the UNet cross-attends to
+    states = torch.nn.functional.normalize(hidden.flatten(1), dim=1)
     cos = (states @ states.T).numpy()
     same = np.array([[a.hat == b.hat for b in occupations] for a in occupations])
     off_diagonal = ~np.eye(len(names), dtype=bool)
