@@ -11,6 +11,7 @@ Format (schema_version 1), one YAML mapping; keys marked * are optional::
                        target*: {young: 0.5, old: 0.5}}}  # >= 2 classes; target sums to 1, default uniform
     guidance_scales: [1.0, 7.5]   # unique numbers >= 1.0 (1.0: no CFG), stored ascending
     images_per_prompt: 16; seed: 0; steps: 20; classifier: miniature (resolved later by a registry)
+    eta*: 0.0   # DDIM eta in [0, 1]: 0 deterministic (the default), 1 DDPM-like ancestral sampling
     intersections*: [[skin_tone, age]]         # groups of >= 2 attributes scored jointly
 
 `load_battery` validates everything and reports every problem at once in one `ConfigError`.
@@ -39,7 +40,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REQUIRED = ("schema_version", "name", "version", "templates", "slots", "attributes", "guidance_scales",
              "images_per_prompt", "seed", "steps", "classifier")
-_OPTIONAL = ("description", "heldout", "intersections")
+_OPTIONAL = ("description", "heldout", "intersections", "eta")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Battery:
     images_per_prompt: int
     seed: int
     steps: int
+    eta: float
     classifier: str
     intersections: tuple[tuple[str, ...], ...]
     source: str = field(compare=False)
@@ -111,13 +113,13 @@ class Battery:
                                        "target": dict(zip(spec.classes, spec.target, strict=True))}
                            for spec in self.attributes},
             "guidance_scales": list(self.guidance_scales), "images_per_prompt": self.images_per_prompt,
-            "seed": self.seed, "steps": self.steps, "classifier": self.classifier,
+            "seed": self.seed, "steps": self.steps, "eta": self.eta, "classifier": self.classifier,
             "intersections": [list(group) for group in self.intersections],
         }
 
     def with_overrides(self, *, limit_prompts: int | None = None, images_per_prompt: int | None = None,
                        guidance_scales: Sequence[float] | None = None, steps: int | None = None,
-                       seed: int | None = None) -> Battery:
+                       seed: int | None = None, eta: float | None = None) -> Battery:
         """A new, revalidated battery with command-line overrides; bad values name the option.
 
         `limit_prompts=N` truncates, never reorders: the first N templates are kept, then every slot
@@ -133,6 +135,8 @@ class Battery:
                 data[key] = c.integer(option, value, low)
         if guidance_scales is not None:
             data["guidance_scales"] = c.scales("--guidance-scales", guidance_scales)
+        if eta is not None:
+            data["eta"] = c.number("--eta", eta, 0.0, 1.0)
         limit = c.integer("--limit-prompts", limit_prompts, 1) if limit_prompts is not None else None
         if c.problems:
             raise ConfigError("options", c.problems)
@@ -186,7 +190,9 @@ def battery_from_dict(data: Mapping[str, Any], source: str) -> Battery:
         "version": version,
         "images_per_prompt": lambda k, v: c.integer(k, v, 1), "seed": lambda k, v: c.integer(k, v, 0),
         "steps": lambda k, v: c.integer(k, v, 1), "classifier": c.text, "guidance_scales": c.scales,
+        "eta": lambda k, v: c.number(k, v, 0.0, 1.0),
     }
+    out["eta"] = 0.0
     out.update((key, check(key, d[key])) for key, check in checks.items() if key in d)
     out["description"] = d.get("description", "")
     if not isinstance(out["description"], str):

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     small.add_argument("--images-per-prompt", type=int, default=None)
     small.add_argument("--scales", type=_scales, default=None, help="guidance scales, e.g. 1,7.5")
     small.add_argument("--steps", type=int, default=None, help="sampler steps")
+    small.add_argument("--eta", type=float, default=None,
+                       help="DDIM eta in [0, 1] (default: the battery's, else 0 = deterministic)")
     small.add_argument("--seed", type=int, default=None)
 
     val = sub.add_parser("validate", help="check battery files; exit 2 on any problem")
@@ -86,7 +88,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     battery = load_battery(args.battery).with_overrides(
         limit_prompts=args.limit_prompts, images_per_prompt=args.images_per_prompt,
-        guidance_scales=args.scales, steps=args.steps, seed=args.seed)
+        guidance_scales=args.scales, steps=args.steps, seed=args.seed, eta=args.eta)
     options = RunOptions(results_dir=args.results, name=args.name, model=args.model, revision=args.revision,
                          lora=args.lora, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
                          classifiers=tuple(args.classifiers or ()), embedder=args.embedder,

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .errors import SuiteError
 from .models import LoadedModel, attention_order
 
 
@@ -70,6 +71,7 @@ class BatchedGenerator:
         self.dtype = self.pipe.unet.dtype
         self.steps = steps
         self.eta = eta
+        check_eta(self.pipe.scheduler, eta)
         self.shape = latent_shape(self.pipe)
         self._cache: dict[str, torch.Tensor] = {}
         self.unet = self.pipe.unet
@@ -120,8 +122,7 @@ class BatchedGenerator:
         # eta > 0 (DDIM): each image's step noise comes from its own stream, seeded by its seed alone, so
         # stochastic sampling is as paired and batch-independent as the initial noise
         stochastic = self.eta > 0 and "variance_noise" in sched.step.__code__.co_varnames
-        streams = [torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([s, 1]).generate_state(1)[0]))
-                   for s in seeds] if stochastic else []
+        streams = [step_noise_stream(s) for s in seeds] if stochastic else []
         with attention_order(self.device):
             for t in sched.timesteps:
                 if streams:
@@ -140,11 +141,13 @@ class BatchedGenerator:
 class PipelineGenerator:
     """Any diffusers text-to-image pipeline: one call per (prompt, scale) group, paired noise as latents."""
 
-    def __init__(self, loaded: LoadedModel, steps: int) -> None:
+    def __init__(self, loaded: LoadedModel, steps: int, eta: float = 0.0) -> None:
         self.pipe = loaded.pipe
         self.device = torch.device(loaded.device)
         self.steps = steps
+        self.eta = eta
         self.shape = latent_shape(self.pipe)
+        check_eta(self.pipe.scheduler, eta)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
@@ -155,15 +158,29 @@ class PipelineGenerator:
             groups.setdefault(key, []).append(i)
         for (prompt, scale), idx in groups.items():
             noise = initial_noise([seeds[i] for i in idx], self.shape).to(self.device, dtype)
+            # eta > 0: one generator per image (its step-noise stream), so images stay paired across calls
+            extra = {"eta": self.eta, "generator": [step_noise_stream(seeds[i]) for i in idx]} if self.eta else {}
             result = self.pipe(prompt=[prompt] * len(idx), guidance_scale=scale, latents=noise,
-                               num_inference_steps=self.steps, output_type="np")
+                               num_inference_steps=self.steps, output_type="np", **extra)
             images = (np.asarray(result.images) * 255).round().astype(np.uint8)
             for k, i in enumerate(idx):
                 out[i] = images[k]
         return np.stack([o for o in out if o is not None])
 
 
-def make_generator(loaded: LoadedModel, steps: int, compile: bool = False) -> Generator:
+def step_noise_stream(seed: int) -> torch.Generator:
+    """The CPU generator of one image's per-step sampler noise (eta > 0), derived from its seed alone."""
+    return torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+
+
+def check_eta(scheduler: Any, eta: float) -> None:
+    """eta > 0 needs a scheduler whose step takes it (DDIM); others would silently ignore it."""
+    if eta > 0 and "eta" not in scheduler.step.__code__.co_varnames:
+        raise SuiteError(f"battery eta {eta:g} needs a DDIM-style scheduler whose step takes eta; this model's "
+                         f"scheduler is {type(scheduler).__name__}. Set eta: 0 (or drop --eta) for this model")
+
+
+def make_generator(loaded: LoadedModel, steps: int, eta: float = 0.0, compile: bool = False) -> Generator:
     if BatchedGenerator.supports(loaded.pipe):
-        return BatchedGenerator(loaded, steps, compile=compile)
-    return PipelineGenerator(loaded, steps)
+        return BatchedGenerator(loaded, steps, eta=eta, compile=compile)
+    return PipelineGenerator(loaded, steps, eta=eta)

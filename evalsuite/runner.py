@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, store
 from .battery import Battery, Prompt
 from .errors import SuiteError
-from .generate import make_generator, unit_seed
+from .generate import check_eta, make_generator, unit_seed
 from .miniature import OCCUPATIONS, read_worn_hat
 from .store import append_records, done_batches, merge_shards, save_battery, write_json_atomic, write_png
 
@@ -203,6 +203,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
 
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
                         lora=options.lora)
+    check_eta(loaded.pipe.scheduler, battery.eta)
     ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
                             else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)
     specs = list(dict.fromkeys(options.classifiers or (battery.classifier,)))
@@ -229,7 +230,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         log.info("resuming %s: %d of %d images already made", run_dir, n_done, len(plan.units))
     texts = [p.text for p in battery.prompts()]
     text_emb = dict(zip(texts, embedder.embed_texts(texts)))
-    generator = make_generator(loaded, battery.steps, compile=options.compile)
+    generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
     shard = run_dir / f"records.rank{rank}.jsonl"
     bar = progress(len(plan.units), n_done, main and log.isEnabledFor(logging.INFO))
     gen_s = 0.0
@@ -298,7 +299,7 @@ def _run_info(battery: Battery, options: RunOptions, loaded: Any, specs: list[st
         "schema_version": RESULTS_SCHEMA_VERSION,
         "run_name": Path(options.name or default_run_name(battery, options)).name,
         "fingerprint": fp, "battery": battery.to_dict(), "options": {**options.to_dict(), "processes": world,
-        "steps": battery.steps, "sampler": type(loaded.pipe.scheduler).__name__},
+        "steps": battery.steps, "eta": battery.eta, "sampler": type(loaded.pipe.scheduler).__name__},
         "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],
         "embedder": options.embedder,
         "seeds": {"battery_seed": battery.seed,

@@ -1,7 +1,8 @@
 """Configuration of the RL fine-tuner: one YAML file plus `key=value` overrides -> frozen dataclasses.
 
 rl/configs/miniature.yaml documents every field (meaning, units, interactions). Every key is required
-except `evaluation.allow_same_classifier` (default false) and the per-reward options (default: the first
+except those of `_OPTIONAL` (evaluation.allow_same_classifier false, evaluation.eta 0,
+training.timestep_window 1, training.compile false) and the per-reward options (default: the first
 allowed value, see REWARD_OPTIONS). `load_config` validates the values, the batch arithmetic, the model
 source, the battery and the attributes it balances, reward names and options, and the classifier specs,
 and reports every problem of the file and of the overrides at once in one ConfigError ("key: message").
@@ -108,6 +109,7 @@ class EvaluationConfig:
     images_per_prompt: int
     guidance_scales: tuple[float, ...]
     steps: int
+    eta: float
 
 
 @dataclass(frozen=True)
@@ -245,9 +247,10 @@ _SECTIONS: dict[str, dict[str, Checker]] = {
                  "tracker_buffer": _int(1), "tracker_min_count": _int(1)},
     "lora": {"rank": _int(1), "alpha": _POSITIVE, "targets": _names, "text_encoder_rank": _int(0)},
     "evaluation": {"classifier": _text, "allow_same_classifier": _bool, "every": _int(0),
-                   "images_per_prompt": _int(1), "guidance_scales": _scales, "steps": _int(1)},
+                   "images_per_prompt": _int(1), "guidance_scales": _scales, "steps": _int(1),
+                   "eta": _num("[0, 1]")},
 }
-_OPTIONAL = {"evaluation.allow_same_classifier": False, "training.timestep_window": 1.0,
+_OPTIONAL = {"evaluation.allow_same_classifier": False, "evaluation.eta": 0.0, "training.timestep_window": 1.0,
              "training.compile": False}
 _TOP: dict[str, Checker] = {
     "model": _text, "battery": _text, "output_dir": _text, "seed": _int(0), "reward_classifier": _text,

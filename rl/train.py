@@ -428,7 +428,8 @@ def _evaluate(cfg: TrainConfig, battery: Battery, out: Path, lora: Path | None) 
 
     e = cfg.evaluation
     data = battery.to_dict()
-    data.update(images_per_prompt=e.images_per_prompt, guidance_scales=list(e.guidance_scales), steps=e.steps)
+    data.update(images_per_prompt=e.images_per_prompt, guidance_scales=list(e.guidance_scales), steps=e.steps,
+                eta=e.eta)
     eval_battery = battery_from_dict(data, source=f"{cfg.battery} (evaluation)")
     options = RunOptions(results_dir=out.parent, name=out.name, model=cfg.model, lora=str(lora) if lora else None,
                          classifiers=(e.classifier, cfg.reward_classifier))

@@ -92,6 +92,7 @@ def test_expansion_order_defaults_and_normalisation() -> None:
     assert battery.guidance_scales == (1.0, 7.5)
     assert battery.attribute("age").target == (0.5, 0.5)
     assert battery.description == "" and battery.intersections == ()
+    assert battery.eta == 0.0 and battery_from_dict(small() | {"eta": 1}, "small").eta == 1.0
 
 
 def test_many_problems_are_reported_together(tmp_path: Path) -> None:
@@ -152,6 +153,8 @@ classifier: miniature
      "attributes.age.target.a", "in [0, 1]"),
     ({"attributes": {"age": {"classes": {"a": "x", "b": "y"}, "target": {"a": 1.0, "c": 0}}}},
      "attributes.age.target.c", "unknown class 'c'"),
+    ({"eta": 1.5}, "eta", "a number in [0, 1]"),
+    ({"eta": "0"}, "eta", "a number in [0, 1]"),
     ({"intersections": [["age"]]}, "intersections[0]", "at least 2"),
     ({"intersections": [["age", "gender"]]}, "intersections[0][1]", "not an attribute"),
 ])
@@ -192,8 +195,9 @@ def test_file_level_errors(tmp_path: Path) -> None:
 
 
 def test_with_overrides(shipped: Battery) -> None:
-    changed = shipped.with_overrides(images_per_prompt=2, guidance_scales=[7.5, 1], steps=3, seed=9)
-    assert (changed.images_per_prompt, changed.steps, changed.seed) == (2, 3, 9)
+    changed = shipped.with_overrides(images_per_prompt=2, guidance_scales=[7.5, 1], steps=3, seed=9, eta=0.5)
+    assert (changed.images_per_prompt, changed.steps, changed.seed, changed.eta) == (2, 3, 9, 0.5)
+    assert battery_from_dict(changed.to_dict(), "again") == changed
     assert changed.guidance_scales == (1.0, 7.5)
     assert changed.prompts() == shipped.prompts() and shipped.images_per_prompt == 12
     limited = shipped.with_overrides(limit_prompts=5)
@@ -213,8 +217,8 @@ def test_limit_prompts_with_several_templates() -> None:
 def test_with_overrides_rejects_bad_values(shipped: Battery) -> None:
     with pytest.raises(ConfigError) as info:
         shipped.with_overrides(images_per_prompt=0, guidance_scales=[0.5], steps="3", seed=-2,  # type: ignore[arg-type]
-                               limit_prompts=0)
+                               limit_prompts=0, eta=-0.1)
     keys = [p.split(":", 1)[0] for p in info.value.problems]
-    assert keys == ["--images-per-prompt", "--steps", "--seed", "--guidance-scales[0]", "--limit-prompts"]
+    assert keys == ["--images-per-prompt", "--steps", "--seed", "--guidance-scales[0]", "--eta", "--limit-prompts"]
     with pytest.raises(ConfigError, match="--guidance-scales: must be a non-empty list"):
         shipped.with_overrides(guidance_scales=[])

@@ -63,6 +63,10 @@ def test_shipped_miniature_config_loads() -> None:
     assert cfg.reward_attributes == ("skin_tone",)
     assert (cfg.reward_classifier, cfg.evaluation.classifier) == ("miniature", "oracle")
     assert cfg.evaluation.guidance_scales == (1.0, 3.0, 7.5, 12.0)
+    assert cfg.evaluation.eta == 0.0 and load_config(SD15).evaluation.eta == 0.0  # optional, default 0
+    assert load_config(MINIATURE, ["evaluation.eta=1"]).evaluation.eta == 1.0
+    with pytest.raises(ConfigError, match=r"evaluation.eta: "):
+        load_config(MINIATURE, ["evaluation.eta=1.5"])
     assert cfg.source == str(MINIATURE)
     hash(cfg)  # frozen all the way down
 

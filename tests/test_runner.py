@@ -83,6 +83,36 @@ def test_stochastic_sampling_is_seeded_per_image() -> None:
     assert np.abs(gen.generate(["a photo of a judge"], [7.5], [6])[0].astype(int) - alone[0].astype(int)).mean() > 5
 
 
+def test_a_stochastic_run_is_paired_and_independent_of_batching(tmp_path: Path) -> None:
+    """--eta 1: recorded in the results, the same images whatever the batch size, not the eta-0 images."""
+    from PIL import Image
+
+    def pixels(name: str) -> np.ndarray:
+        run = tmp_path / name / "occupations__miniature"
+        return np.stack([np.asarray(Image.open(run / r["image"]), dtype=int) for r in records(run)])
+
+    for name, extra in (("a", ["--eta", "1", "--batch-size", "5"]), ("b", ["--eta", "1", "--batch-size", "3"]),
+                        ("c", [])):
+        assert run_cli(*SMALL, "--results", str(tmp_path / name), *extra) == 0
+    info = json.loads((tmp_path / "a" / "occupations__miniature" / "run.json").read_text())
+    assert info["battery"]["eta"] == 1.0 and info["options"]["eta"] == 1.0
+    assert np.abs(pixels("a") - pixels("b")).max() <= 1  # batch shapes round differently
+    assert np.abs(pixels("a") - pixels("c")).mean() > 5
+
+
+def test_eta_on_a_scheduler_without_eta_is_refused() -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    from evalsuite.errors import SuiteError
+    from evalsuite.models import load_model
+
+    model = load_model("miniature")
+    model.pipe.scheduler = EulerDiscreteScheduler.from_config(model.pipe.scheduler.config)
+    BatchedGenerator(model, steps=4, eta=0.0)  # eta 0 runs with any scheduler
+    with pytest.raises(SuiteError, match="needs a DDIM-style scheduler.*EulerDiscreteScheduler"):
+        BatchedGenerator(model, steps=4, eta=1.0)
+
+
 def test_run_writes_self_describing_results(tmp_path: Path) -> None:
     assert run_cli(*SMALL, "--results", str(tmp_path), "--batch-size", "5") == 0
     run = tmp_path / "occupations__miniature"

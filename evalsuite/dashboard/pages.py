@@ -78,7 +78,8 @@ def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> st
         (
             "Images",
             f"{info.get('n_images', len(view.records))} ({battery.images_per_prompt} per prompt and scale, "
-            f"{battery.steps} steps, battery seed {battery.seed})",
+            f"{battery.steps} steps{f', DDIM eta {battery.eta:g}' if battery.eta else ''}, "
+            f"battery seed {battery.seed})",
         ),
         ("Attributes", ", ".join(battery.attribute_names)),
         (

@@ -62,7 +62,14 @@ class BuildConfig:
     from 0.077 / 0.137 to 0.085 / 0.182 with eta = 1: within the noise of 200 images per occupation;
     not kept. Training longer helps a little: 3500 UNet steps (40 % more, about 7 more minutes of build)
     gave 0.115 / 0.230 (eta = 0) and 0.072 / 0.122 (eta = 1), still above 0.10 for engineer and nurse
-    and over the build's 30-minute budget.
+    and over the build's 30-minute budget. A global text path (diffusers' `addition_embed_type="text"`:
+    attention-pooled text states added to the timestep embedding, as GLIDE and Imagen condition on both
+    the pooled and the per-token text) at the same 2500 steps and the same stage time gave 0.141 / 0.260
+    and 0.088 / 0.187: no better; not kept. The shares do not come from the sampler's step count either:
+    the shipped UNet with eta = 1 and 50 steps gives 0.084 / 0.142. What the probes show instead is
+    leakage between occupations that share a hat: fitted as w * own + (1 - w) * hat-mates' mean, the
+    reported occupations at eta = 1 have w = 0.84-0.92 where the dominant share is 0.7-0.8 and w = 1.0
+    at 0.9 (lawyer, farmer).
     """
 
     seed: int = 0
