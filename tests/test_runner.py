@@ -100,6 +100,20 @@ def test_a_stochastic_run_is_paired_and_independent_of_batching(tmp_path: Path) 
     assert np.abs(pixels("a") - pixels("c")).mean() > 5
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_the_pipeline_call_generator_makes_the_batched_generators_images(eta: float) -> None:
+    """The generator for non-SD pipelines (one pipeline call per prompt and scale) gives the same images
+    from the same seeds, with eta > 0 too (its per-image generators carry the same step-noise streams)."""
+    from evalsuite.generate import PipelineGenerator
+    from evalsuite.models import load_model
+
+    model = load_model("miniature")
+    args = (["a photo of a nurse", "a photo of a judge", "a photo of a nurse"], [1.0, 7.5, 7.5], [5, 6, 7])
+    batched = BatchedGenerator(model, steps=6, eta=eta).generate(*args)
+    called = PipelineGenerator(model, steps=6, eta=eta).generate(*args)
+    assert np.abs(batched.astype(int) - called.astype(int)).max() <= 1
+
+
 def test_eta_on_a_scheduler_without_eta_is_refused() -> None:
     from diffusers import EulerDiscreteScheduler
 
