@@ -14,11 +14,17 @@ Two generators share one interface, `generate(prompts, scales, seeds) -> uint8 i
   diffusers' from the same noise up to floating-point batching effects (a test checks this).
 * `PipelineGenerator`, for every other text-to-image pipeline (SDXL, SD3, ...): one pipeline call per
   (prompt, scale) within a batch, with the paired noise passed as `latents`.
+
+Both take the battery's DDIM `eta` (0 = deterministic, the default). With eta > 0 every image draws its
+per-step noise from its own generator (`step_noise_stream`, seeded by the image's seed alone), so
+stochastic sampling stays paired across scales and models and does not depend on batching;
+`check_eta` refuses eta > 0 for schedulers that would ignore it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -71,7 +77,7 @@ class BatchedGenerator:
         self.dtype = self.pipe.unet.dtype
         self.steps = steps
         self.eta = eta
-        check_eta(self.pipe.scheduler, eta)
+        check_eta(self.pipe, eta)
         self.shape = latent_shape(self.pipe)
         self._cache: dict[str, torch.Tensor] = {}
         self.unet = self.pipe.unet
@@ -118,11 +124,10 @@ class BatchedGenerator:
         emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
         sched.set_timesteps(self.steps, device=self.device)
         latents = initial_noise(seeds, self.shape).to(self.device, self.dtype) * sched.init_noise_sigma
-        step_kwargs: dict[str, Any] = {"eta": self.eta} if "eta" in sched.step.__code__.co_varnames else {}
+        step_kwargs: dict[str, Any] = {"eta": self.eta} if self.eta > 0 else {}  # check_eta: step takes it
         # eta > 0 (DDIM): each image's step noise comes from its own stream, seeded by its seed alone, so
         # stochastic sampling is as paired and batch-independent as the initial noise
-        stochastic = self.eta > 0 and "variance_noise" in sched.step.__code__.co_varnames
-        streams = [step_noise_stream(s) for s in seeds] if stochastic else []
+        streams = [step_noise_stream(s) for s in seeds] if self.eta > 0 else []
         with attention_order(self.device):
             for t in sched.timesteps:
                 if streams:
@@ -147,7 +152,7 @@ class PipelineGenerator:
         self.steps = steps
         self.eta = eta
         self.shape = latent_shape(self.pipe)
-        check_eta(self.pipe.scheduler, eta)
+        check_eta(self.pipe, eta)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
@@ -173,11 +178,31 @@ def step_noise_stream(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
 
 
-def check_eta(scheduler: Any, eta: float) -> None:
-    """eta > 0 needs a scheduler whose step takes it (DDIM); others would silently ignore it."""
-    if eta > 0 and "eta" not in scheduler.step.__code__.co_varnames:
-        raise SuiteError(f"battery eta {eta:g} needs a DDIM-style scheduler whose step takes eta; this model's "
-                         f"scheduler is {type(scheduler).__name__}. Set eta: 0 (or drop --eta) for this model")
+def _takes(fn: Any, *names: str) -> bool:
+    """Whether callable `fn` has every parameter in `names` (its signature, as diffusers' pipelines check)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in names)
+
+
+def check_eta(pipe: Any, eta: float) -> None:
+    """Refuse eta > 0 where it would be ignored or could not be seeded per image.
+
+    The batched loop needs a scheduler step taking `eta` and `variance_noise` (DDIM); the pipeline-call
+    generator needs `eta` in the scheduler step and `eta` and `generator` in the pipeline call."""
+    if eta <= 0:
+        return
+    step = pipe.scheduler.step
+    if BatchedGenerator.supports(pipe):
+        ok = _takes(step, "eta", "variance_noise")
+    else:
+        ok = _takes(step, "eta") and _takes(pipe.__call__, "eta", "generator")
+    if not ok:
+        raise SuiteError(f"eta {eta:g} needs a DDIM-style scheduler whose step takes eta and per-image noise; "
+                         f"this model's scheduler is {type(pipe.scheduler).__name__}. Set eta: 0 (or drop "
+                         "--eta) for this model")
 
 
 def make_generator(loaded: LoadedModel, steps: int, eta: float = 0.0, compile: bool = False) -> Generator:

@@ -102,12 +102,17 @@ def default_run_name(battery: Battery, options: RunOptions) -> str:
     parts = [battery.name, Path(model).name if Path(model).exists() else model]
     if options.lora:
         parts.append("lora-" + Path(options.lora).name)
+    if battery.eta:
+        parts.append(f"eta{battery.eta:g}")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts)).strip("-")
 
 
 def fingerprint(battery: Battery, options: RunOptions) -> str:
     """What must match for a folder to be resumed: everything that changes an image or a record."""
-    keys = {"battery": battery.to_dict(), "model": options.model, "revision": options.revision,
+    described = battery.to_dict()
+    if not described["eta"]:  # eta 0: the fingerprint of folders made before the key existed
+        del described["eta"]
+    keys = {"battery": described, "model": options.model, "revision": options.revision,
             "lora": options.lora, "dtype": options.dtype, "batch_size": options.batch_size,
             "classifiers": list(options.classifiers), "embedder": options.embedder,
             "compile": options.compile}
@@ -194,16 +199,10 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     check_writable(options.results_dir)
     plan = plan_units(battery, options.batch_size)
     fp = fingerprint(battery, options)
-    run_json = run_dir / "run.json"
-    if main:
-        _prepare_folder(run_dir, run_json, fp, options.overwrite)
-    state.wait_for_everyone()
-    info = json.loads(run_json.read_text()) if run_json.exists() else {}
-    resumed = info.get("status") in ("running", "complete")
-
+    # the model and classifiers load before the folder is touched: a refusal leaves it as it was
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
                         lora=options.lora)
-    check_eta(loaded.pipe.scheduler, battery.eta)
+    check_eta(loaded.pipe, battery.eta)
     ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
                             else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)
     specs = list(dict.fromkeys(options.classifiers or (battery.classifier,)))
@@ -214,6 +213,13 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
     embedder = get_embedder(options.embedder, ctx)
+    run_json = run_dir / "run.json"
+    if main:
+        _prepare_folder(run_dir, run_json, fp, options.overwrite)
+    state.wait_for_everyone()
+    info = json.loads(run_json.read_text()) if run_json.exists() else {}
+    resumed = info.get("status") in ("running", "complete")
+
     if main:
         for prompt in battery.prompts():
             if unknown := loaded.unknown_words(prompt.text):

@@ -88,13 +88,13 @@ def test_a_stochastic_run_is_paired_and_independent_of_batching(tmp_path: Path) 
     from PIL import Image
 
     def pixels(name: str) -> np.ndarray:
-        run = tmp_path / name / "occupations__miniature"
+        run = tmp_path / name / ("occupations__miniature" + ("" if name == "c" else "__eta1"))
         return np.stack([np.asarray(Image.open(run / r["image"]), dtype=int) for r in records(run)])
 
     for name, extra in (("a", ["--eta", "1", "--batch-size", "5"]), ("b", ["--eta", "1", "--batch-size", "3"]),
                         ("c", [])):
         assert run_cli(*SMALL, "--results", str(tmp_path / name), *extra) == 0
-    info = json.loads((tmp_path / "a" / "occupations__miniature" / "run.json").read_text())
+    info = json.loads((tmp_path / "a" / "occupations__miniature__eta1" / "run.json").read_text())
     assert info["battery"]["eta"] == 1.0 and info["options"]["eta"] == 1.0
     assert np.abs(pixels("a") - pixels("b")).max() <= 1  # batch shapes round differently
     assert np.abs(pixels("a") - pixels("c")).mean() > 5
@@ -125,6 +125,21 @@ def test_eta_on_a_scheduler_without_eta_is_refused() -> None:
     BatchedGenerator(model, steps=4, eta=0.0)  # eta 0 runs with any scheduler
     with pytest.raises(SuiteError, match="needs a DDIM-style scheduler.*EulerDiscreteScheduler"):
         BatchedGenerator(model, steps=4, eta=1.0)
+
+
+def test_a_run_with_another_eta_does_not_resume_into_a_folder(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """eta is part of what a folder holds: --eta 1 gets its own default name, and into a named eta-0
+    folder it is refused, leaving that folder as it was."""
+    assert run_cli(*SMALL, "--results", str(tmp_path), "--limit-prompts", "1", "--scales", "1") == 0
+    run = tmp_path / "occupations__miniature"
+    before = sorted(p.name for p in run.rglob("*"))
+    assert run_cli(*SMALL, "--results", str(tmp_path), "--limit-prompts", "1", "--scales", "1", "--eta", "1") == 0
+    assert (tmp_path / "occupations__miniature__eta1" / "run.json").is_file()
+    assert run_cli(*SMALL, "--results", str(tmp_path), "--limit-prompts", "1", "--scales", "1", "--eta", "1",
+                   "--name", run.name) == 2
+    assert "holds a run with another configuration" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == before
 
 
 def test_run_writes_self_describing_results(tmp_path: Path) -> None:
