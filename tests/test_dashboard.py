@@ -105,6 +105,21 @@ def test_two_run_site_compares_paired_seeds(sites: dict[str, Path]) -> None:
     assert 'href="compare.html"' in (site / "index.html").read_text()
 
 
+def test_compare_notes_a_different_sampler(sites: dict[str, Path], tmp_path: Path) -> None:
+    from evalsuite.dashboard.compare import compare_runs
+    from evalsuite.dashboard.load import load_run
+
+    stochastic = tmp_path / "stochastic"
+    shutil.copytree(sites["tuned"], stochastic)
+    info = json.loads((stochastic / "run.json").read_text())
+    info["battery"]["eta"] = 1.0
+    (stochastic / "run.json").write_text(json.dumps(info))
+    base = load_run(sites["base"])
+    assert not any("sampled differently" in n for n in compare_runs(base, load_run(sites["tuned"])).notes)
+    notes = compare_runs(base, load_run(stochastic)).notes
+    assert any("A: 4 steps, DDIM eta 0; B: 4 steps, DDIM eta 1" in n for n in notes), notes
+
+
 def test_compare_refuses_disjoint_batteries(sites: dict[str, Path], tmp_path: Path) -> None:
     other = make_run(tmp_path / "results", "other", values=("pilot", "chef"), scales=(1.0,), images=2)
     with pytest.raises(SuiteError, match="no prompts in common"):

@@ -128,6 +128,10 @@ def _row(a_vals: list[float], b_vals: list[float]) -> list[float]:
 def compare_runs(a: RunView, b: RunView) -> Comparison:
     clf = choose_classifier(a, b)
     pairs, prompts, scales, mismatches, notes = pair_records(a, b)
+    samplers = [f"{v.battery.steps} steps, DDIM eta {v.battery.eta:g}" for v in (a, b)]
+    if samplers[0] != samplers[1]:
+        notes.append(f"The runs sampled differently (A: {samplers[0]}; B: {samplers[1]}): the pairs share their "
+                     "initial noise, but the differences below include the sampler, not only the model.")
     classes_b = dict(b.attributes(clf))
     share_rows, metric_rows, flip_rows = [], [], []
     for attr, classes in a.attributes(clf):
