@@ -66,10 +66,11 @@ class BuildConfig:
     attention-pooled text states added to the timestep embedding, as GLIDE and Imagen condition on both
     the pooled and the per-token text) at the same 2500 steps and the same stage time gave 0.141 / 0.260
     and 0.088 / 0.187: no better; not kept. The shares do not come from the sampler's step count either:
-    the shipped UNet with eta = 1 and 50 steps gives 0.084 / 0.142. What the probes show instead is
-    leakage between occupations that share a hat: fitted as w * own + (1 - w) * hat-mates' mean, the
-    reported occupations at eta = 1 have w = 0.84-0.92 where the dominant share is 0.7-0.8 and w = 1.0
-    at 0.9 (lawyer, farmer).
+    the shipped UNet with eta = 1 and 50 steps gives 0.084 / 0.142. Nor from the caption mix: 70 % plain
+    occupation captions instead of 50 % (the attribute-explicit forms cut in proportion) gave 0.124 / 0.225
+    and 0.092 / 0.192. What the probes show instead is leakage between occupations that share a hat:
+    fitted as w * own + (1 - w) * hat-mates' mean, the reported occupations at eta = 1 have w = 0.84-0.92
+    where the dominant share is 0.7-0.8 and w = 1.0 at 0.9 (lawyer, farmer).
     """
 
     seed: int = 0
