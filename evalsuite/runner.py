@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, store
 from .battery import Battery, Prompt
 from .errors import SuiteError
-from .generate import check_eta, make_generator, unit_seed
+from .generate import make_generator, unit_seed
 from .miniature import OCCUPATIONS, read_worn_hat
 from .store import append_records, done_batches, merge_shards, save_battery, write_json_atomic, write_png
 
@@ -199,10 +199,11 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     check_writable(options.results_dir)
     plan = plan_units(battery, options.batch_size)
     fp = fingerprint(battery, options)
-    # the model and classifiers load before the folder is touched: a refusal leaves it as it was
+    # the model, generator and classifiers are built before the folder is touched: a refusal (an eta the
+    # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
                         lora=options.lora)
-    check_eta(loaded.pipe, battery.eta)
+    generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
     ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
                             else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)
     specs = list(dict.fromkeys(options.classifiers or (battery.classifier,)))
@@ -236,7 +237,6 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         log.info("resuming %s: %d of %d images already made", run_dir, n_done, len(plan.units))
     texts = [p.text for p in battery.prompts()]
     text_emb = dict(zip(texts, embedder.embed_texts(texts)))
-    generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
     shard = run_dir / f"records.rank{rank}.jsonl"
     bar = progress(len(plan.units), n_done, main and log.isEnabledFor(logging.INFO))
     gen_s = 0.0
