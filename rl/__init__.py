@@ -19,7 +19,7 @@ from rl.config import (
     load_config,
     with_primary_reward,
 )
-from rl.ddim import ddim_step_with_logprob
+from rl.ddim import ddim_step_kl, ddim_step_with_logprob
 from rl.lora import add_lora, cast_frozen, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
 from rl.rewards import (
     KERNELS,
@@ -62,6 +62,7 @@ __all__ = [
     "clipped_surrogate",
     "combine",
     "confidence_reward",
+    "ddim_step_kl",
     "ddim_step_with_logprob",
     "diversity_reward",
     "drift_penalty",

@@ -1,11 +1,17 @@
 """The `rl` command line.
 
     rl finetune [--config rl/configs/miniature.yaml] [--reward diversity] [--no-eval] [key=value ...]
+    rl compare BASE_RUN TUNED_RUN [--classifier oracle] [--attribute skin_tone] [--reward-classifier miniature]
+    rl kl-profile ADAPTER [--model miniature] [--prompt TEXT ...] [--guidance 7.5] [--images 16] [--steps 20]
 
 `key=value` overrides any config field by its dotted path (`training.learning_rate=1e-4`,
 `sampling.guidance_scales=[3,7.5]`). A bad config is one message and exit status 2, before any model
 loads. Run the same command again after an interruption: training resumes from the last checkpoint.
 Several processes or GPUs: `accelerate launch -m rl.cli finetune ...`.
+
+`rl compare` prints the before/after tables of `eval/comparison.md` for any two results folders of the
+same battery, e.g. a base run and an `evalsuite run ... --lora ADAPTER` run. `rl kl-profile` prints
+where in the denoising chain an adapter departs from its base model (`rl.profile`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,47 @@ def _parser() -> argparse.ArgumentParser:
                     help="the primary reward (diversity, balance, alignment, drift, confidence)")
     ft.add_argument("--no-eval", action="store_true", help="skip the before/after battery evaluation")
     ft.add_argument("overrides", nargs="*", metavar="key=value")
+    cmp = sub.add_parser("compare", help="base -> tuned tables of two results folders")
+    cmp.add_argument("base", type=Path, help="results folder of the base model")
+    cmp.add_argument("tuned", type=Path, help="results folder of the tuned model (same battery)")
+    cmp.add_argument("--classifier", default="oracle", help="evaluation classifier (default oracle)")
+    cmp.add_argument("--attribute", default="skin_tone", help="the attribute trained (default skin_tone)")
+    cmp.add_argument("--reward-classifier", default="miniature",
+                     help="classifier whose low-confidence rate measures validity (default miniature)")
+    kp = sub.add_parser("kl-profile", help="per-step KL of an adapter to its base model")
+    kp.add_argument("adapter", type=Path, help="adapter folder (as rl finetune saves it)")
+    kp.add_argument("--model", default="miniature", help="base model: miniature, a local folder or a hub id")
+    kp.add_argument("--prompt", action="append", default=None,
+                    help="a prompt (repeatable; default: a photo of a doctor, nurse, engineer, teacher)")
+    kp.add_argument("--guidance", type=float, default=7.5, help="guidance scale (>= 1, default 7.5)")
+    kp.add_argument("--images", type=int, default=16, help="chains per prompt (>= 1, default 16)")
+    kp.add_argument("--steps", type=int, default=20, help="DDIM steps (>= 1, default 20)")
+    kp.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0, default 1: the training sampler)")
+    kp.add_argument("--seed", type=int, default=0, help="seed of the initial and step noise (>= 0)")
     return ap
+
+
+def _kl_profile(args: argparse.Namespace) -> None:
+    problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
+        ("guidance", args.guidance, args.guidance >= 1, "must be >= 1"),
+        ("images", args.images, args.images >= 1, "must be >= 1"),
+        ("steps", args.steps, args.steps >= 1, "must be >= 1"),
+        ("eta", args.eta, args.eta > 0, "must be > 0 (eta = 0 has no step density)"),
+        ("seed", args.seed, args.seed >= 0, "must be >= 0")) if not ok]
+    if not args.adapter.is_dir():
+        problems.append(f"adapter '{args.adapter}': no such folder")
+    if problems:
+        raise SuiteError("; ".join(problems))
+    from diffusers import DDIMScheduler
+
+    from evalsuite.models import load_model
+
+    from .profile import kl_profile, profile_table
+
+    pipe = load_model(args.model, lora=str(args.adapter)).pipe
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts = args.prompt or [f"a photo of a {o}" for o in ("doctor", "nurse", "engineer", "teacher")]
+    print(profile_table(kl_profile(pipe, prompts, args.guidance, args.images, args.steps, args.eta, args.seed)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.quiet)
     try:
+        if args.command == "compare":
+            from .compare import class_table, compare_runs, to_markdown, validity_by_class
+
+            names = (args.classifier, args.attribute, args.reward_classifier)
+            table = compare_runs(args.base, args.tuned, *names)
+            print(to_markdown(table, *names) + "\n" + class_table(validity_by_class(args.base, args.tuned, *names),
+                                                                    *names))
+            return 0
+        if args.command == "kl-profile":
+            _kl_profile(args)
+            return 0
         from .config import load_config, with_primary_reward
 
         cfg = load_config(args.config, args.overrides)

@@ -11,15 +11,24 @@ scale it lists, base -> tuned:
 * diversity and alignment: the Vendi score of image embeddings, the CLIP score to the prompt and,
   on the miniature world, the on-prompt rate (the share of images wearing the prompt's occupation's
   hat, as the oracle reads it), as means over the split's prompts.
+
+`validity_by_class` splits the low-confidence rate by whom the image shows (from `records.jsonl`):
+images the evaluation classifier reads as the prompt's majority class (its most common class over all
+the base run's images of that prompt) and images of any other class. A tuned model whose rarer classes
+come out less legible than its majority has a quality disparity that an overall rate hides; and the
+base model's own minority images at low guidance are the fair yardstick for the tuned model's.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from evalsuite.errors import SuiteError
 
 BIAS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate")
 
@@ -69,9 +78,32 @@ COLUMNS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate", "reward
            "clip_score", "on_prompt_rate")
 
 
+def check_runs(classifier: str, attribute: str, reward_classifier: str, *folders: Path) -> None:
+    """Raise one SuiteError naming every folder that is not a finished results folder holding the
+    classifiers and the attribute asked for."""
+    problems = []
+    for folder in folders:
+        missing = [f for f in ("metrics/aggregate.csv", "metrics/diversity.csv", "records.jsonl")
+                   if not (folder / f).is_file()]
+        if missing:
+            problems.append(f"{folder}: not a finished results folder (missing {', '.join(missing)})")
+            continue
+        with open(folder / "records.jsonl") as fh:
+            first = json.loads(fh.readline() or "{}")
+        found = first.get("classifiers", {})
+        for clf in dict.fromkeys((classifier, reward_classifier)):
+            if clf not in found:
+                problems.append(f"{folder}: no classifier '{clf}' in its records; it has: {', '.join(found) or 'none'}")
+            elif attribute not in found[clf]:
+                problems.append(f"{folder}: no attribute '{attribute}' in its records; it has: {', '.join(found[clf])}")
+    if problems:
+        raise SuiteError("; ".join(problems))
+
+
 def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
                  splits: tuple[str, ...] = ("train", "heldout")) -> list[Row]:
     """One row per (split, guidance scale) present in both runs, in split then scale order."""
+    check_runs(classifier, attribute, reward_classifier, base, tuned)
     a = _metrics(base, classifier, attribute, reward_classifier)
     b = _metrics(tuned, classifier, attribute, reward_classifier)
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
@@ -88,5 +120,89 @@ def to_markdown(rows: list[Row], classifier: str, attribute: str, reward_classif
     lines = ["| split | g | " + " | ".join(COLUMNS) + " |", "|---|---" + "|---" * len(COLUMNS) + "|"]
     for r in rows:
         cells = [f"{r.base[m]:.3f} → {r.tuned[m]:.3f}" for m in COLUMNS]
+        lines.append(f"| {r.split} | {r.scale:g} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """Low-confidence rate and image count among majority-class and other-class images, per run."""
+
+    split: str
+    scale: float
+    base: dict[str, tuple[float, int]]
+    tuned: dict[str, tuple[float, int]]
+
+
+def _records(folder: Path, classifiers: tuple[str, ...], attribute: str) -> list[dict]:
+    """The records, each checked to hold what `_by_class` reads; a bad line is one SuiteError."""
+    path, out = folder / "records.jsonl", []
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                entries = [r["classifiers"][clf][attribute] for clf in classifiers]
+                ok = all(k in r for k in ("prompt", "heldout", "guidance_scale")) and \
+                    all(k in e for e in entries for k in ("label", "status", "confident"))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise SuiteError(f"{path}, line {number}: not a record with prompt, heldout, guidance_scale and "
+                                 f"the label, status and confidence of {' and '.join(classifiers)} for {attribute}")
+            out.append(r)
+    return out
+
+
+def _by_class(records: list[dict], majority: dict[str, str], classifier: str, attribute: str,
+              reward_classifier: str) -> dict[tuple[str, float, str], tuple[float, int]]:
+    """(split, scale, "majority" | "other") -> (low-confidence rate, images). An image counts when the
+    evaluation classifier gives it a label and the reward classifier reads it (status ok); an empty cell
+    is (NaN, 0)."""
+    low: dict[tuple, list[bool]] = defaultdict(list)
+    for r in records:
+        label = r["classifiers"][classifier][attribute]["label"]
+        entry = r["classifiers"][reward_classifier][attribute]
+        if label is None or entry["status"] != "ok" or r["prompt"] not in majority:
+            continue
+        kind = "majority" if label == majority[r["prompt"]] else "other"
+        low[("heldout" if r["heldout"] else "train", float(r["guidance_scale"]), kind)].append(not entry["confident"])
+    return {k: (sum(v) / len(v), len(v)) for k, v in low.items()}
+
+
+def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
+                      splits: tuple[str, ...] = ("train", "heldout")) -> list[ClassRow]:
+    """Low-confidence rate of majority-class and other-class images, base and tuned (module docstring).
+
+    The majority class of a prompt is the `classifier` label most common among all the base run's images
+    of that prompt (ties: the label first met). Reads `records.jsonl` of both folders, nothing else.
+    """
+    check_runs(classifier, attribute, reward_classifier, base, tuned)
+    wanted = tuple(dict.fromkeys((classifier, reward_classifier)))
+    base_records, tuned_records = _records(base, wanted, attribute), _records(tuned, wanted, attribute)
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in base_records:
+        label = r["classifiers"][classifier][attribute]["label"]
+        if label is not None:
+            counts[r["prompt"]][label] += 1
+    majority = {prompt: c.most_common(1)[0][0] for prompt, c in counts.items()}
+    a = _by_class(base_records, majority, classifier, attribute, reward_classifier)
+    b = _by_class(tuned_records, majority, classifier, attribute, reward_classifier)
+    keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
+                  key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
+    empty = (math.nan, 0)
+    return [ClassRow(s, g, {k: a.get((s, g, k), empty) for k in ("majority", "other")},
+                     {k: b.get((s, g, k), empty) for k in ("majority", "other")}) for s, g in keys if s in splits]
+
+
+def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_classifier: str) -> str:
+    head = (f"Validity by class, base -> tuned: `{reward_classifier}` low-confidence rate (images) among images "
+            f"`{classifier}` reads as the prompt's majority `{attribute}` (most common in the base run) and "
+            "among images of the other classes.\n\n")
+    lines = ["| split | g | majority | other classes |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r.base[k][0]:.3f} ({r.base[k][1]}) → {r.tuned[k][0]:.3f} ({r.tuned[k][1]})"
+                 for k in ("majority", "other")]
         lines.append(f"| {r.split} | {r.scale:g} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"

@@ -2,11 +2,12 @@
 
 rl/configs/miniature.yaml documents every field (meaning, units, interactions). Every key is required
 except those of `_OPTIONAL` (evaluation.allow_same_classifier false, evaluation.eta 0,
-training.timestep_window 1, training.compile false) and the per-reward options (default: the first
-allowed value, see REWARD_OPTIONS). `load_config` validates the values, the batch arithmetic, the model
-source, the battery and the attributes it balances, reward names and options, and the classifier specs,
-and reports every problem of the file and of the overrides at once in one ConfigError ("key: message").
-`TrainConfig.to_dict()` loads back through `config_from_dict` to an equal config.
+training.timestep_window 1, training.compile false, training.kl_coef 0, training.kl_steps trained) and
+the per-reward options (default: the first allowed value, see REWARD_OPTIONS). `load_config` validates
+the values, the batch arithmetic, the model source, the battery and the attributes it balances, reward
+names and options, and the classifier specs, and reports every problem of the file and of the overrides
+at once in one ConfigError ("key: message"). `TrainConfig.to_dict()` loads back through
+`config_from_dict` to an equal config.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class TrainingConfig:
     tracker_min_count: int
     timestep_window: float = 1.0
     compile: bool = False
+    kl_coef: float = 0.0
+    kl_steps: str = "trained"
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,15 @@ class TrainConfig:
         return max(1, math.ceil(self.sampling.steps * self.training.timestep_window - 1e-9))
 
     @property
+    def kl_only_timesteps(self) -> int:
+        """Steps per sample penalised by the KL alone (kl_steps chain or untrained): one drawn from outside
+        the window for each trained step, as long as the chain has them: min(train_timesteps, steps - window)."""
+        t = self.training
+        if t.kl_coef == 0 or t.kl_steps == "trained":
+            return 0
+        return min(self.train_timesteps, self.sampling.steps - self.window_timesteps)
+
+    @property
     def train_timesteps(self) -> int:
         """Denoising steps trained per sample: floor(window steps * timestep_fraction), at least 1."""
         return max(1, math.floor(self.window_timesteps * self.training.timestep_fraction + 1e-9))
@@ -184,7 +196,14 @@ class TrainConfig:
             f"effective batch per optimizer step: {p} x {t.batch_size} x {accum} = "
             f"{p * t.batch_size * accum} samples x {t_per} timesteps = {p * t.batch_size * accum * t_per} "
             "log-prob terms",
-        ])
+        ] + ([f"KL to the base model (kl_coef {t.kl_coef:g}, kl_steps {t.kl_steps}): "
+              + ", ".join(([f"on the {t_per} trained steps"] if t.kl_steps != "untrained" else [])
+                          + ([f"on min({t_per}, {s.steps} - {self.window_timesteps}) = {self.kl_only_timesteps} "
+                              "steps per sample from outside the window, paired one to one with trained steps"]
+                             if self.kl_only_timesteps else []))
+              + ("none: the window is the whole chain" if t.kl_steps == "untrained" and not self.kl_only_timesteps
+                 else "")]
+             if t.kl_coef > 0 else []))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON data that `config_from_dict` turns back into an equal config."""
@@ -241,7 +260,8 @@ _SECTIONS: dict[str, dict[str, Checker]] = {
                  "gradient_accumulation_steps": _int(1), "learning_rate": _POSITIVE,
                  "weight_decay": _num("[0, inf)"), "max_grad_norm": _POSITIVE, "clip_range": _POSITIVE,
                  "adv_clip_max": _POSITIVE, "timestep_fraction": _num("(0, 1]"),
-                 "timestep_window": _num("(0, 1]"),
+                 "timestep_window": _num("(0, 1]"), "kl_coef": _num("[0, inf)"),
+                 "kl_steps": _choice("trained", "chain", "untrained"),
                  "mixed_precision": _precision, "gradient_checkpointing": _bool, "compile": _bool,
                  "advantage": _choice("pooled", "group", "tracker"),
                  "tracker_buffer": _int(1), "tracker_min_count": _int(1)},
@@ -251,7 +271,8 @@ _SECTIONS: dict[str, dict[str, Checker]] = {
                    "eta": _num("[0, 1]")},
 }
 _OPTIONAL = {"evaluation.allow_same_classifier": False, "evaluation.eta": 0.0, "training.timestep_window": 1.0,
-             "training.compile": False}
+             "training.compile": False, "training.kl_coef": 0.0,
+             "training.kl_steps": "trained"}
 _TOP: dict[str, Checker] = {
     "model": _text, "battery": _text, "output_dir": _text, "seed": _int(0), "reward_classifier": _text,
     "reward_attributes": _names, "validity_threshold": _num("[0, 1)"),
@@ -393,6 +414,11 @@ def _cross_checks(c: _Check, out: dict[str, Any], raws: dict[str, dict[str, Any]
     if t["advantage"] == "tracker" and (sizes := ints("training", "tracker_buffer", "tracker_min_count")):
         if sizes[1] > sizes[0]:
             c.add("training.tracker_min_count", f"must be <= tracker_buffer ({sizes[0]}), got {sizes[1]}")
+    steps, window = out["sampling"].get("steps"), t.get("timestep_window", 1.0)
+    if t.get("kl_coef") and t.get("kl_steps") == "untrained" and isinstance(steps, int) and \
+            isinstance(window, float) and math.ceil(steps * window - 1e-9) >= steps:
+        c.add("training.kl_steps", f"untrained penalises the steps outside training.timestep_window, but a window "
+              f"of {window:g} covers all {steps} steps: choose trained or chain, or a shorter window")
     if out["model"]:
         try:
             check_model_source(out["model"])

@@ -28,13 +28,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -112,6 +114,24 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *
             elif p.requires_grad:
                 raise SuiteError(f"non-LoRA parameter {name} of the {what} is trainable after add_lora")
     return trainable
+
+
+@contextmanager
+def adapters_disabled(*models: nn.Module | None) -> Iterator[None]:
+    """Run the base models: every PEFT adapter layer of `models` (None entries skipped) is switched off
+    inside the block and on again after it, even on error.
+
+    PEFT's switch also clears ``requires_grad`` of the adapter weights while off and sets it again when
+    back on, so call this before, not between, the forward and backward passes of a trained model.
+    """
+    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ddim import ddim_step_with_logprob
+from .ddim import ddim_step_kl, ddim_step_with_logprob
 
 
 @dataclass
@@ -78,3 +78,13 @@ def step_log_prob(unet: torch.nn.Module, scheduler: object, x_t: Tensor, x_prev:
     eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
     _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)  # type: ignore[arg-type]
     return logp
+
+
+def step_log_prob_and_kl(unet: torch.nn.Module, scheduler: object, x_t: Tensor, x_prev: Tensor, t: Tensor,
+                         cond: Tensor, uncond: Tensor, scales: Tensor, eta: float, ref_eps: Tensor,
+                         fixed_shape: bool = False) -> tuple[Tensor, Tensor]:
+    """`step_log_prob`, and the KL of the policy's step at x_t to the step the reference model's guided
+    output `ref_eps` gives (`rl.ddim.ddim_step_kl`; DPOK's per-step penalty), both with gradients."""
+    eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
+    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)  # type: ignore[arg-type]
+    return logp, ddim_step_kl(scheduler, eps, ref_eps.detach(), t, x_t, eta)  # type: ignore[arg-type]

@@ -44,9 +44,10 @@ from evalsuite.models import attention_order, load_model
 
 from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
-from .compare import compare_runs, to_markdown
+from .compare import class_table, compare_runs, to_markdown, validity_by_class
 from .config import TrainConfig, config_from_dict
-from .lora import add_lora, cast_frozen, lora_named_parameters, save_adapter
+from .ddim import ddim_step_kl
+from .lora import adapters_disabled, add_lora, cast_frozen, lora_named_parameters, save_adapter
 from .rewards import (
     alignment_reward,
     balance_reward,
@@ -56,7 +57,7 @@ from .rewards import (
     hard_labels,
     reference_from_target,
 )
-from .sampling import sample_trajectories, step_log_prob
+from .sampling import guided_eps, sample_trajectories, step_log_prob, step_log_prob_and_kl
 
 log = logging.getLogger("rl")
 
@@ -197,8 +198,10 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
             if (out / "eval" / "base" / "run.json").exists():
                 table = compare_runs(out / "eval" / "base", out / "eval" / "final", cfg.evaluation.classifier,
                                      cfg.reward_attributes[0], cfg.reward_classifier)
-                (out / "eval" / "comparison.md").write_text(
-                    to_markdown(table, cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier))
+                names = (cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier)
+                by_class = validity_by_class(out / "eval" / "base", out / "eval" / "final", *names)
+                (out / "eval" / "comparison.md").write_text(to_markdown(table, *names) + "\n"
+                                                            + class_table(by_class, *names))
     return out
 
 
@@ -232,9 +235,8 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
                 batch_seeds[k // s.batch_size], cfg.training.compile)
         chunks.append(sample_trajectories(unet, *args))
         if any(r.name == "drift" and r.weight > 0 for r in cfg.rewards):
-            unet.disable_adapters()
-            base.append(sample_trajectories(unet, *args).final)
-            unet.enable_adapters()
+            with adapters_disabled(unet):
+                base.append(sample_trajectories(unet, *args).final)
     latents = torch.cat([c.latents for c in chunks])
 
     def decode(z: torch.Tensor) -> np.ndarray:  # in fp32 whatever the autocast around: as the evaluation does
@@ -319,31 +321,70 @@ def _reference(attrs: list[Any], mode: str, n: int) -> torch.Tensor:
 
 def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, optimizer: Any, batch: Batch,
                adv: torch.Tensor, epoch: int, rank: int) -> dict[str, float]:
-    """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps."""
+    """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps.
+
+    With ``training.kl_coef`` = beta > 0 the loss adds beta times the KL of the policy's step to the base
+    model's step at the same x_t (DPOK, Fan et al. 2023; `rl.ddim.ddim_step_kl`) for each penalised step:
+    the trained step of the term (``kl_steps`` trained or chain) and a step drawn from outside the window
+    (chain or untrained; the KL alone, no policy-gradient term: one more policy pass). The base model's
+    outputs come from the same UNet with the adapters switched off, one pass without gradients per
+    penalised step, before the policy's passes.
+    """
     t = cfg.training
-    n, k, window = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps
+    n, k, window, m = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps, cfg.kl_only_timesteps
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
+    text_lora = pipe.text_encoder if cfg.lora.text_encoder_rank else None
+    base = acc.unwrap_model(unet)  # the base model is this UNet with its adapters switched off
+    kl_on_trained = t.kl_coef > 0 and t.kl_steps != "untrained"
     with acc.autocast():  # the embeddings of sampling (which runs under autocast), so the ratio starts at 1
+        if t.kl_coef > 0:
+            with torch.no_grad(), adapters_disabled(text_lora):
+                base_uncond = _encode(pipe, [""])
         uncond = _encode(pipe, [""]).detach()
-    losses, kls, clips = [], [], []
+    losses, kls, clips, to_base = [], [], [], []
     unet.train()
     for _ in range(t.inner_epochs):
         order = torch.randperm(n, generator=gen)
         ts = torch.stack([torch.randperm(window, generator=gen) for _ in range(n)])[:, :k]
+        if m:  # kl_steps chain or untrained: steps outside the window, penalised by the KL alone, one per trained step
+            late = window + torch.stack([torch.randperm(len(batch.timesteps) - window, generator=gen)
+                                         for _ in range(n)])[:, :m]
         for start in range(0, n, t.batch_size):
             idx = order[start:start + t.batch_size]
+            prompts = [batch.prompts[i] for i in idx.tolist()]
+            if t.kl_coef > 0:  # adapters off and on again before the policy's graph exists (adapters_disabled)
+                with torch.no_grad(), acc.autocast(), adapters_disabled(text_lora):
+                    base_cond = _encode(pipe, prompts)
             with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0), acc.autocast():  # as when sampling
-                cond = _encode(pipe, [batch.prompts[i] for i in idx.tolist()])
+                cond = _encode(pipe, prompts)
+            scales = batch.scales[idx].to(acc.device)
             for j in range(k):
-                tj = ts[idx, j]
+                tj = ts[idx, j]  # the trained step of each sample; then the steps the KL penalises
+                penalised = ([tj] if kl_on_trained else []) + ([late[idx, j]] if j < m else [])
                 with acc.accumulate(unet), acc.autocast():
-                    x_t = batch.latents[idx, tj].to(acc.device)
-                    x_prev = batch.latents[idx, tj + 1].to(acc.device)
-                    logp = step_log_prob(unet, pipe.scheduler, x_t, x_prev, batch.timesteps[tj].to(acc.device),
-                                         cond, uncond, batch.scales[idx].to(acc.device), cfg.sampling.eta,
-                                         t.compile)
+                    x_t, x_prev = batch.latents[idx, tj].to(acc.device), batch.latents[idx, tj + 1].to(acc.device)
+                    step_t, eta = batch.timesteps[tj].to(acc.device), cfg.sampling.eta
+                    kl_x = [batch.latents[idx, s].to(acc.device) for s in penalised]
+                    kl_t = [batch.timesteps[s].to(acc.device) for s in penalised]
+                    if penalised:  # the base model's passes come before the policy's (adapters_disabled)
+                        with torch.no_grad(), adapters_disabled(base):
+                            ref = [guided_eps(base, x, s, base_cond, base_uncond, scales, t.compile)
+                                   for x, s in zip(kl_x, kl_t)]
+                    if kl_on_trained:
+                        logp, kl = step_log_prob_and_kl(unet, pipe.scheduler, x_t, x_prev, step_t, cond, uncond,
+                                                        scales, eta, ref[0], t.compile)
+                    else:
+                        logp = step_log_prob(unet, pipe.scheduler, x_t, x_prev, step_t, cond, uncond, scales, eta,
+                                             t.compile)
+                        kl = torch.zeros_like(logp)
+                    if j < m:  # a step outside the window: the KL alone
+                        eps = guided_eps(unet, kl_x[-1], kl_t[-1], cond, uncond, scales, t.compile)
+                        kl = kl + ddim_step_kl(pipe.scheduler, eps, ref[-1], kl_t[-1], kl_x[-1], eta)
                     loss, info = clipped_surrogate(logp.float(), batch.log_probs[idx, tj].to(acc.device),
                                                    adv[idx].to(acc.device), t.clip_range, t.adv_clip_max)
+                    if penalised:  # per sample: the sum of its penalised steps' KLs
+                        loss = loss + t.kl_coef * kl.float().mean()
+                        to_base.append(float(kl.detach().mean()))
                     acc.backward(loss)
                     if acc.sync_gradients:
                         acc.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], t.max_grad_norm)
@@ -353,7 +394,10 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
                 kls.append(float(info["approx_kl"]))
                 clips.append(float(info["clipfrac"]))
     unet.eval()
-    return {"loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)), "clipfrac": float(np.mean(clips))}
+    stats = {"loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)), "clipfrac": float(np.mean(clips))}
+    if to_base:
+        stats["kl_to_base"] = float(np.mean(to_base))  # over terms with a penalised step: the sum of their KLs
+    return stats
 
 
 def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, torch.Tensor], valid: torch.Tensor,

@@ -1,11 +1,16 @@
-"""The before/after table reads two results folders and nothing else."""
+"""The before/after tables read two results folders and nothing else."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from rl.compare import compare_runs, to_markdown
+import pytest
+
+from evalsuite.errors import SuiteError
+from rl.cli import main as rl_main
+from rl.compare import class_table, compare_runs, to_markdown, validity_by_class
 
 AGG = "classifier,attribute,split,guidance_scale,metric,value,lo,hi,n_prompts\n"
 DIV = "prompt_index,prompt,heldout,guidance_scale,metric,value,lo,hi,n\n"
@@ -24,6 +29,7 @@ def write_run(folder: Path, gap: float, vendi: tuple[float, float], low_conf: fl
            "1,a photo of a judge,True,7.5,clip_score,30.0,NaN,NaN,4",
            f"1,a photo of a judge,True,7.5,on_prompt_rate,{1 - low_conf},NaN,NaN,4"]
     (folder / "metrics" / "diversity.csv").write_text(DIV + "\n".join(div) + "\n")
+    (folder / "records.jsonl").write_text(_record("a photo of a judge", True, 7.5, "dark", True) + "\n")
     return folder
 
 
@@ -42,3 +48,64 @@ def test_compare_runs_pairs_base_and_tuned_values(tmp_path: Path) -> None:
     assert rows[0].base["vendi"] == 1.0 and math.isnan(rows[0].base["clip_score"])
     table = to_markdown(rows, "oracle", "skin_tone", "miniature")
     assert "| heldout | 7.5 | 0.500 → 0.200 |" in table
+
+
+def _record(prompt: str, heldout: bool, g: float, label: str | None, confident: bool, status: str = "ok") -> str:
+    reward = {"probs": None, "label": label, "status": status, "confident": confident}
+    truth = {"probs": None, "label": label, "status": "ok" if label else "no_person", "confident": True}
+    return json.dumps({"prompt": prompt, "heldout": heldout, "guidance_scale": g,
+                       "classifiers": {"oracle": {"skin_tone": truth}, "miniature": {"skin_tone": reward}}})
+
+
+def test_validity_by_class_splits_low_confidence_by_the_base_majority(tmp_path: Path) -> None:
+    doc, judge = "a photo of a doctor", "a photo of a judge"
+    base = [_record(doc, False, 1.0, "light", True), _record(doc, False, 1.0, "light", True),
+            _record(doc, False, 1.0, "dark", False),
+            _record(judge, True, 1.0, "dark", True), _record(judge, True, 1.0, "dark", True),
+            _record(judge, True, 1.0, "tan", True),
+            _record(judge, True, 1.0, None, False)]  # no person: counted in no class
+    tuned = [_record(doc, False, 1.0, "light", False), _record(doc, False, 1.0, "tan", True),
+             _record(doc, False, 1.0, "dark", False), _record(doc, False, 1.0, "medium", True),
+             _record(judge, True, 1.0, "dark", True),
+             _record(judge, True, 1.0, "light", False, status="no_person")]  # the reward classifier sees nobody
+    for name, lines in (("base", base), ("tuned", tuned)):
+        (tmp_path / name / "metrics").mkdir(parents=True)
+        (tmp_path / name / "metrics" / "aggregate.csv").write_text(AGG)
+        (tmp_path / name / "metrics" / "diversity.csv").write_text(DIV)
+        (tmp_path / name / "records.jsonl").write_text("\n".join(lines) + "\n")
+    rows = validity_by_class(tmp_path / "base", tmp_path / "tuned", "oracle", "skin_tone", "miniature")
+    assert [(r.split, r.scale) for r in rows] == [("train", 1.0), ("heldout", 1.0)]
+    train, held = rows
+    # doctor: majority light (2 of 3 base images); base: light 0 of 2 unsure, other 1 of 1
+    assert train.base == {"majority": (0.0, 2), "other": (1.0, 1)}
+    # tuned: light 1 of 1 unsure; tan, dark, medium: 1 of 3
+    assert train.tuned["majority"] == (1.0, 1) and train.tuned["other"][1] == 3
+    assert math.isclose(train.tuned["other"][0], 1 / 3)
+    # judge: majority dark; the tuned image the reward classifier cannot read is left out
+    assert held.base == {"majority": (0.0, 2), "other": (0.0, 1)}
+    assert held.tuned["majority"] == (0.0, 1) and math.isnan(held.tuned["other"][0]) and held.tuned["other"][1] == 0
+    table = class_table(rows, "oracle", "skin_tone", "miniature")
+    assert "| train | 1 | 0.000 (2) → 1.000 (1) | 1.000 (1) → 0.333 (3) |" in table
+
+
+def test_rl_compare_prints_both_tables_and_names_what_is_missing(tmp_path: Path, capsys) -> None:
+    base = write_run(tmp_path / "base", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
+    tuned = write_run(tmp_path / "tuned", gap=0.2, vendi=(2.0, 2.6), low_conf=0.03)
+    assert rl_main(["compare", str(base), str(tuned)]) == 0
+    out = capsys.readouterr().out
+    assert "| heldout | 7.5 | 0.500 → 0.200 |" in out
+    assert "| heldout | 7.5 | 0.000 (1) → 0.000 (1) | nan (0) → nan (0) |" in out
+    assert rl_main(["compare", str(base), str(tmp_path / "nowhere"), "--classifier", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "no classifier 'clip' in its records; it has: oracle, miniature" in err
+    assert "nowhere: not a finished results folder (missing metrics/aggregate.csv" in err
+    assert "Traceback" not in err
+
+
+def test_a_broken_record_is_one_message(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
+    tuned = write_run(tmp_path / "tuned", gap=0.2, vendi=(2.0, 2.6), low_conf=0.03)
+    with open(tuned / "records.jsonl", "a") as fh:
+        fh.write('{"prompt": "a photo of a judge", "heldout": true\n')  # cut off mid-write
+    with pytest.raises(SuiteError, match=r"tuned/records.jsonl, line 2: not a record with prompt"):
+        validity_by_class(base, tuned, "oracle", "skin_tone", "miniature")

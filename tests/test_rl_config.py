@@ -129,6 +129,38 @@ def test_timestep_window_draws_trained_steps_from_the_noisiest_part() -> None:
         load_config(MINIATURE, ["training.timestep_window=0"])
 
 
+def test_kl_coef_is_optional_and_not_negative(tmp_path: Path) -> None:
+    data = shipped_data()
+    data["training"].pop("kl_coef", None)
+    assert load_config(write(tmp_path, data)).training.kl_coef == 0.0
+    assert load_config(MINIATURE, ["training.kl_coef=0.5"]).training.kl_coef == 0.5
+    with pytest.raises(ConfigError, match=r"training.kl_coef"):
+        load_config(MINIATURE, ["training.kl_coef=-1"])
+    with pytest.raises(ConfigError, match=r"training.kl_steps.*chain"):
+        load_config(MINIATURE, ["training.kl_steps=all"])
+    for window in ("1", "0.97"):  # ceil(20 x 0.97) = 20: no step is left outside either window
+        with pytest.raises(ConfigError, match=rf"training.kl_steps: untrained .* a window of {window} covers all 20"):
+            load_config(MINIATURE, ["training.kl_coef=0.1", "training.kl_steps=untrained",
+                                    f"training.timestep_window={window}"])
+
+
+@pytest.mark.parametrize("overrides, kl_only", [
+    (["training.kl_coef=0.1", "training.kl_steps=chain"], 10),  # window 10 of 20, 10 trained: min(10, 20 - 10)
+    (["training.kl_coef=0.1", "training.kl_steps=chain", "sampling.steps=7", "training.timestep_window=0.3"],
+     3),  # window ceil(2.1) = 3, all 3 trained: min(3, 7 - 3)
+    (["training.kl_coef=0.1", "training.kl_steps=chain", "training.timestep_fraction=0.5"], 5),  # min(5, 10)
+    (["training.kl_coef=0.1", "training.kl_steps=chain", "training.timestep_window=1.0"], 0),  # no step outside
+    (["training.kl_coef=0.1", "training.kl_steps=untrained"], 10),  # the same steps, without the trained ones
+    (["training.kl_coef=0.1"], 0),  # kl_steps trained
+    (["training.kl_steps=chain"], 0),  # no penalty at all
+])
+def test_kl_only_steps_pair_with_trained_steps(overrides: list[str], kl_only: int) -> None:
+    cfg = load_config(MINIATURE, overrides)
+    assert cfg.kl_only_timesteps == kl_only
+    if kl_only:
+        assert f"= {kl_only} steps per sample from outside the window" in cfg.batch_arithmetic(1)
+
+
 def test_many_problems_are_reported_at_once(tmp_path: Path) -> None:
     data = shipped_data()
     data["model"] = "./nope"

@@ -23,6 +23,7 @@ from rl import (
     balanced_reference,
     clipped_surrogate,
     combine,
+    ddim_step_kl,
     ddim_step_with_logprob,
     diversity_reward,
     drift_penalty,
@@ -74,6 +75,27 @@ def test_ddim_matches_diffusers_step(index: int, eta: float) -> None:
     ours, _ = ddim_step_with_logprob(sched, eps, t, sample, eta, variance_noise=noise)
     ref = sched.step(eps, t, sample, eta=eta, variance_noise=noise, return_dict=False)[0]
     assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("index", [0, 9, 18])
+@pytest.mark.parametrize("eta", [1.0, 0.3])
+def test_step_kl_is_the_kl_of_the_two_gaussian_steps(index: int, eta: float) -> None:
+    sched = make_scheduler()
+    t = int(sched.timesteps[index])
+    sample, eps, ref = tensors(index)
+    zero = torch.zeros(SHAPE)
+    mean, _ = ddim_step_with_logprob(sched, eps, t, sample, eta, variance_noise=zero)  # no noise: the mean
+    ref_mean, _ = ddim_step_with_logprob(sched, ref, t, sample, eta, variance_noise=zero)
+    std = eta * float(sched._get_variance(t, t - 1000 // 20)) ** 0.5  # diffusers' own sigma_t^2
+    direct = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                               torch.distributions.Normal(ref_mean, std))
+    eps.requires_grad_(True)
+    kl = ddim_step_kl(sched, eps, ref, t, sample, eta)
+    assert kl.shape == (SHAPE[0],)
+    assert torch.allclose(kl, direct.mean(dim=(1, 2, 3)), rtol=1e-4, atol=0)
+    kl.sum().backward()
+    assert eps.grad is not None and eps.grad.abs().sum() > 0
+    assert torch.equal(ddim_step_kl(sched, ref, ref, t, sample, eta), torch.zeros(SHAPE[0]))
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])

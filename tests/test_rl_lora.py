@@ -15,7 +15,7 @@ from tiny_pipeline import tiny_sd_pipeline
 
 from evalsuite.errors import SuiteError
 from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.lora import add_lora, cast_frozen, kohya_key, load_kohya, lora_named_parameters, save_adapter
+from rl.lora import adapters_disabled, add_lora, cast_frozen, kohya_key, load_kohya, lora_named_parameters, save_adapter
 
 torch.set_num_threads(1)
 
@@ -74,6 +74,48 @@ def test_add_lora_trainable_set_and_identity_start(pipe) -> None:
     a = [p for n, p in named.items() if ".lora_A." in n]
     assert all(torch.count_nonzero(p) == 0 for p in b) and all(torch.count_nonzero(p) > 0 for p in a)
     assert torch.equal(_eps(pipe, x, t), base)  # B = 0: exactly the base model
+
+
+def test_adapters_disabled_runs_the_base_model_and_switches_back(pipe) -> None:
+    x, t = _inputs(pipe)
+    base = _eps(pipe, x, t)
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    tuned = _eps(pipe, x, t)
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    with adapters_disabled(pipe.unet, None):
+        assert torch.equal(_eps(pipe, x, t), base)
+    assert torch.equal(_eps(pipe, x, t), tuned) and all(p.requires_grad for p in params)
+    with pytest.raises(RuntimeError), adapters_disabled(pipe.unet):
+        raise RuntimeError("switched back on even after an error")
+    assert torch.equal(_eps(pipe, x, t), tuned) and all(p.requires_grad for p in params)
+
+
+def test_kl_profile_is_zero_for_an_identity_adapter_and_positive_otherwise(pipe) -> None:
+    from rl.profile import kl_profile, profile_table
+
+    params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)  # B = 0: the adapted model is the base model
+    zero = kl_profile(pipe, ["a photo of a nurse"], 3.0, images=2, steps=5)
+    assert [p.kl for p in zero] == [0.0] * 5
+    assert [p.timestep for p in zero] == [int(t) for t in pipe.scheduler.timesteps]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    moved = kl_profile(pipe, ["a photo of a nurse"], 3.0, images=2, steps=5)
+    assert all(p.kl > 0 for p in moved)
+    assert moved == kl_profile(pipe, ["a photo of a nurse"], 3.0, images=2, steps=5)  # seeded
+    assert profile_table(moved).splitlines()[-1] == f"sum over 5 steps: {sum(p.kl for p in moved):.4g}"
+
+
+def test_kl_profile_command_refuses_bad_arguments_in_one_message(tmp_path: Path, capsys) -> None:
+    from rl.cli import main as rl_main
+
+    assert rl_main(["kl-profile", str(tmp_path / "none"), "--eta", "0", "--images", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--images 0: must be >= 1" in err and "--eta 0.0: must be > 0" in err
+    assert "none': no such folder" in err and "Traceback" not in err
 
 
 def test_add_lora_rejects_bad_targets_and_init(pipe, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ a resumed run continues the uninterrupted one exactly, two processes stay in syn
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -79,13 +80,52 @@ def test_a_resumed_run_reproduces_the_next_losses_exactly(tmp_path: Path) -> Non
         json.loads((tmp_path / "whole" / "process-0.json").read_text())["lora_sha256"]
 
 
+def test_a_kl_penalty_keeps_the_policy_near_the_base_model(tmp_path: Path) -> None:
+    # training.kl_coef (DPOK's per-step KL to the base model): the same toy run, penalised hard, stays nearer
+    assert finetune(tmp_path / "weak", "training.epochs=3", "training.kl_coef=1e-6") == 0
+    assert finetune(tmp_path / "strong", "training.epochs=3", "training.kl_coef=1000") == 0
+    weak, strong = log(tmp_path / "weak"), log(tmp_path / "strong")
+    # epoch 1 starts at the base model (LoRA B = 0): KL and its gradient are exactly 0 there, so the first
+    # update, and the KL measured after it, do not depend on the coefficient
+    assert weak[0]["kl_to_base"] == strong[0]["kl_to_base"] > 0
+    assert all(math.isfinite(r["loss"]) for r in weak + strong)
+    assert strong[-1]["kl_to_base"] < weak[-1]["kl_to_base"] / 2, (weak, strong)
+
+
+def _late_step_kl(run: Path) -> float:
+    """Mean per-element KL to the base model of the adapter's steps outside the toy's window (steps 3 and 4
+    of 4), along the adapter's own trajectories of two prompts at guidance 3 (`rl.profile.kl_profile`)."""
+    from diffusers import DDIMScheduler
+
+    from evalsuite.models import load_model
+    from rl.profile import kl_profile
+
+    pipe = load_model("miniature", lora=str(run / "adapter")).pipe
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    profile = kl_profile(pipe, ["a photo of a doctor", "a photo of a nurse"], 3.0, images=4, steps=4, seed=1)
+    assert [p.index for p in profile] == [0, 1, 2, 3] and all(p.kl > 0 for p in profile)
+    return (profile[2].kl + profile[3].kl) / 2
+
+
+def test_a_kl_penalty_outside_the_window_holds_the_untrained_steps_near_the_base(tmp_path: Path) -> None:
+    # the toy trains 1 of the first 2 of 4 steps; chain and untrained add one KL-only step from the last 2
+    common = ("training.epochs=3", "training.kl_coef=1000")
+    late = {}
+    for where in ("trained", "chain", "untrained"):
+        assert finetune(tmp_path / where, *common, f"training.kl_steps={where}") == 0
+        late[where] = _late_step_kl(tmp_path / where)
+    assert late["chain"] < 0.6 * late["trained"] and late["untrained"] < 0.6 * late["trained"], late
+    assert rl_main(["kl-profile", str(tmp_path / "chain" / "adapter"), "--images", "2", "--steps", "4"]) == 0
+
+
 def test_two_cpu_processes_keep_one_model(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # accelerate's multi-process launcher; without a GPU each process runs on the CPU (gloo)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.cli",
-           "-q", "finetune", "--config", str(CONFIG), "--no-eval", f"output_dir={out}", *TOY, "training.epochs=2"]
+           "-q", "finetune", "--config", str(CONFIG), "--no-eval", f"output_dir={out}", *TOY, "training.epochs=2",
+           "training.kl_coef=0.1", "training.kl_steps=chain"]  # base and KL-only passes in DDP
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "samples per epoch: 2 process(es)" in done.stdout
