@@ -27,7 +27,7 @@ from evalsuite.generate import initial_noise, latent_shape
 
 from .ddim import ddim_step_kl
 from .lora import adapters_disabled
-from .sampling import guided_eps, sample_trajectories
+from .sampling import encode_prompts, guided_eps, sample_trajectories
 
 __all__ = ["StepKL", "kl_profile", "profile_table"]
 
@@ -40,12 +40,6 @@ class StepKL:
     index: int
     timestep: int
     kl: float
-
-
-def _encode(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.device))[0]
 
 
 @torch.no_grad()
@@ -63,13 +57,13 @@ def kl_profile(pipe: Any, prompts: Sequence[str], guidance: float, images: int, 
         raise SuiteError("kl-profile: the UNet carries no LoRA layers, so it is its own base model; load an adapter "
                          "that adapts the UNet")
     with adapters_disabled(pipe.text_encoder):  # a text-encoder adapter is part of the adapted model only
-        base_uncond = _encode(pipe, [""])
-    uncond = _encode(pipe, [""])
+        base_uncond = encode_prompts(pipe, [""])
+    uncond = encode_prompts(pipe, [""])
     per_prompt = []
     for prompt in prompts:
         with adapters_disabled(pipe.text_encoder):
-            base_cond = _encode(pipe, [prompt] * images)
-        cond = _encode(pipe, [prompt] * images)
+            base_cond = encode_prompts(pipe, [prompt] * images)
+        cond = encode_prompts(pipe, [prompt] * images)
         scales = torch.full((images,), float(guidance), device=pipe.device)
         noise = initial_noise([seed + k for k in range(images)], latent_shape(pipe)).to(pipe.device)
         chain = sample_trajectories(unet, scheduler, cond, uncond, scales, noise, steps, eta, seed)

@@ -10,6 +10,7 @@ the base model's image from the same noise (the drift reward's reference).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,13 @@ class Trajectories:
     @property
     def final(self) -> Tensor:
         return self.latents[:, -1]
+
+
+def encode_prompts(pipe: Any, prompts: list[str]) -> Tensor:
+    """The text encoder's last hidden states (N, L, D) for `prompts`, padded to the tokenizer's length."""
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
 
 
 def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor,

@@ -57,7 +57,7 @@ from .rewards import (
     hard_labels,
     reference_from_target,
 )
-from .sampling import guided_eps, sample_trajectories, step_log_prob, step_log_prob_and_kl
+from .sampling import encode_prompts, guided_eps, sample_trajectories, step_log_prob, step_log_prob_and_kl
 
 log = logging.getLogger("rl")
 
@@ -208,12 +208,6 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
 # ---------------------------------------------------------------- the steps of one epoch
 
 
-def _encode(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
-
-
 @torch.no_grad()
 def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epoch: int,
                  rank: int) -> Batch:
@@ -226,11 +220,11 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
     seeds = rng.integers(0, 2**62, size=len(per_sample)).tolist()
     batch_seeds = rng.integers(0, 2**62, size=len(per_sample) // s.batch_size).tolist()
     noise = initial_noise(seeds, latent_shape(pipe)).to(pipe.device)
-    uncond = _encode(pipe, [""])
+    uncond = encode_prompts(pipe, [""])
     chunks, base = [], []
     for k in range(0, len(per_sample), s.batch_size):
         sl = slice(k, k + s.batch_size)
-        cond = _encode(pipe, per_sample[sl])
+        cond = encode_prompts(pipe, per_sample[sl])
         args = (pipe.scheduler, cond, uncond, g[sl].to(pipe.device), noise[sl], s.steps, s.eta,
                 batch_seeds[k // s.batch_size], cfg.training.compile)
         chunks.append(sample_trajectories(unet, *args))
@@ -339,8 +333,8 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     with acc.autocast():  # the embeddings of sampling (which runs under autocast), so the ratio starts at 1
         if t.kl_coef > 0:
             with torch.no_grad(), adapters_disabled(text_lora):
-                base_uncond = _encode(pipe, [""])
-        uncond = _encode(pipe, [""]).detach()
+                base_uncond = encode_prompts(pipe, [""])
+        uncond = encode_prompts(pipe, [""]).detach()
     losses, kls, clips, to_base = [], [], [], []
     unet.train()
     for _ in range(t.inner_epochs):
@@ -354,9 +348,9 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
             prompts = [batch.prompts[i] for i in idx.tolist()]
             if t.kl_coef > 0:  # adapters off and on again before the policy's graph exists (adapters_disabled)
                 with torch.no_grad(), acc.autocast(), adapters_disabled(text_lora):
-                    base_cond = _encode(pipe, prompts)
+                    base_cond = encode_prompts(pipe, prompts)
             with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0), acc.autocast():  # as when sampling
-                cond = _encode(pipe, prompts)
+                cond = encode_prompts(pipe, prompts)
             scales = batch.scales[idx].to(acc.device)
             for j in range(k):
                 tj = ts[idx, j]  # the trained step of each sample; then the steps the KL penalises
