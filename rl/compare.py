@@ -24,11 +24,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.errors import SuiteError
+from evalsuite.legibility import GROUPS, low_confidence_by_group, majority_classes
 
 BIAS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate")
 
@@ -135,7 +136,7 @@ class ClassRow:
 
 
 def _records(folder: Path, classifiers: tuple[str, ...], attribute: str) -> list[dict]:
-    """The records, each checked to hold what `_by_class` reads; a bad line is one SuiteError."""
+    """The records, each checked to hold what `low_confidence_by_group` reads; a bad line is one SuiteError."""
     path, out = folder / "records.jsonl", []
     with open(path) as fh:
         for number, line in enumerate(fh, 1):
@@ -155,22 +156,6 @@ def _records(folder: Path, classifiers: tuple[str, ...], attribute: str) -> list
     return out
 
 
-def _by_class(records: list[dict], majority: dict[str, str], classifier: str, attribute: str,
-              reward_classifier: str) -> dict[tuple[str, float, str], tuple[float, int]]:
-    """(split, scale, "majority" | "other") -> (low-confidence rate, images). An image counts when the
-    evaluation classifier gives it a label and the reward classifier reads it (status ok); an empty cell
-    is (NaN, 0)."""
-    low: dict[tuple, list[bool]] = defaultdict(list)
-    for r in records:
-        label = r["classifiers"][classifier][attribute]["label"]
-        entry = r["classifiers"][reward_classifier][attribute]
-        if label is None or entry["status"] != "ok" or r["prompt"] not in majority:
-            continue
-        kind = "majority" if label == majority[r["prompt"]] else "other"
-        low[("heldout" if r["heldout"] else "train", float(r["guidance_scale"]), kind)].append(not entry["confident"])
-    return {k: (sum(v) / len(v), len(v)) for k, v in low.items()}
-
-
 def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
                       splits: tuple[str, ...] = ("train", "heldout")) -> list[ClassRow]:
     """Low-confidence rate of majority-class and other-class images, base and tuned (module docstring).
@@ -181,19 +166,16 @@ def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, 
     check_runs(classifier, attribute, reward_classifier, base, tuned)
     wanted = tuple(dict.fromkeys((classifier, reward_classifier)))
     base_records, tuned_records = _records(base, wanted, attribute), _records(tuned, wanted, attribute)
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in base_records:
-        label = r["classifiers"][classifier][attribute]["label"]
-        if label is not None:
-            counts[r["prompt"]][label] += 1
-    majority = {prompt: c.most_common(1)[0][0] for prompt, c in counts.items()}
-    a = _by_class(base_records, majority, classifier, attribute, reward_classifier)
-    b = _by_class(tuned_records, majority, classifier, attribute, reward_classifier)
+    majority = majority_classes(base_records, classifier, attribute)
+    a = low_confidence_by_group(base_records, majority, classifier, reward_classifier, attribute)
+    b = low_confidence_by_group(tuned_records, majority, classifier, reward_classifier, attribute)
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
-    empty = (math.nan, 0)
-    return [ClassRow(s, g, {k: a.get((s, g, k), empty) for k in ("majority", "other")},
-                     {k: b.get((s, g, k), empty) for k in ("majority", "other")}) for s, g in keys if s in splits]
+    def cells(counts: dict[tuple[str, float, str], tuple[int, int]], s: str, g: float) -> dict[str, tuple[float, int]]:
+        found = {k: counts.get((s, g, k), (0, 0)) for k in GROUPS}
+        return {k: (low / n if n else math.nan, n) for k, (low, n) in found.items()}
+
+    return [ClassRow(s, g, cells(a, s, g), cells(b, s, g)) for s, g in keys if s in splits]
 
 
 def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_classifier: str) -> str:

@@ -335,6 +335,10 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
             with torch.no_grad(), adapters_disabled(text_lora):
                 base_uncond = encode_prompts(pipe, [""])
         uncond = encode_prompts(pipe, [""]).detach()
+    # every LoRA weight, UNet and text encoder: clipped together; the text encoder is not wrapped for
+    # several processes, so its gradients are averaged across them here
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    text_params = [p for p in text_lora.parameters() if p.requires_grad] if text_lora is not None else []
     losses, kls, clips, to_base = [], [], [], []
     unet.train()
     for _ in range(t.inner_epochs):
@@ -349,10 +353,13 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
             if t.kl_coef > 0:  # adapters off and on again before the policy's graph exists (adapters_disabled)
                 with torch.no_grad(), acc.autocast(), adapters_disabled(text_lora):
                     base_cond = encode_prompts(pipe, prompts)
-            with torch.set_grad_enabled(cfg.lora.text_encoder_rank > 0), acc.autocast():  # as when sampling
+            with torch.no_grad(), acc.autocast():  # as when sampling
                 cond = encode_prompts(pipe, prompts)
             scales = batch.scales[idx].to(acc.device)
             for j in range(k):
+                if text_lora is not None:  # each backward frees its graph: the text encoder runs again per step
+                    with acc.autocast():
+                        cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
                 tj = ts[idx, j]  # the trained step of each sample; then the steps the KL penalises
                 penalised = ([tj] if kl_on_trained else []) + ([late[idx, j]] if j < m else [])
                 with acc.accumulate(unet), acc.autocast():
@@ -381,7 +388,11 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
                         to_base.append(float(kl.detach().mean()))
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], t.max_grad_norm)
+                        if acc.num_processes > 1:
+                            for p in text_params:
+                                if p.grad is not None:
+                                    p.grad = acc.reduce(p.grad, "mean")
+                        acc.clip_grad_norm_(params, t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 losses.append(loss.item())

@@ -38,7 +38,7 @@ def log(out: Path) -> list[dict]:
 def test_two_steps_move_every_lora_weight_and_no_base_weight(tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    assert finetune(tmp_path / "run", "training.epochs=2") == 0
+    assert finetune(tmp_path / "run", "training.epochs=2", "lora.text_encoder_rank=2") == 0
     rows = log(tmp_path / "run")
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     saved = load_file(str(tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors"))
@@ -47,17 +47,22 @@ def test_two_steps_move_every_lora_weight_and_no_base_weight(tmp_path: Path) -> 
     first = load_file(str(sorted((tmp_path / "run" / "checkpoints").iterdir())[0] / "lora.safetensors"))
     last = load_file(str(sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "lora.safetensors"))
     assert all(not torch.equal(first[k], last[k]) for k in first)
+    assert any("text_encoder" in k for k in saved) and any("text_encoder" in k for k in first)
     base = UNet2DConditionModel.from_pretrained(ASSETS / "pipeline" / "unet")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.load_lora_weights(str(tmp_path / "run" / "adapter"))
-    base_sd = base.state_dict()
-    for name, tensor in pipe.unet.state_dict().items():
-        plain = name.replace(".base_layer", "")
-        if "lora" not in name:
-            assert torch.equal(tensor, base_sd[plain]), name
+    plain_pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None,
+                                                         feature_extractor=None, requires_safety_checker=False)
+    for tuned, plain_model in ((pipe.unet, base), (pipe.text_encoder, plain_pipe.text_encoder)):
+        base_sd = plain_model.state_dict()
+        lora_names = [name for name in tuned.state_dict() if "lora" in name]
+        assert lora_names, type(tuned).__name__  # the adapter reached both models
+        for name, tensor in tuned.state_dict().items():
+            if "lora" not in name:
+                assert torch.equal(tensor, base_sd[name.replace(".base_layer", "")]), name
     info = json.loads((tmp_path / "run" / "adapter" / "adapter_info.json").read_text())
     assert info["metadata"]["training_guidance_scales"] == [7.5] if "metadata" in info else True
 
@@ -125,7 +130,8 @@ def test_two_cpu_processes_keep_one_model(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.cli",
            "-q", "finetune", "--config", str(CONFIG), "--no-eval", f"output_dir={out}", *TOY, "training.epochs=2",
-           "training.kl_coef=0.1", "training.kl_steps=chain"]  # base and KL-only passes in DDP
+           "training.kl_coef=0.1", "training.kl_steps=chain",  # base and KL-only passes in DDP
+           "lora.text_encoder_rank=2"]  # the text encoder is not DDP-wrapped: its gradients are averaged by hand
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "samples per epoch: 2 process(es)" in done.stdout

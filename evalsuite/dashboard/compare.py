@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from evalsuite import legibility
 from evalsuite import metrics as mx
 from evalsuite.analysis import t_interval
 from evalsuite.dashboard.load import RunView
@@ -42,6 +43,7 @@ class Comparison:
     metrics: pd.DataFrame
     diversity: pd.DataFrame
     flips: pd.DataFrame
+    legibility: pd.DataFrame  # LEGIBILITY_COLUMNS: a judge classifier's low-confidence rate by group
     notes: list[str] = field(default_factory=list)
 
 
@@ -185,8 +187,68 @@ def compare_runs(a: RunView, b: RunView) -> Comparison:
         a, b, clf, prompts, scales, sum(len(v) for v in pairs.values()), mismatches,
         pd.DataFrame(share_rows, columns=share_cols), pd.DataFrame(metric_rows, columns=metric_cols),
         pd.DataFrame(diversity, columns=["attribute", *metric_cols[1:]]),
-        pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]), notes,
+        pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]),
+        pd.DataFrame(_legibility(a, b, clf, pairs, scales), columns=LEGIBILITY_COLUMNS), notes,
     )
+
+
+LEGIBILITY_COLUMNS = ("judge", "attribute", "guidance_scale", "group", "a", "a_lo", "a_hi", "a_n", "b", "b_lo",
+                      "b_hi", "b_n", "n_prompts")
+
+
+def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, float], list[Pair]],
+                scales: list[float]) -> list[list[Any]]:
+    """Per judge (every other classifier both runs hold), attribute, scale and group (majority / other):
+    the judge's low-confidence rate in A and in B, pooled over prompts with cluster-robust intervals.
+
+    Groups are what `reader` reads, with each prompt's majority class taken from run A's paired images
+    (evalsuite.legibility), so both runs are split the same way. Only the paired images count.
+    """
+    rows: list[list[Any]] = []
+    judges = [j for j in a.classifiers if j != reader and j in b.classifiers]
+    for judge in judges:
+        for attr, _ in a.attributes(reader):
+            sides = []
+            for side in (0, 1):
+                recs = [p[side] for group in pairs.values() for p in group]
+                sides.append([r for r in recs if _readable(r, reader, judge, attr)])
+            if not sides[0] or not sides[1]:
+                continue
+            majority = legibility.majority_classes(sides[0], reader, attr)
+            counts = [_per_prompt(recs, majority, reader, judge, attr) for recs in sides]
+            prompts = sorted({p for c in counts for p in c})
+            for scale in scales:
+                for group in legibility.GROUPS:
+                    cells = [[c.get(p, {}).get((scale, group), (0, 0)) for p in prompts] for c in counts]
+                    low = [np.array([x[0] for x in cell], float) for cell in cells]
+                    n = [np.array([x[1] for x in cell], float) for cell in cells]
+                    if n[0].sum() == 0 and n[1].sum() == 0:
+                        continue
+                    used = int(np.count_nonzero(n[0] + n[1]))
+                    rows.append([judge, attr, scale, group, *mx.cluster_share_interval(low[0], n[0]),
+                                 int(n[0].sum()), *mx.cluster_share_interval(low[1], n[1]), int(n[1].sum()), used])
+    return rows
+
+
+def _readable(r: dict[str, Any], reader: str, judge: str, attr: str) -> bool:
+    """The record holds the reader's label and the judge's status and confidence for `attr`."""
+    entries = r.get("classifiers") or {}
+    read, judged = ((entries.get(c) or {}).get(attr) for c in (reader, judge))
+    return isinstance(read, dict) and isinstance(judged, dict) and "label" in read and \
+        "status" in judged and "confident" in judged
+
+
+def _per_prompt(records: list[dict[str, Any]], majority: dict[str, str], reader: str, judge: str,
+                attr: str) -> dict[str, dict[tuple[float, str], tuple[int, int]]]:
+    """prompt -> (scale, group) -> (low-confidence images, images)."""
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_prompt.setdefault(str(r["prompt"]), []).append(r)
+    return {
+        p: {(scale, group): c for (_, scale, group), c in
+            legibility.low_confidence_by_group(recs, majority, reader, judge, attr, by_split=False).items()}
+        for p, recs in by_prompt.items()
+    }
 
 
 def _diversity(

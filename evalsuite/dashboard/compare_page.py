@@ -84,8 +84,34 @@ def compare_page(c: Comparison, root: Path) -> str:
             "Fraction of paired images whose label differs between A and B",
         )
         parts.append(section(f"Attribute: {attr}", body, f"c{i}"))
+    if not c.legibility.empty:
+        parts.append(_legibility(c))
     parts.append(_diversity(c, root, labels, scales))
     return "".join(parts)
+
+
+def _legibility(c: Comparison) -> str:
+    """The judge classifiers' low-confidence rates among majority-class and other-class images."""
+    body = paragraphs(
+        f"Whose images lose legibility. Each image is put in a group by what {c.classifier} reads: the "
+        "prompt's majority class (its most common class over run A's paired images of that prompt) or any "
+        "other class. The rate is the share of a group's images another classifier (the judge) reads with "
+        "low confidence (top class probability below 0.8). A change that only an average shows can hide "
+        "a model whose rarer groups come out less legibly than its majority. Pooled over prompts with "
+        "cluster-robust 95 % intervals; a group's images differ between A and B when the model changes "
+        "who is drawn."
+    )
+    for (judge, attr), rows in c.legibility.groupby(["judge", "attribute"], sort=False):
+        body += table(
+            ["scale", f"{attr} group", "A", "B", "images A", "images B", "prompts"],
+            [
+                [f"{r.guidance_scale:g}", r.group, interval(r.a, r.a_lo, r.a_hi), interval(r.b, r.b_lo, r.b_hi),
+                 r.a_n, r.b_n, r.n_prompts]
+                for r in rows.itertuples()
+            ],
+            f"Low-confidence rate of {judge} on {attr}, by the {c.classifier} group",
+        )
+    return section("Legibility by group", body, "cleg")
 
 
 def _biggest(shares: pd.DataFrame) -> str:

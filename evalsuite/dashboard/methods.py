@@ -43,6 +43,12 @@ METRICS: tuple[tuple[str, str], ...] = (
     ),
     ("no_person_rate", "Fraction of images in which the classifier found no person."),
     (
+        "legibility by group",
+        "Comparison page: another classifier's low_confidence_rate among the images the comparison's "
+        "classifier reads as the prompt's majority class (most common over run A's paired images of the "
+        "prompt) and among the rest; a quality gap between groups that an overall rate hides.",
+    ),
+    (
         "vendi",
         "Vendi score (Friedman & Dieng, TMLR 2023): exp of the entropy of the eigenvalues of the "
         "images' cosine-similarity matrix divided by n; the effective number of distinct images, from 1 "

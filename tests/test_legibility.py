@@ -1,0 +1,101 @@
+"""Legibility by group (evalsuite.legibility) and its section on the dashboard's comparison page."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fixtures_results import make_run
+
+from evalsuite.dashboard import build_dashboard
+from evalsuite.dashboard.compare import compare_runs
+from evalsuite.dashboard.load import load_run
+from evalsuite.legibility import low_confidence_by_group, majority_classes
+
+
+def _rec(prompt: str, g: float, label: str | None, confident: bool, heldout: bool = False,
+         status: str = "ok") -> dict[str, Any]:
+    reader = {"label": label, "status": "ok" if label else "no_person", "confident": True}
+    judge = {"label": "x", "status": status, "confident": confident}
+    return {"prompt": prompt, "heldout": heldout, "guidance_scale": g,
+            "classifiers": {"reader": {"tone": reader}, "judge": {"tone": judge}}}
+
+
+def test_majority_and_low_confidence_counts_by_hand() -> None:
+    recs = [
+        _rec("p", 1.0, "b", True), _rec("p", 1.0, "a", False), _rec("p", 3.0, "a", True),
+        _rec("p", 3.0, "b", False), _rec("p", 3.0, None, False),  # no person: in no group
+        _rec("q", 1.0, "c", False, heldout=True), _rec("q", 3.0, "d", True, heldout=True),  # tie c/d: c first
+        _rec("q", 3.0, "c", True, heldout=True, status="no_person"),  # the judge sees nobody: left out
+    ]
+    majority = majority_classes(recs, "reader", "tone")
+    assert majority == {"p": "b", "q": "c"}  # p: b and a twice each, b met first
+    by_split = low_confidence_by_group(recs, majority, "reader", "judge", "tone")
+    assert by_split == {
+        ("train", 1.0, "majority"): (0, 1), ("train", 1.0, "other"): (1, 1),
+        ("train", 3.0, "majority"): (1, 1), ("train", 3.0, "other"): (0, 1),
+        ("heldout", 1.0, "majority"): (1, 1), ("heldout", 3.0, "other"): (0, 1),
+    }
+    pooled = low_confidence_by_group(recs, majority, "reader", "judge", "tone", by_split=False)
+    assert pooled == {("all", 1.0, "majority"): (1, 2), ("all", 1.0, "other"): (1, 1),
+                      ("all", 3.0, "majority"): (1, 1), ("all", 3.0, "other"): (0, 2)}
+    assert low_confidence_by_group(recs, {}, "reader", "judge", "tone") == {}  # no majority, no group
+
+
+def test_comparison_page_shows_legibility_by_group(tmp_path: Path) -> None:
+    runs = []
+    for name, boost in (("base", 0.0), ("tuned", 0.4)):
+        run = make_run(tmp_path / "results", name, model_key=int(boost > 0), bias_boost=boost)
+        info = json.loads((run / "run.json").read_text())
+        info["primary_classifier"] = "oracle"  # groups by the truth; the noisy classifier is the judge
+        (run / "run.json").write_text(json.dumps(info))
+        runs.append(run)
+    c = compare_runs(load_run(runs[0]), load_run(runs[1]))
+    assert c.classifier == "oracle" and set(c.legibility["judge"]) == {"miniature"}
+    assert set(c.legibility["attribute"]) == {"skin_tone", "age"}  # gender: no labels, no groups
+    # recount one cell straight from the records: skin tone, guidance 3, majority and other, run B
+    recs = [[json.loads(line) for line in (r / "records.jsonl").read_text().splitlines()] for r in runs]
+    counts: dict[str, dict[str, int]] = {}
+    for r in recs[0]:
+        label = r["classifiers"]["oracle"]["skin_tone"]["label"]
+        if label is not None:
+            counts.setdefault(r["prompt"], {}).setdefault(label, 0)
+            counts[r["prompt"]][label] += 1
+    majority = {p: max(c, key=lambda k: (c[k], -list(c).index(k))) for p, c in counts.items()}
+    for group in ("majority", "other"):
+        low = n = 0
+        for r in recs[1]:
+            label = r["classifiers"]["oracle"]["skin_tone"]["label"]
+            judged = r["classifiers"]["miniature"]["skin_tone"]
+            if r["guidance_scale"] != 3.0 or label is None or judged["status"] != "ok":
+                continue
+            if (label == majority[r["prompt"]]) == (group == "majority"):
+                n += 1
+                low += not judged["confident"]
+        row = c.legibility[(c.legibility["attribute"] == "skin_tone") & (c.legibility["guidance_scale"] == 3.0)
+                           & (c.legibility["group"] == group)].iloc[0]
+        assert row["b_n"] == n and abs(row["b"] - low / n) < 1e-12 and row["b_lo"] <= row["b"] <= row["b_hi"]
+    site = build_dashboard(runs, tmp_path / "site").parent
+    page = (site / "compare.html").read_text()
+    assert "Legibility by group" in page and "Low-confidence rate of miniature on skin_tone" in page
+
+
+def test_a_run_with_one_classifier_has_no_legibility_section(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path / "results", name, model_key=k) for k, name in enumerate(("a", "b"))]
+    for run in runs:
+        lines = []
+        for line in (run / "records.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            del r["classifiers"]["oracle"]
+            lines.append(json.dumps(r))
+        (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+        info = json.loads((run / "run.json").read_text())
+        info["classifiers"] = ["miniature"]
+        (run / "run.json").write_text(json.dumps(info))
+    shutil.rmtree(tmp_path / "site", ignore_errors=True)
+    c = compare_runs(load_run(runs[0]), load_run(runs[1]))
+    assert c.legibility.empty
+    page = (build_dashboard(runs, tmp_path / "site").parent / "compare.html").read_text()
+    assert "Legibility by group" not in page
