@@ -171,6 +171,7 @@ def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, 
     b = low_confidence_by_group(tuned_records, majority, classifier, reward_classifier, attribute)
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
+
     def cells(counts: dict[tuple[str, float, str], tuple[int, int]], s: str, g: float) -> dict[str, tuple[float, int]]:
         found = {k: counts.get((s, g, k), (0, 0)) for k in GROUPS}
         return {k: (low / n if n else math.nan, n) for k, (low, n) in found.items()}

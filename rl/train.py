@@ -221,16 +221,24 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
     batch_seeds = rng.integers(0, 2**62, size=len(per_sample) // s.batch_size).tolist()
     noise = initial_noise(seeds, latent_shape(pipe)).to(pipe.device)
     uncond = encode_prompts(pipe, [""])
+    drift = any(r.name == "drift" and r.weight > 0 for r in cfg.rewards)
+    text_lora = pipe.text_encoder if cfg.lora.text_encoder_rank else None
+    if drift and text_lora is not None:  # the base model's image: its own text encoder too
+        with adapters_disabled(text_lora):
+            base_uncond = encode_prompts(pipe, [""])
     chunks, base = [], []
     for k in range(0, len(per_sample), s.batch_size):
         sl = slice(k, k + s.batch_size)
         cond = encode_prompts(pipe, per_sample[sl])
-        args = (pipe.scheduler, cond, uncond, g[sl].to(pipe.device), noise[sl], s.steps, s.eta,
-                batch_seeds[k // s.batch_size], cfg.training.compile)
-        chunks.append(sample_trajectories(unet, *args))
-        if any(r.name == "drift" and r.weight > 0 for r in cfg.rewards):
+        rest = (g[sl].to(pipe.device), noise[sl], s.steps, s.eta, batch_seeds[k // s.batch_size], cfg.training.compile)
+        chunks.append(sample_trajectories(unet, pipe.scheduler, cond, uncond, *rest))
+        if drift:
+            base_cond, base_unc = cond, uncond
+            if text_lora is not None:
+                with adapters_disabled(text_lora):
+                    base_cond, base_unc = encode_prompts(pipe, per_sample[sl]), base_uncond
             with adapters_disabled(unet):
-                base.append(sample_trajectories(unet, *args).final)
+                base.append(sample_trajectories(unet, pipe.scheduler, base_cond, base_unc, *rest).final)
     latents = torch.cat([c.latents for c in chunks])
 
     def decode(z: torch.Tensor) -> np.ndarray:  # in fp32 whatever the autocast around: as the evaluation does
@@ -323,6 +331,13 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     (chain or untrained; the KL alone, no policy-gradient term: one more policy pass). The base model's
     outputs come from the same UNet with the adapters switched off, one pass without gradients per
     penalised step, before the policy's passes.
+
+    With a LoRA on the text encoder (``lora.text_encoder_rank`` > 0) the prompt and the empty prompt are
+    encoded again for every trained step, with gradients (each backward frees its graph), so both reach
+    the text adapter as they shape the sampled step; the base model's encodings have the text adapter
+    off. The text encoder is not wrapped for several processes: its LoRA gradients are averaged across
+    them in one all-reduce when the accumulated gradients are synchronised, then clipped together with
+    the UNet's.
     """
     t = cfg.training
     n, k, window, m = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps, cfg.kl_only_timesteps
@@ -353,8 +368,9 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
             if t.kl_coef > 0:  # adapters off and on again before the policy's graph exists (adapters_disabled)
                 with torch.no_grad(), acc.autocast(), adapters_disabled(text_lora):
                     base_cond = encode_prompts(pipe, prompts)
-            with torch.no_grad(), acc.autocast():  # as when sampling
-                cond = encode_prompts(pipe, prompts)
+            if text_lora is None:
+                with torch.no_grad(), acc.autocast():  # as when sampling
+                    cond = encode_prompts(pipe, prompts)
             scales = batch.scales[idx].to(acc.device)
             for j in range(k):
                 if text_lora is not None:  # each backward frees its graph: the text encoder runs again per step
@@ -388,10 +404,12 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
                         to_base.append(float(kl.detach().mean()))
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        if acc.num_processes > 1:
-                            for p in text_params:
-                                if p.grad is not None:
-                                    p.grad = acc.reduce(p.grad, "mean")
+                        if text_params and acc.num_processes > 1:  # one all-reduce of every text LoRA gradient
+                            flat = acc.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                                         .flatten() for p in text_params]), "mean")
+                            for p, part in zip(text_params, flat.split([p.numel() for p in text_params]),
+                                               strict=True):
+                                p.grad = part.view_as(p).clone()
                         acc.clip_grad_norm_(params, t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()

@@ -65,18 +65,23 @@ def test_comparison_page_shows_legibility_by_group(tmp_path: Path) -> None:
             counts[r["prompt"]][label] += 1
     majority = {p: max(c, key=lambda k: (c[k], -list(c).index(k))) for p, c in counts.items()}
     for group in ("majority", "other"):
-        low = n = 0
-        for r in recs[1]:
-            label = r["classifiers"]["oracle"]["skin_tone"]["label"]
-            judged = r["classifiers"]["miniature"]["skin_tone"]
-            if r["guidance_scale"] != 3.0 or label is None or judged["status"] != "ok":
-                continue
-            if (label == majority[r["prompt"]]) == (group == "majority"):
-                n += 1
-                low += not judged["confident"]
         row = c.legibility[(c.legibility["attribute"] == "skin_tone") & (c.legibility["guidance_scale"] == 3.0)
                            & (c.legibility["group"] == group)].iloc[0]
-        assert row["b_n"] == n and abs(row["b"] - low / n) < 1e-12 and row["b_lo"] <= row["b"] <= row["b_hi"]
+        prompts_seen = set()
+        for side, run_recs in (("a", recs[0]), ("b", recs[1])):
+            low = n = 0
+            for r in run_recs:
+                label = r["classifiers"]["oracle"]["skin_tone"]["label"]
+                judged = r["classifiers"]["miniature"]["skin_tone"]
+                if r["guidance_scale"] != 3.0 or label is None or judged["status"] != "ok":
+                    continue
+                if (label == majority[r["prompt"]]) == (group == "majority"):
+                    n += 1
+                    low += not judged["confident"]
+                    prompts_seen.add(r["prompt"])
+            assert row[f"{side}_n"] == n and abs(row[side] - low / n) < 1e-12, (side, group)
+            assert row[f"{side}_lo"] <= row[side] <= row[f"{side}_hi"]
+        assert row["n_prompts"] == len(prompts_seen)
     site = build_dashboard(runs, tmp_path / "site").parent
     page = (site / "compare.html").read_text()
     assert "Legibility by group" in page and "Low-confidence rate of miniature on skin_tone" in page

@@ -68,15 +68,17 @@ def test_two_steps_move_every_lora_weight_and_no_base_weight(tmp_path: Path) -> 
 
 
 def test_a_resumed_run_reproduces_the_next_losses_exactly(tmp_path: Path) -> None:
-    window = "training.timestep_window=1.0"  # the default, so a config saved without the key means the same
-    assert finetune(tmp_path / "whole", "training.epochs=3", window) == 0
-    assert finetune(tmp_path / "cut", "training.epochs=2", window) == 0
+    # the default window, so a config saved without the key means the same; a text-encoder LoRA, whose
+    # weights and optimizer state the checkpoint must restore too
+    window = ("training.timestep_window=1.0", "lora.text_encoder_rank=2")
+    assert finetune(tmp_path / "whole", "training.epochs=3", *window) == 0
+    assert finetune(tmp_path / "cut", "training.epochs=2", *window) == 0
     shutil.rmtree(tmp_path / "cut" / "adapter")
-    assert finetune(tmp_path / "cut", "training.epochs=3", window, "training.learning_rate=0.5") == 2  # not the same
+    assert finetune(tmp_path / "cut", "training.epochs=3", *window, "training.learning_rate=0.5") == 2  # not the same
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())
     del saved["training"]["timestep_window"]  # a checkpoint written before an optional key existed still resumes
     (tmp_path / "cut" / "config.json").write_text(json.dumps(saved))
-    assert finetune(tmp_path / "cut", "training.epochs=3", window) == 0  # resumes from the epoch-2 checkpoint
+    assert finetune(tmp_path / "cut", "training.epochs=3", *window) == 0  # resumes from the epoch-2 checkpoint
     whole, cut = log(tmp_path / "whole"), log(tmp_path / "cut")
     assert [r["epoch"] for r in cut] == [1, 2, 3]
     for key in ("loss", "approx_kl", "clipfrac", "reward_mean"):
@@ -95,6 +97,15 @@ def test_a_kl_penalty_keeps_the_policy_near_the_base_model(tmp_path: Path) -> No
     assert weak[0]["kl_to_base"] == strong[0]["kl_to_base"] > 0
     assert all(math.isfinite(r["loss"]) for r in weak + strong)
     assert strong[-1]["kl_to_base"] < weak[-1]["kl_to_base"] / 2, (weak, strong)
+
+
+def test_with_a_text_encoder_lora_the_ratio_starts_at_one(tmp_path: Path) -> None:
+    # training re-encodes the prompts as sampling did (adapters on): with a learning rate that cannot move
+    # the policy, every importance ratio is 1 (no clipped term) and the approximate KL is 0
+    assert finetune(tmp_path / "run", "training.epochs=1", "lora.text_encoder_rank=2",
+                    "training.learning_rate=1e-20", "training.kl_coef=0.1", "training.kl_steps=chain") == 0
+    row = log(tmp_path / "run")[0]
+    assert row["clipfrac"] == 0 and row["approx_kl"] < 1e-12, row
 
 
 def _late_step_kl(run: Path) -> float:

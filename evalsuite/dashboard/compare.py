@@ -199,22 +199,28 @@ LEGIBILITY_COLUMNS = ("judge", "attribute", "guidance_scale", "group", "a", "a_l
 def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, float], list[Pair]],
                 scales: list[float]) -> list[list[Any]]:
     """Per judge (every other classifier both runs hold), attribute, scale and group (majority / other):
-    the judge's low-confidence rate in A and in B, pooled over prompts with cluster-robust intervals.
+    the judge's low-confidence rate in A and in B, pooled over all prompts (training and held-out alike)
+    with cluster-robust intervals.
 
-    Groups are what `reader` reads, with each prompt's majority class taken from run A's paired images
-    (evalsuite.legibility), so both runs are split the same way. Only the paired images count.
+    Groups are what `reader` reads, with each prompt's majority class taken from all of run A's paired
+    images that `reader` labels (evalsuite.legibility), so both runs, and every judge, are split the same
+    way. Only the paired images count; attributes whose classes differ between the runs and
+    intersections (no judge reads a joined attribute) are left out.
     """
     rows: list[list[Any]] = []
     judges = [j for j in a.classifiers if j != reader and j in b.classifiers]
-    for judge in judges:
-        for attr, _ in a.attributes(reader):
-            sides = []
-            for side in (0, 1):
-                recs = [p[side] for group in pairs.values() for p in group]
-                sides.append([r for r in recs if _readable(r, reader, judge, attr)])
+    classes_b = dict(b.attributes(reader))
+    paired = [[p[side] for group in pairs.values() for p in group] for side in (0, 1)]
+    for attr, classes in a.attributes(reader):
+        if classes_b.get(attr) != classes:
+            continue
+        labelled = [r for r in paired[0] if _entry(r, reader, attr, ("label",))]
+        majority = legibility.majority_classes(labelled, reader, attr)
+        for judge in judges:
+            sides = [[r for r in recs if _entry(r, reader, attr, ("label",))
+                      and _entry(r, judge, attr, ("status", "confident"))] for recs in paired]
             if not sides[0] or not sides[1]:
                 continue
-            majority = legibility.majority_classes(sides[0], reader, attr)
             counts = [_per_prompt(recs, majority, reader, judge, attr) for recs in sides]
             prompts = sorted({p for c in counts for p in c})
             for scale in scales:
@@ -230,12 +236,10 @@ def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, floa
     return rows
 
 
-def _readable(r: dict[str, Any], reader: str, judge: str, attr: str) -> bool:
-    """The record holds the reader's label and the judge's status and confidence for `attr`."""
-    entries = r.get("classifiers") or {}
-    read, judged = ((entries.get(c) or {}).get(attr) for c in (reader, judge))
-    return isinstance(read, dict) and isinstance(judged, dict) and "label" in read and \
-        "status" in judged and "confident" in judged
+def _entry(r: dict[str, Any], classifier: str, attr: str, keys: tuple[str, ...]) -> bool:
+    """The record holds `classifier`'s entry for `attr` with all of `keys`."""
+    entry = ((r.get("classifiers") or {}).get(classifier) or {}).get(attr)
+    return isinstance(entry, dict) and all(k in entry for k in keys)
 
 
 def _per_prompt(records: list[dict[str, Any]], majority: dict[str, str], reader: str, judge: str,

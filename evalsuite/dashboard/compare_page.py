@@ -97,9 +97,9 @@ def _legibility(c: Comparison) -> str:
         "prompt's majority class (its most common class over run A's paired images of that prompt) or any "
         "other class. The rate is the share of a group's images another classifier (the judge) reads with "
         "low confidence (top class probability below 0.8). A change that only an average shows can hide "
-        "a model whose rarer groups come out less legibly than its majority. Pooled over prompts with "
-        "cluster-robust 95 % intervals; a group's images differ between A and B when the model changes "
-        "who is drawn."
+        "a model whose rarer groups come out less legibly than its majority. Pooled over all prompts "
+        "(training and held-out alike) with cluster-robust 95 % intervals; a group's images differ "
+        "between A and B when the model changes who is drawn."
     )
     for (judge, attr), rows in c.legibility.groupby(["judge", "attribute"], sort=False):
         body += table(
