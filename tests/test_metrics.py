@@ -130,6 +130,8 @@ def test_wilson_8_of_10() -> None:
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
     lo0, hi0 = wilson_interval(0, 10)
     assert lo0 == 0.0 and 0.0 < hi0 < 0.35
+    # the ends are exact at any n (the centre-minus-half formula leaves rounding dust like 4e-19 at n = 527)
+    assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in (1, 7, 527, 10**6))
 
 
 def test_share_intervals() -> None:

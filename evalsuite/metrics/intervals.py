@@ -35,7 +35,9 @@ def wilson_interval(count: float, n: float, z: float = 1.96) -> tuple[float, flo
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2.0 * n)) / denom
     half = z / denom * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
-    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+    lo = 0.0 if count == 0 else max(centre - half, 0.0)  # exact at the ends: rounding leaves e.g. 4e-19
+    hi = 1.0 if count == n else min(centre + half, 1.0)
+    return float(lo), float(hi)
 
 
 def share_intervals(labels: ArrayLike, n_classes: int, z: float = 1.96) -> NDArray[np.float64]:
