@@ -27,7 +27,7 @@ from evalsuite.generate import initial_noise, latent_shape
 
 from .ddim import ddim_step_kl
 from .lora import adapters_disabled
-from .sampling import encode_prompts, guided_eps, sample_trajectories
+from .sampling import encode_base_prompts, encode_prompts, guided_eps, sample_trajectories
 
 __all__ = ["StepKL", "kl_profile", "profile_table"]
 
@@ -56,13 +56,11 @@ def kl_profile(pipe: Any, prompts: Sequence[str], guidance: float, images: int, 
     if not any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
         raise SuiteError("kl-profile: the UNet carries no LoRA layers, so it is its own base model; load an adapter "
                          "that adapts the UNet")
-    with adapters_disabled(pipe.text_encoder):  # a text-encoder adapter is part of the adapted model only
-        base_uncond = encode_prompts(pipe, [""])
+    base_uncond = encode_base_prompts(pipe, [""])  # a text-encoder adapter is part of the adapted model only
     uncond = encode_prompts(pipe, [""])
     per_prompt = []
     for prompt in prompts:
-        with adapters_disabled(pipe.text_encoder):
-            base_cond = encode_prompts(pipe, [prompt] * images)
+        base_cond = encode_base_prompts(pipe, [prompt] * images)
         cond = encode_prompts(pipe, [prompt] * images)
         scales = torch.full((images,), float(guidance), device=pipe.device)
         noise = initial_noise([seed + k for k in range(images)], latent_shape(pipe)).to(pipe.device)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .ddim import ddim_step_kl, ddim_step_with_logprob
+from .lora import adapters_disabled
 
 
 @dataclass
@@ -36,6 +37,13 @@ def encode_prompts(pipe: Any, prompts: list[str]) -> Tensor:
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
+
+
+def encode_base_prompts(pipe: Any, prompts: list[str]) -> Tensor:
+    """`encode_prompts` by the base model: every adapter of the text encoder switched off (a no-op for a
+    text encoder without adapters)."""
+    with adapters_disabled(pipe.text_encoder):
+        return encode_prompts(pipe, prompts)
 
 
 def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor,

@@ -57,7 +57,14 @@ from .rewards import (
     hard_labels,
     reference_from_target,
 )
-from .sampling import encode_prompts, guided_eps, sample_trajectories, step_log_prob, step_log_prob_and_kl
+from .sampling import (
+    encode_base_prompts,
+    encode_prompts,
+    guided_eps,
+    sample_trajectories,
+    step_log_prob,
+    step_log_prob_and_kl,
+)
 
 log = logging.getLogger("rl")
 
@@ -222,10 +229,8 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
     noise = initial_noise(seeds, latent_shape(pipe)).to(pipe.device)
     uncond = encode_prompts(pipe, [""])
     drift = any(r.name == "drift" and r.weight > 0 for r in cfg.rewards)
-    text_lora = pipe.text_encoder if cfg.lora.text_encoder_rank else None
-    if drift and text_lora is not None:  # the base model's image: its own text encoder too
-        with adapters_disabled(text_lora):
-            base_uncond = encode_prompts(pipe, [""])
+    if drift:  # the base model's image: its own text encoder too
+        base_uncond = encode_base_prompts(pipe, [""])
     chunks, base = [], []
     for k in range(0, len(per_sample), s.batch_size):
         sl = slice(k, k + s.batch_size)
@@ -233,12 +238,9 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
         rest = (g[sl].to(pipe.device), noise[sl], s.steps, s.eta, batch_seeds[k // s.batch_size], cfg.training.compile)
         chunks.append(sample_trajectories(unet, pipe.scheduler, cond, uncond, *rest))
         if drift:
-            base_cond, base_unc = cond, uncond
-            if text_lora is not None:
-                with adapters_disabled(text_lora):
-                    base_cond, base_unc = encode_prompts(pipe, per_sample[sl]), base_uncond
+            base_cond = encode_base_prompts(pipe, per_sample[sl])
             with adapters_disabled(unet):
-                base.append(sample_trajectories(unet, pipe.scheduler, base_cond, base_unc, *rest).final)
+                base.append(sample_trajectories(unet, pipe.scheduler, base_cond, base_uncond, *rest).final)
     latents = torch.cat([c.latents for c in chunks])
 
     def decode(z: torch.Tensor) -> np.ndarray:  # in fp32 whatever the autocast around: as the evaluation does
@@ -347,8 +349,8 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     kl_on_trained = t.kl_coef > 0 and t.kl_steps != "untrained"
     with acc.autocast():  # the embeddings of sampling (which runs under autocast), so the ratio starts at 1
         if t.kl_coef > 0:
-            with torch.no_grad(), adapters_disabled(text_lora):
-                base_uncond = encode_prompts(pipe, [""])
+            with torch.no_grad():
+                base_uncond = encode_base_prompts(pipe, [""])
         uncond = encode_prompts(pipe, [""]).detach()
     # every LoRA weight, UNet and text encoder: clipped together; the text encoder is not wrapped for
     # several processes, so its gradients are averaged across them here
@@ -366,8 +368,8 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
             idx = order[start:start + t.batch_size]
             prompts = [batch.prompts[i] for i in idx.tolist()]
             if t.kl_coef > 0:  # adapters off and on again before the policy's graph exists (adapters_disabled)
-                with torch.no_grad(), acc.autocast(), adapters_disabled(text_lora):
-                    base_cond = encode_prompts(pipe, prompts)
+                with torch.no_grad(), acc.autocast():
+                    base_cond = encode_base_prompts(pipe, prompts)
             if text_lora is None:
                 with torch.no_grad(), acc.autocast():  # as when sampling
                     cond = encode_prompts(pipe, prompts)
