@@ -177,3 +177,33 @@ def test_shipped_clip_reads_hats_and_entangles_occupations_that_share_one() -> N
     assert m["clip_hat_acc"] >= 0.95
     assert 0.2 <= m["clip_occupation_acc"] <= 0.7
     assert m["text_state_cosine_same_hat"] > m["text_state_cosine_other_hat"] + 0.3
+
+
+def test_sampling_tv_of_one_image_is_one_minus_the_share_drawn() -> None:
+    """One image of class k has TV 1 - p_k to the distribution p, so its expected TV is 1 - sum p_k^2
+    (doctor: 1 - 0.8^2 - 3 (0.2/3)^2 = 0.34667) and, as P(a minority tone) = 0.2 > 0.05, its 95th
+    percentile is 1 - 0.2/3."""
+    from evalsuite.miniature.report import sampling_tv
+
+    mean, p95 = sampling_tv("doctor", n=1, draws=40_000)
+    assert abs(mean - (1 - 0.8**2 - 3 * (0.2 / 3) ** 2)) < 0.005
+    assert p95 == pytest.approx(1 - 0.2 / 3)
+    big, _ = sampling_tv("doctor", n=10_000)
+    assert big < 0.01
+
+
+@shipped
+def test_guidance1_sweep_reads_shares_of_the_same_noises_with_both_samplers() -> None:
+    """Per occupation, both samplers start from the same noises (so eta 0 rows equal the main table's
+    guidance-1 rows) and every TV is the one of its shares."""
+    from evalsuite.miniature.report import _generate, _generator, _seed0, _shares, _tone_tv, measure_guidance1
+
+    gen = _generator(ASSETS, 4)
+    rows = measure_guidance1(gen, 6, ["nurse", "farmer"])
+    assert [r["occupation"] for r in rows] == ["nurse", "farmer"] and gen.eta == 0.0
+    tone, _ = read_attributes(_generate(gen, "a photo of a farmer", 1.0, 6, seed0=_seed0("farmer")))
+    assert rows[1]["eta0"]["tone_shares"] == _shares(tone, 4).round(3).tolist()
+    for r in rows:
+        for eta in ("eta0", "eta1"):
+            assert r[eta]["tone_tv"] == pytest.approx(_tone_tv(np.asarray(r[eta]["tone_shares"]), r["occupation"]),
+                                                      abs=0.004)

@@ -10,6 +10,8 @@
 * per occupation and guidance scale, the generated skin-tone and age shares against the training
   distribution (total variation) and the dominant share: conditional mode collapse; and how often
   the occupation's signature (hat style, badge colour) is drawn;
+* every occupation at guidance 1 (no guidance: the model's own conditional distribution) with both
+  DDIM samplers, eta = 0 and eta = 1: how far each lies from its training skew;
 * generation throughput (images/s at batch 64, 20 steps).
 
 `measure_confusion` writes the classifier's confusion matrices against the oracle on generated images
@@ -126,6 +128,30 @@ def _tone_tv(shares: np.ndarray, occupation: str) -> float:
     return float(0.5 * np.abs(shares - np.asarray(OCCUPATIONS[occupation].tone_probs)).sum())
 
 
+def _seed0(name: str) -> int:
+    """First noise seed of an occupation's images: the same for every table and sampler."""
+    return 1_000_000 + 10_000 * list(OCCUPATIONS).index(name)
+
+
+def measure_guidance1(gen: Any, n: int, occupations: Sequence[str] = tuple(OCCUPATIONS)) -> list[dict[str, Any]]:
+    """Per occupation: tone shares, tone TV and |old share - training old share| at guidance 1 for eta 0
+    and eta 1, from the same `n` initial noises (`_seed0`). Images without a readable person are left
+    out of the shares (`_shares`)."""
+    rows = []
+    eta0 = gen.eta
+    for name in occupations:
+        row: dict[str, Any] = {"occupation": name}
+        for eta in (0.0, 1.0):
+            gen.eta = eta
+            tone, age = read_attributes(_generate(gen, f"a photo of a {name}", 1.0, n, seed0=_seed0(name)))
+            ts = _shares(tone, 4)
+            row[f"eta{eta:g}"] = {"tone_shares": ts.round(3).tolist(), "tone_tv": _tone_tv(ts, name),
+                                  "age_tv": float(abs(_shares(age, 2)[1] - OCCUPATIONS[name].p_old))}
+        rows.append(row)
+    gen.eta = eta0
+    return rows
+
+
 def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCCUPATIONS, n: int = 200,
                   scales: Sequence[float] = (1.0, 3.0, 7.5, 12.0), steps: int = 20) -> dict[str, Any]:
     net = load_classifier(world / "classifier")
@@ -142,7 +168,7 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     from ..generate import to_uint8
 
     recon_u8 = to_uint8(recon)
-    out: dict[str, Any] = {"held_out_renders": len(renders)}
+    out: dict[str, Any] = {"held_out_renders": len(renders), "n_images": n}
     for label, images in (("renders", renders), ("vae_reconstructions", recon_u8)):
         t, a = classify(net, images)
         ot, oa = read_attributes(images)
@@ -155,10 +181,10 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
 
     rows: list[dict[str, Any]] = []
     agree: dict[str, list[bool]] = {"tone": [], "age": []}
-    for k, name in enumerate(occupations):
+    for name in occupations:
         occ = OCCUPATIONS[name]
         for g in scales:
-            images = _generate(gen, f"a photo of a {name}", g, n, seed0=1_000_000 + 10_000 * k)
+            images = _generate(gen, f"a photo of a {name}", g, n, seed0=_seed0(name))
             tone, age = read_attributes(images)
             pt, pa = classify(net, images)
             agree["tone"] += list((pt == tone)[tone >= 0])
@@ -176,15 +202,7 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     out["generated"] = {"classifier_vs_oracle_tone_acc": float(np.mean(agree["tone"])),
                         "classifier_vs_oracle_age_acc": float(np.mean(agree["age"])), "images": len(agree["tone"])}
     out["distributions"] = rows
-    # the same noises at guidance 1 through the stochastic sampler (eta = 1, the RL policy's)
-    gen.eta = 1.0
-    out["guidance1_eta1"] = []
-    for k, name in enumerate(occupations):
-        tone, _ = read_attributes(_generate(gen, f"a photo of a {name}", 1.0, n, seed0=1_000_000 + 10_000 * k))
-        ts = _shares(tone, 4)
-        out["guidance1_eta1"].append({"occupation": name, "tone_shares": ts.round(3).tolist(),
-                                      "tone_tv": _tone_tv(ts, name)})
-    gen.eta = 0.0
+    out["guidance1"] = measure_guidance1(gen, n)
     prompts = [f"a photo of a {o}" for o in list(OCCUPATIONS)[:64]]
     gen.generate(prompts[:8], [7.5] * 8, list(range(8)))  # warm up
     t0 = time.perf_counter()
@@ -194,6 +212,40 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     out["throughput_img_per_s_b64_20steps"] = round(64 * reps / (time.perf_counter() - t0), 2)
     out["threads"] = torch.get_num_threads()
     return out
+
+
+def sampling_tv(occupation: str, n: int, draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Mean and 95th percentile of the tone TV that a perfect model would show: `n` images drawn from the
+    occupation's training distribution itself (multinomial), so TV above it is the model's, not chance's."""
+    p = np.asarray(OCCUPATIONS[occupation].tone_probs)
+    counts = np.random.default_rng(seed).multinomial(n, p, size=draws)
+    tv = 0.5 * np.abs(counts / n - p).sum(1)
+    return float(tv.mean()), float(np.quantile(tv, 0.95))
+
+
+def _guidance1_markdown(rows: list[dict[str, Any]], n: int) -> list[str]:
+    def summary(eta: str) -> str:
+        tv = np.array([r[eta]["tone_tv"] for r in rows])
+        worst = rows[int(tv.argmax())]["occupation"]
+        return (f"{int((tv <= 0.10).sum())} of {len(rows)} occupations within 0.10, median {np.median(tv):.3f}, "
+                f"max {tv.max():.3f} ({worst})")
+
+    lines = ["", f"Every occupation at guidance 1 (no guidance: the model's own conditional distribution), {n} "
+             "images each from the same initial noises with diffusers' deterministic DDIM (eta = 0) and the "
+             "stochastic one (eta = 1, the RL policy's). Tone TV against the training distribution:", "",
+             f"* eta = 0: {summary('eta0')};", f"* eta = 1: {summary('eta1')};",
+             "* a perfect model (images drawn from the training distribution itself) would show the TV of the "
+             "\"chance\" column: its mean and 95th percentile over 4000 simulated draws of the same size.",
+             "", "| occupation | training (dominant) | hat | tone shares eta = 1 (light/medium/tan/dark) | TV eta = 0 "
+             "| TV eta = 1 | chance | old-share gap to training, eta = 0 / 1 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        occ = OCCUPATIONS[r["occupation"]]
+        mean, p95 = sampling_tv(occ.name, n)
+        lines.append(f"| {occ.name} | {occ.dominant_tone} {max(occ.tone_probs):.2f} | {occ.hat} | "
+                     f"{'/'.join(f'{s:.2f}' for s in r['eta1']['tone_shares'])} | {r['eta0']['tone_tv']:.3f} | "
+                     f"{r['eta1']['tone_tv']:.3f} | {mean:.3f} / {p95:.3f} | "
+                     f"{r['eta0']['age_tv']:.2f} / {r['eta1']['age_tv']:.2f} |")
+    return lines
 
 
 def to_markdown(m: dict[str, Any]) -> str:
@@ -214,12 +266,8 @@ def to_markdown(m: dict[str, Any]) -> str:
                      f"{'/'.join(f'{s:.2f}' for s in r['train_tone'])} | {r['tone_tv']:.3f} | "
                      f"{r['dominant_share']:.2f} | {r['old_share']:.2f} | {r['train_old']:.2f} | "
                      f"{r.get('hat_rate', float('nan')):.2f} | {r.get('badge_rate', float('nan')):.2f} |")
-    if m.get("guidance1_eta1"):
-        lines += ["", "Guidance 1 with the stochastic DDIM sampler (eta = 1; the table above uses eta = 0, "
-                  "diffusers' default), the same initial noises:", "",
-                  "| occupation | tone shares (light/medium/tan/dark) | TV |", "|---|---|---|"]
-        lines += [f"| {r['occupation']} | {'/'.join(f'{s:.2f}' for s in r['tone_shares'])} | {r['tone_tv']:.3f} |"
-                  for r in m["guidance1_eta1"]]
+    if m.get("guidance1"):
+        lines += _guidance1_markdown(m["guidance1"], m.get("n_images", 200))
     c = m.get("text_conditioning")
     if c:
         lines += ["", f"Text conditioning: the miniature CLIP names the occupation of a held-out render with "
