@@ -39,6 +39,7 @@ class LoadedModel:
     device: str
     lora: str | None = None
     vocabulary: frozenset[str] | None = None  # words the model knows, where it knows only its own
+    lora_scale: float = 1.0
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the model's vocabulary (empty for open-vocabulary models)."""
@@ -49,7 +50,7 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {"id": self.model_id, "revision": self.revision, "is_miniature": self.is_miniature,
                 "dtype": self.dtype, "device": self.device, "lora": self.lora,
-                "pipeline_class": type(self.pipe).__name__}
+                **({"lora_scale": self.lora_scale} if self.lora else {}), "pipeline_class": type(self.pipe).__name__}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -88,8 +89,9 @@ def check_model_source(model: str | None) -> None:
 
 
 def load_model(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
-               revision: str | None = None, lora: str | None = None) -> LoadedModel:
-    """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id."""
+               revision: str | None = None, lora: str | None = None, lora_scale: float = 1.0) -> LoadedModel:
+    """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id. `lora`, a
+    LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`)."""
     from diffusers import AutoPipelineForText2Image
 
     check_model_source(model)
@@ -112,19 +114,29 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         log.info("disabling the safety checker: audits must see every image the model makes")
         pipe.safety_checker = None
     if lora:
-        lora_path = Path(lora).expanduser()
-        if not lora_path.exists():
-            raise SuiteError(f"--lora: adapter '{lora}' not found")
-        try:
-            pipe.load_lora_weights(str(lora_path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise SuiteError(f"--lora: could not load adapter '{lora}': {str(exc).splitlines()[0]}") from exc
+        load_adapter(pipe, lora, lora_scale)
     if model_id == MINIATURE:
         use_math_attention(pipe.unet)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, is_miniature=model_id == MINIATURE,
-                       dtype=dtype, device=device, lora=lora, vocabulary=vocab)
+                       dtype=dtype, device=device, lora=lora, vocabulary=vocab, lora_scale=lora_scale)
+
+
+def load_adapter(pipe: Any, lora: str, scale: float = 1.0) -> None:
+    """Load a LoRA adapter (a diffusers/PEFT folder or a kohya safetensors file) into `pipe`, every
+    adapted module (UNet, text encoders) at strength `scale`: each LoRA update is multiplied by it, so 0 is
+    the base model, 1 the adapter as trained, values between interpolate and values above 1 extrapolate
+    (the "LoRA scale" of diffusers and WebUIs)."""
+    lora_path = Path(lora).expanduser()
+    if not lora_path.exists():
+        raise SuiteError(f"--lora: adapter '{lora}' not found")
+    try:
+        pipe.load_lora_weights(str(lora_path), adapter_name="audited")
+    except (OSError, ValueError, KeyError) as exc:
+        raise SuiteError(f"--lora: could not load adapter '{lora}': {str(exc).splitlines()[0]}") from exc
+    if scale != 1.0:
+        pipe.set_adapters(["audited"], adapter_weights=[scale])
 
 
 def _dtype_keyword() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -49,6 +50,7 @@ class RunOptions:
     model: str | None = None
     revision: str | None = None
     lora: str | None = None
+    lora_scale: float = 1.0  # strength of the LoRA adapter (models.load_adapter)
     dtype: str = "float32"
     device: str = "auto"
     batch_size: int = 64
@@ -101,7 +103,8 @@ def default_run_name(battery: Battery, options: RunOptions) -> str:
     model = options.model or "miniature"
     parts = [battery.name, Path(model).name if Path(model).exists() else model]
     if options.lora:
-        parts.append("lora-" + Path(options.lora).name)
+        scale = f"-x{options.lora_scale:g}" if options.lora_scale != 1 else ""
+        parts.append("lora-" + Path(options.lora).name + scale)
     if battery.eta:
         parts.append(f"eta{battery.eta:g}")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts)).strip("-")
@@ -112,10 +115,12 @@ def fingerprint(battery: Battery, options: RunOptions) -> str:
     described = battery.to_dict()
     if not described["eta"]:  # eta 0: the fingerprint of folders made before the key existed
         del described["eta"]
-    keys = {"battery": described, "model": options.model, "revision": options.revision,
+    keys: dict[str, Any] = {"battery": described, "model": options.model, "revision": options.revision,
             "lora": options.lora, "dtype": options.dtype, "batch_size": options.batch_size,
             "classifiers": list(options.classifiers), "embedder": options.embedder,
             "compile": options.compile}
+    if options.lora_scale != 1.0:  # absent at 1: the fingerprint of folders made before the option existed
+        keys["lora_scale"] = options.lora_scale
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -175,6 +180,10 @@ def _validate(battery: Battery, options: RunOptions) -> None:
         problems += check_classifier_spec(spec)
     if options.lora and not Path(options.lora).expanduser().exists():
         problems.append(f"--lora: adapter '{options.lora}' not found")
+    if not math.isfinite(options.lora_scale):
+        problems.append(f"--lora-scale: must be a finite number, got {options.lora_scale}")
+    elif options.lora_scale != 1.0 and not options.lora:
+        problems.append(f"--lora-scale: {options.lora_scale:g} given without --lora (it scales an adapter)")
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -202,7 +211,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     # the model, generator and classifiers are built before the folder is touched: a refusal (an eta the
     # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
-                        lora=options.lora)
+                        lora=options.lora, lora_scale=options.lora_scale)
     generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
     ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
                             else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)

@@ -351,7 +351,9 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
         if t.kl_coef > 0:
             with torch.no_grad():
                 base_uncond = encode_base_prompts(pipe, [""])
-        uncond = encode_prompts(pipe, [""]).detach()
+        if text_lora is None:  # with a text LoRA, encoded again for every trained step (below)
+            with torch.no_grad():
+                uncond = encode_prompts(pipe, [""])
     # every LoRA weight, UNet and text encoder: clipped together; the text encoder is not wrapped for
     # several processes, so its gradients are averaged across them here
     params = [p for group in optimizer.param_groups for p in group["params"]]

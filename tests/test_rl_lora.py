@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tiny_pipeline import tiny_sd_pipeline
 
 from evalsuite.errors import SuiteError
+from evalsuite.models import load_adapter
 from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.lora import adapters_disabled, add_lora, cast_frozen, kohya_key, load_kohya, lora_named_parameters, save_adapter
 
@@ -163,6 +164,17 @@ def test_save_adapter_round_trips(pipe, tmp_path: Path) -> None:
     fresh.load_lora_weights(paths["dir"])
     torch.testing.assert_close(_eps(fresh, x, t), trained, atol=1e-5, rtol=0)
 
+    # `evalsuite run --lora DIR --lora-scale S` loads it at strength S: 0 is the base model exactly, 1 the
+    # adapter as trained, and S multiplies every LoRA update (alpha / rank x S)
+    scaled = {}
+    for scale in (0.0, 1.0, 2.0):
+        scaled[scale] = tiny_sd_pipeline(tmp_path / f"scaled{scale:g}")
+        load_adapter(scaled[scale], str(paths["dir"]), scale)
+    assert torch.equal(_eps(scaled[0.0], x, t), _eps(tiny_sd_pipeline(tmp_path / "base2"), x, t))
+    torch.testing.assert_close(_eps(scaled[1.0], x, t), trained, atol=1e-5, rtol=0)
+    layers = [m for m in scaled[2.0].unet.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling]
+    assert layers and all(m.scaling == {"audited": 2.0 * ALPHA / RANK} for m in layers)
+
     kohya = load_kohya(paths["kohya"])
     peft_sd = get_peft_model_state_dict(pipe.unet)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
@@ -203,6 +215,17 @@ def test_save_adapter_with_text_encoder(pipe, tmp_path: Path) -> None:
         opt.step()
     trained = _eps(pipe, x, t)
     paths = save_adapter(pipe, tmp_path / "adapter", metadata={})
+    # `evalsuite run --lora DIR --lora-scale S` loads it at strength S: 0 is the base model exactly, 1 the
+    # adapter as trained, and S multiplies every LoRA update (alpha / rank x S)
+    scaled = {}
+    for scale in (0.0, 1.0, 2.0):
+        scaled[scale] = tiny_sd_pipeline(tmp_path / f"scaled{scale:g}")
+        load_adapter(scaled[scale], str(paths["dir"]), scale)
+    assert torch.equal(_eps(scaled[0.0], x, t), _eps(tiny_sd_pipeline(tmp_path / "base2"), x, t))
+    torch.testing.assert_close(_eps(scaled[1.0], x, t), trained, atol=1e-5, rtol=0)
+    layers = [m for m in scaled[2.0].unet.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling]
+    assert layers and all(m.scaling == {"audited": 2.0 * ALPHA / RANK} for m in layers)
+
     kohya = load_kohya(paths["kohya"])
     te_key = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"  # the transformers-4 CLIP path
     assert kohya[te_key + ".lora_down.weight"].shape == (1, 16) and kohya[te_key + ".alpha"].item() == ALPHA

@@ -230,6 +230,8 @@ def test_empty_slot_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (["--model", "./no/such/model"], ["--model", "./no/such/model"]),
     (["--classifier", "orcale"], ["unknown classifier 'orcale'", "did you mean 'oracle'"]),
     (["--dtype", "float8"], ["--dtype", "float8"]),
+    (["--lora-scale", "0.5"], ["--lora-scale", "0.5", "without --lora"]),
+    (["--lora-scale", "nan", "--lora", "."], ["--lora-scale", "finite"]),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      args: list[str], needles: list[str]) -> None:

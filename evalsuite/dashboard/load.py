@@ -57,7 +57,9 @@ class RunView:
     @property
     def model_label(self) -> str:
         lora = self.model.get("lora")
-        return str(self.model.get("id", "unknown")) + (f" + LoRA {lora}" if lora else "")
+        scale = self.model.get("lora_scale", 1.0)
+        strength = f" at strength {scale:g}" if isinstance(scale, (int, float)) and scale != 1.0 else ""
+        return str(self.model.get("id", "unknown")) + (f" + LoRA {lora}{strength}" if lora else "")
 
     @property
     def classifiers(self) -> list[str]:
