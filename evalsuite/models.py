@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,20 +124,29 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
                        dtype=dtype, device=device, lora=lora, vocabulary=vocab, lora_scale=lora_scale)
 
 
+ADAPTER_NAME = "audited"  # the PEFT adapter name of a loaded --lora
+
+
 def load_adapter(pipe: Any, lora: str, scale: float = 1.0) -> None:
     """Load a LoRA adapter (a diffusers/PEFT folder or a kohya safetensors file) into `pipe`, every
     adapted module (UNet, text encoders) at strength `scale`: each LoRA update is multiplied by it, so 0 is
-    the base model, 1 the adapter as trained, values between interpolate and values above 1 extrapolate
-    (the "LoRA scale" of diffusers and WebUIs)."""
+    the base model, 1 the adapter as trained, values between interpolate, values above 1 extrapolate and
+    negative values reverse the adapter's direction (the "LoRA scale" of diffusers and WebUIs)."""
+    if not math.isfinite(scale):
+        raise SuiteError(f"--lora-scale: must be a finite number, got {scale}")
     lora_path = Path(lora).expanduser()
     if not lora_path.exists():
         raise SuiteError(f"--lora: adapter '{lora}' not found")
     try:
-        pipe.load_lora_weights(str(lora_path), adapter_name="audited")
+        pipe.load_lora_weights(str(lora_path), adapter_name=ADAPTER_NAME)
     except (OSError, ValueError, KeyError) as exc:
         raise SuiteError(f"--lora: could not load adapter '{lora}': {str(exc).splitlines()[0]}") from exc
     if scale != 1.0:
-        pipe.set_adapters(["audited"], adapter_weights=[scale])
+        try:
+            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+        except (ValueError, AttributeError, NotImplementedError) as exc:
+            raise SuiteError(f"--lora-scale: cannot set adapter '{lora}' to strength {scale:g} on "
+                             f"{type(pipe).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
 def _dtype_keyword() -> str:

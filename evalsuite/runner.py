@@ -120,7 +120,7 @@ def fingerprint(battery: Battery, options: RunOptions) -> str:
             "classifiers": list(options.classifiers), "embedder": options.embedder,
             "compile": options.compile}
     if options.lora_scale != 1.0:  # absent at 1: the fingerprint of folders made before the option existed
-        keys["lora_scale"] = options.lora_scale
+        keys["lora_scale"] = float(options.lora_scale)  # 2 and 2.0: one run
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -194,16 +194,28 @@ def test_sampling_tv_of_one_image_is_one_minus_the_share_drawn() -> None:
 
 @shipped
 def test_guidance1_sweep_reads_shares_of_the_same_noises_with_both_samplers() -> None:
-    """Per occupation, both samplers start from the same noises (so eta 0 rows equal the main table's
-    guidance-1 rows) and every TV is the one of its shares."""
-    from evalsuite.miniature.report import _generate, _generator, _seed0, _shares, _tone_tv, measure_guidance1
+    """Per occupation, both samplers start from the noises the main table uses (`_seed0`); the samplers
+    differ; every TV is the one of its shares; the chance TV is computed for the images read."""
+    from evalsuite.miniature.report import (
+        _generate,
+        _generator,
+        _seed0,
+        _shares,
+        _tone_tv,
+        measure_guidance1,
+        sampling_tv,
+    )
 
     gen = _generator(ASSETS, 4)
     rows = measure_guidance1(gen, 6, ["nurse", "farmer"])
     assert [r["occupation"] for r in rows] == ["nurse", "farmer"] and gen.eta == 0.0
     tone, _ = read_attributes(_generate(gen, "a photo of a farmer", 1.0, 6, seed0=_seed0("farmer")))
     assert rows[1]["eta0"]["tone_shares"] == _shares(tone, 4).round(3).tolist()
+    assert rows[1]["eta0"]["n_read"] == int((tone >= 0).sum())
+    assert any(r["eta0"]["tone_shares"] != r["eta1"]["tone_shares"] for r in rows)  # eta reached the sampler
     for r in rows:
         for eta in ("eta0", "eta1"):
             assert r[eta]["tone_tv"] == pytest.approx(_tone_tv(np.asarray(r[eta]["tone_shares"]), r["occupation"]),
                                                       abs=0.004)
+            assert (r[eta]["chance_tv_mean"], r[eta]["chance_tv_p95"]) == sampling_tv(r["occupation"],
+                                                                                      r[eta]["n_read"])

@@ -56,6 +56,29 @@ def _train(pipe, opt: torch.optim.Optimizer, steps: int, x: torch.Tensor | None 
     return losses
 
 
+def _scalings(model: torch.nn.Module) -> set[float]:
+    return {m.scaling["audited"] for m in model.modules()
+            if isinstance(getattr(m, "scaling", None), dict) and "audited" in m.scaling}
+
+
+def _check_strengths(src: str, x: torch.Tensor, t: torch.Tensor, trained: torch.Tensor, tmp_path: Path,
+                     text_scaling: float | None) -> None:
+    """`evalsuite run --lora SRC --lora-scale S` (`evalsuite.models.load_adapter`) loads the adapter at
+    strength S: 0 is the base model exactly, 1 the adapter as trained, and S multiplies every LoRA
+    update's alpha / rank, on the UNet and on the text encoder (`text_scaling`: its alpha / rank)."""
+    tag = Path(src).name
+    pipes = {}
+    for scale in (0.0, 1.0, 2.0):
+        pipes[scale] = tiny_sd_pipeline(tmp_path / f"{tag}-x{scale:g}")
+        load_adapter(pipes[scale], src, scale)
+    assert torch.equal(_eps(pipes[0.0], x, t), _eps(tiny_sd_pipeline(tmp_path / f"{tag}-base"), x, t))
+    torch.testing.assert_close(_eps(pipes[1.0], x, t), trained, atol=1e-5, rtol=0)
+    assert _scalings(pipes[2.0].unet) == {2.0 * ALPHA / RANK}
+    assert _scalings(pipes[2.0].text_encoder) == ({2.0 * text_scaling} if text_scaling else set())
+    with pytest.raises(SuiteError, match="finite"):
+        load_adapter(tiny_sd_pipeline(tmp_path / f"{tag}-nan"), src, float("nan"))
+
+
 @pytest.fixture
 def pipe(tmp_path: Path):
     return tiny_sd_pipeline(tmp_path / "base")
@@ -164,16 +187,8 @@ def test_save_adapter_round_trips(pipe, tmp_path: Path) -> None:
     fresh.load_lora_weights(paths["dir"])
     torch.testing.assert_close(_eps(fresh, x, t), trained, atol=1e-5, rtol=0)
 
-    # `evalsuite run --lora DIR --lora-scale S` loads it at strength S: 0 is the base model exactly, 1 the
-    # adapter as trained, and S multiplies every LoRA update (alpha / rank x S)
-    scaled = {}
-    for scale in (0.0, 1.0, 2.0):
-        scaled[scale] = tiny_sd_pipeline(tmp_path / f"scaled{scale:g}")
-        load_adapter(scaled[scale], str(paths["dir"]), scale)
-    assert torch.equal(_eps(scaled[0.0], x, t), _eps(tiny_sd_pipeline(tmp_path / "base2"), x, t))
-    torch.testing.assert_close(_eps(scaled[1.0], x, t), trained, atol=1e-5, rtol=0)
-    layers = [m for m in scaled[2.0].unet.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling]
-    assert layers and all(m.scaling == {"audited": 2.0 * ALPHA / RANK} for m in layers)
+    _check_strengths(str(paths["dir"]), x, t, trained, tmp_path, text_scaling=None)
+    _check_strengths(str(paths["kohya"]), x, t, trained, tmp_path, text_scaling=None)
 
     kohya = load_kohya(paths["kohya"])
     peft_sd = get_peft_model_state_dict(pipe.unet)
@@ -215,16 +230,7 @@ def test_save_adapter_with_text_encoder(pipe, tmp_path: Path) -> None:
         opt.step()
     trained = _eps(pipe, x, t)
     paths = save_adapter(pipe, tmp_path / "adapter", metadata={})
-    # `evalsuite run --lora DIR --lora-scale S` loads it at strength S: 0 is the base model exactly, 1 the
-    # adapter as trained, and S multiplies every LoRA update (alpha / rank x S)
-    scaled = {}
-    for scale in (0.0, 1.0, 2.0):
-        scaled[scale] = tiny_sd_pipeline(tmp_path / f"scaled{scale:g}")
-        load_adapter(scaled[scale], str(paths["dir"]), scale)
-    assert torch.equal(_eps(scaled[0.0], x, t), _eps(tiny_sd_pipeline(tmp_path / "base2"), x, t))
-    torch.testing.assert_close(_eps(scaled[1.0], x, t), trained, atol=1e-5, rtol=0)
-    layers = [m for m in scaled[2.0].unet.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling]
-    assert layers and all(m.scaling == {"audited": 2.0 * ALPHA / RANK} for m in layers)
+    _check_strengths(str(paths["dir"]), x, t, trained, tmp_path, text_scaling=ALPHA / 1)
 
     kohya = load_kohya(paths["kohya"])
     te_key = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"  # the transformers-4 CLIP path

@@ -239,6 +239,21 @@ def test_bad_options_fail_before_anything_is_written(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "r").exists()
 
 
+def test_lora_scale_joins_the_fingerprint_only_when_not_one() -> None:
+    """At strength 1 the fingerprint is the one folders had before --lora-scale existed (they resume);
+    2 and 2.0 are one run."""
+    from evalsuite.battery import load_battery
+    from evalsuite.runner import RunOptions, default_run_name, fingerprint
+
+    battery = load_battery(BATTERY)
+    plain = RunOptions(lora="results/adapter")
+    assert fingerprint(battery, RunOptions(lora="results/adapter", lora_scale=1.0)) == fingerprint(battery, plain)
+    two, two_f = RunOptions(lora="results/adapter", lora_scale=2), RunOptions(lora="results/adapter", lora_scale=2.0)
+    assert fingerprint(battery, two) == fingerprint(battery, two_f) != fingerprint(battery, plain)
+    assert default_run_name(battery, plain) == "occupations__miniature__lora-adapter"
+    assert default_run_name(battery, RunOptions(lora="results/adapter", lora_scale=0.5)).endswith("lora-adapter-x0.5")
+
+
 def test_unwritable_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SuiteError
 from . import ASSETS
 from .classifier import load_classifier
 from .oracle import read_attributes, read_signature
@@ -123,37 +124,67 @@ def measure_text_conditioning(world: Path, pipe: Any, images: np.ndarray,
             "text_state_cosine_other_hat": float(cos[~same].mean())}
 
 
+TV_LINE = 0.10  # the guidance-1 fidelity line: tone TV to the training distribution at most this
+CHANCE_DRAWS = 4000  # simulated samples behind the "chance" TV of a perfect model (`sampling_tv`)
+SEED_BLOCK = 10_000  # noise seeds per occupation (`_seed0`): at most this many images each
+
+
 def _tone_tv(shares: np.ndarray, occupation: str) -> float:
-    """Total variation between generated tone shares and the occupation's training distribution."""
-    return float(0.5 * np.abs(shares - np.asarray(OCCUPATIONS[occupation].tone_probs)).sum())
+    """Total variation 1/2 sum_k |share_k - p_k| between generated tone shares and the occupation's training
+    distribution p, rounded to 1e-9 so that a TV of exactly 0.10 is not read as 0.10000000000000007."""
+    return round(float(0.5 * np.abs(shares - np.asarray(OCCUPATIONS[occupation].tone_probs)).sum()), 9)
 
 
 def _seed0(name: str) -> int:
     """First noise seed of an occupation's images: the same for every table and sampler."""
-    return 1_000_000 + 10_000 * list(OCCUPATIONS).index(name)
+    return 1_000_000 + SEED_BLOCK * list(OCCUPATIONS).index(name)
+
+
+def _check_images(n: int) -> None:
+    if not 1 <= n <= SEED_BLOCK:
+        raise SuiteError(f"--images: must be between 1 and {SEED_BLOCK} (each occupation has {SEED_BLOCK} "
+                         f"noise seeds), got {n}")
+
+
+def sampling_tv(occupation: str, n: int, draws: int = CHANCE_DRAWS, seed: int = 0) -> tuple[float, float]:
+    """Mean and 95th percentile of the tone TV that a perfect model would show with `n` readable images:
+    TV = 1/2 sum_k |x_k / n - p_k| with counts x ~ Multinomial(n, p), p the occupation's training
+    distribution, over `draws` simulated samples. A measured TV above the 95th percentile is the model's,
+    not chance's."""
+    p = np.asarray(OCCUPATIONS[occupation].tone_probs)
+    counts = np.random.default_rng(seed).multinomial(n, p, size=draws)
+    tv = 0.5 * np.abs(counts / n - p).sum(1)
+    return float(tv.mean()), float(np.quantile(tv, 0.95))
 
 
 def measure_guidance1(gen: Any, n: int, occupations: Sequence[str] = tuple(OCCUPATIONS)) -> list[dict[str, Any]]:
-    """Per occupation: tone shares, tone TV and |old share - training old share| at guidance 1 for eta 0
-    and eta 1, from the same `n` initial noises (`_seed0`). Images without a readable person are left
-    out of the shares (`_shares`)."""
+    """Per occupation, at guidance 1 with eta 0 and with eta 1, from the same `n` initial noises
+    (`_seed0`): tone shares, tone TV, |old share - training old share|, the number of images with a
+    readable person (the others are left out of the shares, `_shares`) and the chance TV of that many
+    images (`sampling_tv`)."""
+    _check_images(n)
     rows = []
-    eta0 = gen.eta
-    for name in occupations:
-        row: dict[str, Any] = {"occupation": name}
-        for eta in (0.0, 1.0):
-            gen.eta = eta
-            tone, age = read_attributes(_generate(gen, f"a photo of a {name}", 1.0, n, seed0=_seed0(name)))
-            ts = _shares(tone, 4)
-            row[f"eta{eta:g}"] = {"tone_shares": ts.round(3).tolist(), "tone_tv": _tone_tv(ts, name),
-                                  "age_tv": float(abs(_shares(age, 2)[1] - OCCUPATIONS[name].p_old))}
-        rows.append(row)
-    gen.eta = eta0
+    eta_before = gen.eta
+    try:
+        for name in occupations:
+            row: dict[str, Any] = {"occupation": name}
+            for eta in (0.0, 1.0):
+                gen.eta = eta
+                tone, age = read_attributes(_generate(gen, f"a photo of a {name}", 1.0, n, seed0=_seed0(name)))
+                ts, n_read = _shares(tone, 4), int((tone >= 0).sum())
+                mean, p95 = sampling_tv(name, max(n_read, 1))
+                row[f"eta{eta:g}"] = {"tone_shares": ts.round(3).tolist(), "tone_tv": _tone_tv(ts, name),
+                                      "age_tv": float(abs(_shares(age, 2)[1] - OCCUPATIONS[name].p_old)),
+                                      "n_read": n_read, "chance_tv_mean": mean, "chance_tv_p95": p95}
+            rows.append(row)
+    finally:
+        gen.eta = eta_before
     return rows
 
 
 def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCCUPATIONS, n: int = 200,
                   scales: Sequence[float] = (1.0, 3.0, 7.5, 12.0), steps: int = 20) -> dict[str, Any]:
+    _check_images(n)
     net = load_classifier(world / "classifier")
     rng = np.random.default_rng(12345)  # held out: the build draws from seed 0
     portraits = sample_portraits([o for o in OCCUPATIONS for _ in range(50)], rng)
@@ -214,37 +245,31 @@ def measure_world(world: Path = ASSETS, occupations: Sequence[str] = DEFAULT_OCC
     return out
 
 
-def sampling_tv(occupation: str, n: int, draws: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """Mean and 95th percentile of the tone TV that a perfect model would show: `n` images drawn from the
-    occupation's training distribution itself (multinomial), so TV above it is the model's, not chance's."""
-    p = np.asarray(OCCUPATIONS[occupation].tone_probs)
-    counts = np.random.default_rng(seed).multinomial(n, p, size=draws)
-    tv = 0.5 * np.abs(counts / n - p).sum(1)
-    return float(tv.mean()), float(np.quantile(tv, 0.95))
-
-
 def _guidance1_markdown(rows: list[dict[str, Any]], n: int) -> list[str]:
+    """The guidance-1 section of the report: a summary per sampler and one row per occupation."""
     def summary(eta: str) -> str:
         tv = np.array([r[eta]["tone_tv"] for r in rows])
+        above_chance = sum(r[eta]["tone_tv"] > r[eta]["chance_tv_p95"] for r in rows)
         worst = rows[int(tv.argmax())]["occupation"]
-        return (f"{int((tv <= 0.10).sum())} of {len(rows)} occupations within 0.10, median {np.median(tv):.3f}, "
-                f"max {tv.max():.3f} ({worst})")
+        return (f"{int((tv <= TV_LINE).sum())} of {len(rows)} occupations within {TV_LINE:.2f}, median "
+                f"{np.median(tv):.3f}, max {tv.max():.3f} ({worst}); above a perfect model's 95th percentile: "
+                f"{above_chance} of {len(rows)}")
 
     lines = ["", f"Every occupation at guidance 1 (no guidance: the model's own conditional distribution), {n} "
              "images each from the same initial noises with diffusers' deterministic DDIM (eta = 0) and the "
              "stochastic one (eta = 1, the RL policy's). Tone TV against the training distribution:", "",
              f"* eta = 0: {summary('eta0')};", f"* eta = 1: {summary('eta1')};",
-             "* a perfect model (images drawn from the training distribution itself) would show the TV of the "
-             "\"chance\" column: its mean and 95th percentile over 4000 simulated draws of the same size.",
+             "* chance: the TV a perfect model would show with as many readable images (drawn from the training "
+             f"distribution itself), mean / 95th percentile over {CHANCE_DRAWS} simulated samples (eta = 1's; "
+             "eta = 0's differ only where the oracle found no person in some image).",
              "", "| occupation | training (dominant) | hat | tone shares eta = 1 (light/medium/tan/dark) | TV eta = 0 "
              "| TV eta = 1 | chance | old-share gap to training, eta = 0 / 1 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        occ = OCCUPATIONS[r["occupation"]]
-        mean, p95 = sampling_tv(occ.name, n)
+        occ, e0, e1 = OCCUPATIONS[r["occupation"]], r["eta0"], r["eta1"]
         lines.append(f"| {occ.name} | {occ.dominant_tone} {max(occ.tone_probs):.2f} | {occ.hat} | "
-                     f"{'/'.join(f'{s:.2f}' for s in r['eta1']['tone_shares'])} | {r['eta0']['tone_tv']:.3f} | "
-                     f"{r['eta1']['tone_tv']:.3f} | {mean:.3f} / {p95:.3f} | "
-                     f"{r['eta0']['age_tv']:.2f} / {r['eta1']['age_tv']:.2f} |")
+                     f"{'/'.join(f'{s:.2f}' for s in e1['tone_shares'])} | {e0['tone_tv']:.3f} | "
+                     f"{e1['tone_tv']:.3f} | {e1['chance_tv_mean']:.3f} / {e1['chance_tv_p95']:.3f} | "
+                     f"{e0['age_tv']:.2f} / {e1['age_tv']:.2f} |")
     return lines
 
 
