@@ -67,6 +67,7 @@ def _check_strengths(src: str, x: torch.Tensor, t: torch.Tensor, trained: torch.
     strength S: 0 is the base model exactly, 1 the adapter as trained, and S multiplies every LoRA
     update's alpha / rank, on the UNet and on the text encoder (`text_scaling`: its alpha / rank)."""
     tag = Path(src).name
+    tmp_path = tmp_path / "strengths"  # apart from the adapters the caller lists
     pipes = {}
     for scale in (0.0, 1.0, 2.0):
         pipes[scale] = tiny_sd_pipeline(tmp_path / f"{tag}-x{scale:g}")
