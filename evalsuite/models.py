@@ -127,18 +127,29 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
 ADAPTER_NAME = "audited"  # the PEFT adapter name of a loaded --lora
 
 
+def adapter_problems(lora: str | None, scale: float) -> list[str]:
+    """What is wrong with `--lora LORA --lora-scale SCALE`, one message each (empty: nothing). The runner
+    collects them with its other checks before anything loads; `load_adapter` refuses them."""
+    problems = []
+    if lora and not Path(lora).expanduser().exists():
+        problems.append(f"--lora: adapter '{lora}' not found")
+    if not math.isfinite(scale):
+        problems.append(f"--lora-scale: must be a finite number, got {scale}")
+    elif scale != 1.0 and not lora:
+        problems.append(f"--lora-scale: {scale:g} given without --lora (it scales an adapter)")
+    return problems
+
+
 def load_adapter(pipe: Any, lora: str, scale: float = 1.0) -> None:
     """Load a LoRA adapter (a diffusers/PEFT folder or a kohya safetensors file) into `pipe`, every
     adapted module (UNet, text encoders) at strength `scale`: each LoRA update is multiplied by it, so 0 is
     the base model, 1 the adapter as trained, values between interpolate, values above 1 extrapolate and
     negative values reverse the adapter's direction (the "LoRA scale" of diffusers and WebUIs)."""
-    if not math.isfinite(scale):
-        raise SuiteError(f"--lora-scale: must be a finite number, got {scale}")
-    lora_path = Path(lora).expanduser()
-    if not lora_path.exists():
-        raise SuiteError(f"--lora: adapter '{lora}' not found")
+    problems = adapter_problems(lora, scale)
+    if problems:
+        raise SuiteError("; ".join(problems))
     try:
-        pipe.load_lora_weights(str(lora_path), adapter_name=ADAPTER_NAME)
+        pipe.load_lora_weights(str(Path(lora).expanduser()), adapter_name=ADAPTER_NAME)
     except (OSError, ValueError, KeyError) as exc:
         raise SuiteError(f"--lora: could not load adapter '{lora}': {str(exc).splitlines()[0]}") from exc
     if scale != 1.0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -166,7 +165,7 @@ def timed_generate(generator: Any, batch: list[Unit]) -> tuple[np.ndarray, float
 def _validate(battery: Battery, options: RunOptions) -> None:
     """Every check that needs no model, all before anything loads."""
     from .classifiers import check_classifier_spec
-    from .models import check_model_source, resolve_dtype
+    from .models import adapter_problems, check_model_source, resolve_dtype
 
     problems = []
     for check in (lambda: check_model_source(options.model), lambda: resolve_dtype(options.dtype)):
@@ -178,12 +177,7 @@ def _validate(battery: Battery, options: RunOptions) -> None:
         problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
     for spec in options.classifiers or (battery.classifier,):
         problems += check_classifier_spec(spec)
-    if options.lora and not Path(options.lora).expanduser().exists():
-        problems.append(f"--lora: adapter '{options.lora}' not found")
-    if not math.isfinite(options.lora_scale):
-        problems.append(f"--lora-scale: must be a finite number, got {options.lora_scale}")
-    elif options.lora_scale != 1.0 and not options.lora:
-        problems.append(f"--lora-scale: {options.lora_scale:g} given without --lora (it scales an adapter)")
+    problems += adapter_problems(options.lora, options.lora_scale)
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
 
