@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lora", default=None, help="a LoRA adapter folder or file to load into the pipeline")
     run.add_argument("--lora-scale", type=float, default=1.0,
                      help="strength of the --lora adapter: 0 = base model, 1 = as trained (default)")
+    run.add_argument("--lora-window", type=float, default=1.0,
+                     help="share of the denoising steps, from the first (noisiest), that the --lora adapter "
+                          "acts on; the base model runs the rest (default 1 = every step)")
     run.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--batch-size", type=int, default=64)
@@ -92,7 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
         limit_prompts=args.limit_prompts, images_per_prompt=args.images_per_prompt,
         guidance_scales=args.scales, steps=args.steps, seed=args.seed, eta=args.eta)
     options = RunOptions(results_dir=args.results, name=args.name, model=args.model, revision=args.revision,
-                         lora=args.lora, lora_scale=args.lora_scale, dtype=args.dtype, device=args.device,
+                         lora=args.lora, lora_scale=args.lora_scale, lora_window=args.lora_window,
+                         dtype=args.dtype, device=args.device,
                          batch_size=args.batch_size,
                          classifiers=tuple(args.classifiers or ()), embedder=args.embedder,
                          overwrite=args.overwrite, compile=args.compile)

@@ -19,20 +19,25 @@ Both take the battery's DDIM `eta` (0 = deterministic, the default). With eta > 
 per-step noise from its own generator (`step_noise_stream`, seeded by the image's seed alone), so
 stochastic sampling stays paired across scales and models and does not depend on batching;
 `check_eta` refuses eta > 0 for schedulers that would ignore it.
+
+A LoRA loaded with `--lora-window W` < 1 acts on the first ceil(steps x W) denoising steps only; both
+generators switch the denoiser's adapter layers off for the rest of the chain (`lora_steps`), so the
+base model finishes each image from the adapted chain's latent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import SuiteError
-from .models import LoadedModel, attention_order
+from .models import LoadedModel, adapter_steps, attention_order
 
 
 def unit_seed(battery_name: str, prompt: str, image_index: int) -> int:
@@ -83,6 +88,7 @@ class BatchedGenerator:
         self.unet = self.pipe.unet
         self.decoder = self.pipe.vae.decode
         self.fixed_batch: int | None = None  # compiled graphs want one shape: pad to the first batch size
+        self.lora_steps = lora_steps(loaded, steps)
         if compile:
             if self.device.type == "cuda":  # compiled batches have one shape: let cuDNN time its conv kernels
                 torch.backends.cudnn.benchmark = True
@@ -128,8 +134,10 @@ class BatchedGenerator:
         # eta > 0 (DDIM): each image's step noise comes from its own stream, seeded by its seed alone, so
         # stochastic sampling is as paired and batch-independent as the initial noise
         streams = [step_noise_stream(s) for s in seeds] if self.eta > 0 else []
-        with attention_order(self.device):
-            for t in sched.timesteps:
+        with attention_order(self.device), _adapter_switch(self.pipe.unet) as switch_off:
+            for i, t in enumerate(sched.timesteps):
+                if i == self.lora_steps:
+                    switch_off()
                 if streams:
                     z = torch.stack([torch.randn(self.shape, generator=g) for g in streams])
                     step_kwargs["variance_noise"] = z.to(self.device, self.dtype)
@@ -153,6 +161,12 @@ class PipelineGenerator:
         self.eta = eta
         self.shape = latent_shape(self.pipe)
         check_eta(self.pipe, eta)
+        self.lora_steps = lora_steps(loaded, steps)
+        self.denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        if self.lora_steps is not None and not (_takes(self.pipe.__call__, "callback_on_step_end")
+                                                and hasattr(self.denoiser, "disable_lora")):
+            raise SuiteError(f"--lora-window: {type(self.pipe).__name__} takes no step callback or has no "
+                             "LoRA-capable denoiser, so its adapter cannot be switched off part-way")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
@@ -164,13 +178,55 @@ class PipelineGenerator:
         for (prompt, scale), idx in groups.items():
             noise = initial_noise([seeds[i] for i in idx], self.shape).to(self.device, dtype)
             # eta > 0: one generator per image (its step-noise stream), so images stay paired across calls
-            extra = {"eta": self.eta, "generator": [step_noise_stream(seeds[i]) for i in idx]} if self.eta else {}
-            result = self.pipe(prompt=[prompt] * len(idx), guidance_scale=scale, latents=noise,
-                               num_inference_steps=self.steps, output_type="np", **extra)
+            extra: dict[str, Any] = {"eta": self.eta, "generator": [step_noise_stream(seeds[i]) for i in idx]} \
+                if self.eta else {}
+            with _adapter_switch(self.denoiser) as switch_off:
+                if self.lora_steps is not None:
+                    extra["callback_on_step_end"] = _switch_after(self.lora_steps, switch_off)
+                result = self.pipe(prompt=[prompt] * len(idx), guidance_scale=scale, latents=noise,
+                                   num_inference_steps=self.steps, output_type="np", **extra)
             images = (np.asarray(result.images) * 255).round().astype(np.uint8)
             for k, i in enumerate(idx):
                 out[i] = images[k]
         return np.stack([o for o in out if o is not None])
+
+
+def lora_steps(loaded: LoadedModel, steps: int) -> int | None:
+    """The step index at which the loaded adapter's denoiser part is switched off (`--lora-window`), or
+    None where it acts on every step."""
+    if not loaded.lora or loaded.lora_window >= 1.0:
+        return None
+    k = adapter_steps(steps, loaded.lora_window)
+    return k if k < steps else None
+
+
+@contextlib.contextmanager
+def _adapter_switch(denoiser: Any) -> Iterator[Callable[[], None]]:
+    """Yield a function that switches the LoRA layers of `denoiser` off; on leaving the block they are on
+    again (if they were switched off), even on error. Only the denoiser: a text-encoder adapter has
+    encoded the prompt before the first step and keeps acting through that encoding."""
+    switched = False
+
+    def switch_off() -> None:
+        nonlocal switched
+        denoiser.disable_lora()
+        switched = True
+
+    try:
+        yield switch_off
+    finally:
+        if switched:
+            denoiser.enable_lora()
+
+
+def _switch_after(k: int, switch_off: Callable[[], None]) -> Callable[..., dict[str, Any]]:
+    """A diffusers `callback_on_step_end` that calls `switch_off` once step k - 1 (0-based) has run, so
+    steps k, k + 1, ... run without the adapter."""
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if step == k - 1:
+            switch_off()
+        return {}
+    return callback
 
 
 def step_noise_stream(seed: int) -> torch.Generator:

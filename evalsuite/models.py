@@ -41,6 +41,7 @@ class LoadedModel:
     lora: str | None = None
     vocabulary: frozenset[str] | None = None  # words the model knows, where it knows only its own
     lora_scale: float = 1.0
+    lora_window: float = 1.0  # the adapter acts on the first ceil(steps x lora_window) denoising steps
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the model's vocabulary (empty for open-vocabulary models)."""
@@ -51,7 +52,9 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {"id": self.model_id, "revision": self.revision, "is_miniature": self.is_miniature,
                 "dtype": self.dtype, "device": self.device, "lora": self.lora,
-                **({"lora_scale": self.lora_scale} if self.lora else {}), "pipeline_class": type(self.pipe).__name__}
+                **({"lora_scale": self.lora_scale} if self.lora else {}),
+                **({"lora_window": self.lora_window} if self.lora and self.lora_window != 1.0 else {}),
+                "pipeline_class": type(self.pipe).__name__}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -90,9 +93,11 @@ def check_model_source(model: str | None) -> None:
 
 
 def load_model(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
-               revision: str | None = None, lora: str | None = None, lora_scale: float = 1.0) -> LoadedModel:
+               revision: str | None = None, lora: str | None = None, lora_scale: float = 1.0,
+               lora_window: float = 1.0) -> LoadedModel:
     """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id. `lora`, a
-    LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`)."""
+    LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the generators switch its
+    denoiser part off after the first ceil(steps x `lora_window`) steps (`adapter_steps`)."""
     from diffusers import AutoPipelineForText2Image
 
     check_model_source(model)
@@ -116,20 +121,24 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         pipe.safety_checker = None
     if lora:
         load_adapter(pipe, lora, lora_scale)
+    elif lora_window != 1.0:
+        raise SuiteError("; ".join(adapter_problems(lora, lora_scale, lora_window)))
     if model_id == MINIATURE:
         use_math_attention(pipe.unet)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, is_miniature=model_id == MINIATURE,
-                       dtype=dtype, device=device, lora=lora, vocabulary=vocab, lora_scale=lora_scale)
+                       dtype=dtype, device=device, lora=lora, vocabulary=vocab, lora_scale=lora_scale,
+                       lora_window=lora_window)
 
 
 ADAPTER_NAME = "audited"  # the PEFT adapter name of a loaded --lora
 
 
-def adapter_problems(lora: str | None, scale: float) -> list[str]:
-    """What is wrong with `--lora LORA --lora-scale SCALE`, one message each (empty: nothing). The runner
-    collects them with its other checks before anything loads; `load_adapter` refuses them."""
+def adapter_problems(lora: str | None, scale: float, window: float = 1.0) -> list[str]:
+    """What is wrong with `--lora LORA --lora-scale SCALE --lora-window WINDOW`, one message each (empty:
+    nothing). The runner collects them with its other checks before anything loads; `load_adapter` and
+    `load_model` refuse them."""
     problems = []
     if lora and not Path(lora).expanduser().exists():
         problems.append(f"--lora: adapter '{lora}' not found")
@@ -137,7 +146,18 @@ def adapter_problems(lora: str | None, scale: float) -> list[str]:
         problems.append(f"--lora-scale: must be a finite number, got {scale}")
     elif scale != 1.0 and not lora:
         problems.append(f"--lora-scale: {scale:g} given without --lora (it scales an adapter)")
+    if not (math.isfinite(window) and 0.0 < window <= 1.0):
+        problems.append(f"--lora-window: must be in (0, 1] (the share of the denoising steps, from the "
+                        f"first, that the adapter acts on), got {window:g}")
+    elif window != 1.0 and not lora:
+        problems.append(f"--lora-window: {window:g} given without --lora (it limits an adapter)")
     return problems
+
+
+def adapter_steps(steps: int, window: float) -> int:
+    """How many denoising steps, from the first (noisiest), a LoRA with `--lora-window window` acts on:
+    ceil(steps x window), at least 1 (the rule of the RL trainer's `timestep_window`)."""
+    return max(1, math.ceil(steps * window - 1e-9))
 
 
 def load_adapter(pipe: Any, lora: str, scale: float = 1.0) -> None:

@@ -50,6 +50,7 @@ class RunOptions:
     revision: str | None = None
     lora: str | None = None
     lora_scale: float = 1.0  # strength of the LoRA adapter (models.load_adapter)
+    lora_window: float = 1.0  # share of the denoising steps, from the first, the adapter acts on
     dtype: str = "float32"
     device: str = "auto"
     batch_size: int = 64
@@ -103,7 +104,8 @@ def default_run_name(battery: Battery, options: RunOptions) -> str:
     parts = [battery.name, Path(model).name if Path(model).exists() else model]
     if options.lora:
         scale = f"-x{options.lora_scale:g}" if options.lora_scale != 1 else ""
-        parts.append("lora-" + Path(options.lora).name + scale)
+        window = f"-w{options.lora_window:g}" if options.lora_window != 1 else ""
+        parts.append("lora-" + Path(options.lora).name + scale + window)
     if battery.eta:
         parts.append(f"eta{battery.eta:g}")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts)).strip("-")
@@ -120,6 +122,8 @@ def fingerprint(battery: Battery, options: RunOptions) -> str:
             "compile": options.compile}
     if options.lora_scale != 1.0:  # absent at 1: the fingerprint of folders made before the option existed
         keys["lora_scale"] = float(options.lora_scale)  # 2 and 2.0: one run
+    if options.lora_window != 1.0:
+        keys["lora_window"] = float(options.lora_window)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -177,7 +181,7 @@ def _validate(battery: Battery, options: RunOptions) -> None:
         problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
     for spec in options.classifiers or (battery.classifier,):
         problems += check_classifier_spec(spec)
-    problems += adapter_problems(options.lora, options.lora_scale)
+    problems += adapter_problems(options.lora, options.lora_scale, options.lora_window)
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -205,7 +209,8 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     # the model, generator and classifiers are built before the folder is touched: a refusal (an eta the
     # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
-                        lora=options.lora, lora_scale=options.lora_scale)
+                        lora=options.lora, lora_scale=options.lora_scale,
+                        lora_window=options.lora_window)
     generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
     ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
                             else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)

@@ -2,6 +2,7 @@
 
     rl finetune [--config rl/configs/miniature.yaml] [--reward diversity] [--no-eval] [key=value ...]
     rl compare BASE_RUN TUNED_RUN [--classifier oracle] [--attribute skin_tone] [--reward-classifier miniature]
+               [--reference EXPLICIT_RUN [--class-slot tone]]
     rl kl-profile ADAPTER [--model miniature] [--prompt TEXT ...] [--guidance 7.5] [--images 16] [--steps 20]
 
 `key=value` overrides any config field by its dotted path (`training.learning_rate=1e-4`,
@@ -43,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--attribute", default="skin_tone", help="the attribute trained (default skin_tone)")
     cmp.add_argument("--reward-classifier", default="miniature",
                      help="classifier whose low-confidence rate measures validity (default miniature)")
+    cmp.add_argument("--reference", type=Path, default=None,
+                     help="a base-model run of a battery that asks for each class (e.g. prompts/"
+                          "occupations-explicit-tone.yaml): adds each run's low confidence against the rate "
+                          "the base model has drawing the same classes when asked for them")
+    cmp.add_argument("--class-slot", default="tone",
+                     help="the reference battery's slot that names the class (default tone)")
     kp = sub.add_parser("kl-profile", help="per-step KL of an adapter to its base model")
     kp.add_argument("adapter", type=Path, help="adapter folder (as rl finetune saves it)")
     kp.add_argument("--model", default="miniature", help="base model: miniature, a local folder or a hub id")
@@ -86,12 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.quiet)
     try:
         if args.command == "compare":
-            from .compare import class_table, compare_runs, to_markdown, validity_by_class
+            from .compare import class_table, compare_runs, expected_table, to_markdown, validity_by_class
 
             names = (args.classifier, args.attribute, args.reward_classifier)
             table = compare_runs(args.base, args.tuned, *names)
             print(to_markdown(table, *names) + "\n" + class_table(validity_by_class(args.base, args.tuned, *names),
                                                                     *names))
+            if args.reference is not None:
+                print(expected_table(args.base, args.tuned, args.reference, *names, class_slot=args.class_slot))
             return 0
         if args.command == "kl-profile":
             _kl_profile(args)

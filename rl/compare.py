@@ -17,6 +17,10 @@ images the evaluation classifier reads as the prompt's majority class (its most 
 the base run's images of that prompt) and images of any other class. A tuned model whose rarer classes
 come out less legible than its majority has a quality disparity that an overall rate hides; and the
 base model's own minority images at low guidance are the fair yardstick for the tuned model's.
+
+`expected_table` adds the yardstick a collapsed base model cannot give by itself: a base-model run of an
+attribute-explicit battery (prompts that ask for each class) says how legibly the base model draws each
+class; each run's low-confidence rate is set against that rate for the classes it draws.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.errors import SuiteError
-from evalsuite.legibility import GROUPS, low_confidence_by_group, majority_classes
+from evalsuite.legibility import GROUPS, Expected, expected_low_confidence, low_confidence_by_group, majority_classes
 
 BIAS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate")
 
@@ -188,4 +192,38 @@ def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_cl
         cells = [f"{r.base[k][0]:.3f} ({r.base[k][1]}) → {r.tuned[k][0]:.3f} ({r.tuned[k][1]})"
                  for k in ("majority", "other")]
         lines.append(f"| {r.split} | {r.scale:g} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, attribute: str,
+                   reward_classifier: str, class_slot: str = "tone",
+                   splits: tuple[str, ...] = ("train", "heldout")) -> str:
+    """Markdown: each run's low-confidence rate against the rate `reference` predicts for its images.
+
+    `reference` is a base-model run of a battery naming the class in `class_slot` ("a photo of a
+    {occupation} with {tone} skin"); `evalsuite.legibility.expected_low_confidence` says how each image
+    is matched. A collapsed base model draws only the class it draws best, so its own rate is no yardstick
+    for a tuned model that draws every class; the expected rate is how legibly the base model draws the
+    tuned model's mix of classes when asked for them.
+    """
+    check_runs(classifier, attribute, reward_classifier, base, tuned, reference)
+    wanted = tuple(dict.fromkeys((classifier, reward_classifier)))
+    ref = _records(reference, wanted, attribute)
+    runs = {name: expected_low_confidence(_records(folder, wanted, attribute), ref, classifier, reward_classifier,
+                                          attribute, class_slot) for name, folder in (("base", base), ("tuned", tuned))}
+    keys = sorted({k for r in runs.values() for k, v in r.items() if v.matched},
+                  key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
+
+    def cell(e: Expected | None) -> str:
+        if e is None or not e.matched:
+            return "no match"
+        extra = f"; {e.unmatched} unmatched" if e.unmatched else ""
+        return f"{e.low / e.matched:.3f} vs {e.expected / e.matched:.3f} ({e.matched}{extra})"
+
+    head = (f"Low confidence of `{reward_classifier}` (actual vs expected at the reference's legibility): the "
+            f"expected rate is `{reference}`'s own, asked for each `{attribute}` class by its `{class_slot}` slot, "
+            f"for the classes `{classifier}` reads in each run (images matched).\n\n")
+    lines = ["| split | g | base | tuned |", "|---|---|---|---|"]
+    lines += [f"| {s} | {g:g} | {cell(runs['base'].get((s, g)))} | {cell(runs['tuned'].get((s, g)))} |"
+              for s, g in keys if s in splits]
     return head + "\n".join(lines) + "\n"

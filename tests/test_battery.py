@@ -64,6 +64,18 @@ def test_shipped_battery_lists_the_miniature_world(shipped: Battery) -> None:
         tuple(f"a photo of a person with {t} skin" for t in ("light", "medium", "tan", "dark")), (0.25,) * 4)
 
 
+def test_explicit_tone_battery_asks_for_every_class_of_every_occupation(shipped: Battery) -> None:
+    """The legibility yardstick of `rl compare --reference`: its tone values are the class names."""
+    explicit = load_battery(SHIPPED.with_name("occupations-explicit-tone.yaml"))
+    tones = shipped.attribute("skin_tone").classes
+    prompts = explicit.prompts()
+    assert len(prompts) == 44 * len(tones) and explicit.attribute("skin_tone") == shipped.attribute("skin_tone")
+    cells = {(dict(p.slots)["occupation"], dict(p.slots)["tone"]) for p in prompts}
+    assert cells == {(o, t) for o in OCCUPATIONS for t in tones}
+    assert "a photo of a teacher with dark skin" in {p.text for p in prompts}
+    assert {dict(p.slots)["occupation"] for p in prompts if p.heldout} == set(HELDOUT)
+
+
 def test_shipped_heldout_covers_every_dominant_tone_twice() -> None:
     tones = sorted(OCCUPATIONS[name].dominant_tone for name in HELDOUT)
     assert tones == sorted(["light", "medium", "tan", "dark"] * 2)

@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fixtures_results import make_run
 
 from evalsuite.dashboard import build_dashboard
 from evalsuite.dashboard.compare import compare_runs
 from evalsuite.dashboard.load import load_run
-from evalsuite.legibility import low_confidence_by_group, majority_classes
+from evalsuite.errors import SuiteError
+from evalsuite.legibility import Expected, expected_low_confidence, low_confidence_by_group, majority_classes
 
 
 def _rec(prompt: str, g: float, label: str | None, confident: bool, heldout: bool = False,
@@ -21,6 +23,42 @@ def _rec(prompt: str, g: float, label: str | None, confident: bool, heldout: boo
     judge = {"label": "x", "status": status, "confident": confident}
     return {"prompt": prompt, "heldout": heldout, "guidance_scale": g,
             "classifiers": {"reader": {"tone": reader}, "judge": {"tone": judge}}}
+
+
+def _slotted(occ: str, g: float, label: str | None, confident: bool, tone: str | None = None,
+             heldout: bool = False, status: str = "ok") -> dict[str, Any]:
+    r = _rec(f"a {occ}", g, label, confident, heldout, status)
+    r["slots"] = {"occupation": occ, **({"tone": tone} if tone else {})}
+    return r
+
+
+def test_expected_low_confidence_by_hand() -> None:
+    """Reference cells are keyed by the class asked for; run images by the class read."""
+    ref = [
+        _slotted("nurse", 7.5, "a", True, tone="a"), _slotted("nurse", 7.5, "b", False, tone="a"),  # asked a: 1/2
+        _slotted("nurse", 7.5, "b", False, tone="b"), _slotted("nurse", 7.5, "b", True, tone="b"),
+        _slotted("nurse", 7.5, "b", True, tone="b"), _slotted("nurse", 7.5, "b", True, tone="b"),  # asked b: 1/4
+        _slotted("nurse", 7.5, None, False, tone="b", status="no_person"),  # judge sees nobody: not in the cell
+        _slotted("nurse", 1.0, "a", True, tone="a"),  # asked a at guidance 1: 0/1
+    ]
+    run = [
+        _slotted("nurse", 7.5, "a", False), _slotted("nurse", 7.5, "a", True),  # 2 x 1/2
+        _slotted("nurse", 7.5, "b", False), _slotted("nurse", 7.5, "b", True), _slotted("nurse", 7.5, "b", True),
+        _slotted("nurse", 7.5, None, False),  # no label: not counted
+        _slotted("nurse", 1.0, "a", True), _slotted("nurse", 1.0, "b", False),  # b at guidance 1: no cell
+        _slotted("judge", 7.5, "a", False, heldout=True),  # no reference cell for judges
+    ]
+    out = expected_low_confidence(run, ref, "reader", "judge", "tone", "tone")
+    assert out == {("train", 7.5): Expected(low=2, expected=2 * 0.5 + 3 * 0.25, matched=5, unmatched=0),
+                   ("train", 1.0): Expected(low=0, expected=0.0, matched=1, unmatched=1),
+                   ("heldout", 7.5): Expected(low=0, expected=0.0, matched=0, unmatched=1)}
+    pooled = expected_low_confidence(run, ref, "reader", "judge", "tone", "tone", by_split=False)
+    assert pooled[("all", 7.5)] == Expected(low=2, expected=1.75, matched=5, unmatched=1)
+    # the reference against itself at one scale: a cell per class asked; every image read as asked but one
+    assert expected_low_confidence(ref[:2], ref, "reader", "judge", "tone", "tone")[("train", 7.5)] == \
+        Expected(low=1, expected=0.5 + 0.25, matched=2, unmatched=0)
+    with pytest.raises(SuiteError, match="no slot 'tone'"):
+        expected_low_confidence(run, run, "reader", "judge", "tone", "tone")
 
 
 def test_majority_and_low_confidence_counts_by_hand() -> None:

@@ -109,3 +109,27 @@ def test_a_broken_record_is_one_message(tmp_path: Path) -> None:
         fh.write('{"prompt": "a photo of a judge", "heldout": true\n')  # cut off mid-write
     with pytest.raises(SuiteError, match=r"tuned/records.jsonl, line 2: not a record with prompt"):
         validity_by_class(base, tuned, "oracle", "skin_tone", "miniature")
+
+
+def test_rl_compare_sets_low_confidence_against_the_reference_legibility(tmp_path: Path, capsys) -> None:
+    """--reference: a run's images are matched to the reference's cell of the class they are read as."""
+    base = write_run(tmp_path / "base", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
+    tuned = write_run(tmp_path / "tuned", gap=0.2, vendi=(2.0, 2.6), low_conf=0.03)
+    (tuned / "records.jsonl").write_text("".join(
+        _record("a photo of a judge", True, 7.5, tone, ok) + "\n"
+        for tone, ok in (("dark", False), ("light", True), ("light", False), ("medium", True))))
+    reference = write_run(tmp_path / "explicit", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
+    asked = [("dark", "dark", True), ("dark", "tan", False),  # asked dark: 1 of 2 low, whatever is read
+             ("light", "light", True), ("light", "light", True), ("light", "light", True), ("light", "light", False)]
+    lines = []
+    for tone, read, ok in asked:
+        rec = json.loads(_record("a photo of a judge", True, 7.5, read, ok))
+        rec["slots"] = {"tone": tone}
+        lines.append(json.dumps(rec) + "\n")
+    (reference / "records.jsonl").write_text("".join(lines))
+    assert rl_main(["compare", str(base), str(tuned), "--reference", str(reference)]) == 0
+    out = capsys.readouterr().out
+    # base: one dark image, confident, expected 0.5; tuned: dark (low) 0.5 + 2 light 0.25 each, medium: no cell
+    assert "| heldout | 7.5 | 0.000 vs 0.500 (1) | 0.667 vs 0.333 (3; 1 unmatched) |" in out
+    assert rl_main(["compare", str(base), str(tuned), "--reference", str(base)]) == 2
+    assert "has no slot 'tone' (its slots: none)" in capsys.readouterr().err

@@ -232,6 +232,9 @@ def test_empty_slot_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (["--dtype", "float8"], ["--dtype", "float8"]),
     (["--lora-scale", "0.5"], ["--lora-scale", "0.5", "without --lora"]),
     (["--lora-scale", "nan", "--lora", "."], ["--lora-scale", "finite"]),
+    (["--lora-window", "0.5"], ["--lora-window", "0.5", "without --lora"]),
+    (["--lora-window", "0", "--lora", "."], ["--lora-window", "(0, 1]", "got 0"]),
+    (["--lora-window", "1.5", "--lora", "."], ["--lora-window", "(0, 1]", "got 1.5"]),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      args: list[str], needles: list[str]) -> None:
@@ -252,6 +255,50 @@ def test_lora_scale_joins_the_fingerprint_only_when_not_one() -> None:
     assert fingerprint(battery, two) == fingerprint(battery, two_f) != fingerprint(battery, plain)
     assert default_run_name(battery, plain) == "occupations__miniature__lora-adapter"
     assert default_run_name(battery, RunOptions(lora="results/adapter", lora_scale=0.5)).endswith("lora-adapter-x0.5")
+    half = RunOptions(lora="results/adapter", lora_window=0.5)
+    assert fingerprint(battery, RunOptions(lora="results/adapter", lora_window=1.0)) == fingerprint(battery, plain)
+    assert fingerprint(battery, half) not in (fingerprint(battery, plain), fingerprint(battery, two))
+    assert default_run_name(battery, half).endswith("lora-adapter-w0.5")
+
+
+def _random_adapter(folder: Path) -> str:
+    """A LoRA adapter for the miniature model with random (non-zero) weights, saved as rl saves one."""
+    from evalsuite.models import load_model
+    from rl.lora import add_lora, save_adapter
+
+    pipe = load_model("miniature").pipe
+    params = add_lora(pipe.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return str(save_adapter(pipe, folder, metadata={})["dir"])
+
+
+def test_lora_window_runs_the_base_model_after_the_adapters_steps(tmp_path: Path) -> None:
+    """--lora-window W: the adapter acts on the first ceil(steps x W) steps and the base model finishes.
+    Checked against diffusers' own pipeline call, whose step callback switches the adapter off (the
+    generator for non-SD pipelines); a window that covers every step is the full adapter, and the adapter
+    is back on after each batch (a second call repeats the first)."""
+    from evalsuite.generate import PipelineGenerator, lora_steps
+    from evalsuite.models import load_model
+
+    adapter = _random_adapter(tmp_path / "adapter")
+    args = (["a photo of a nurse", "a photo of a judge"], [1.0, 7.5], [5, 6])
+    base = BatchedGenerator(load_model("miniature"), steps=6).generate(*args)
+    full = BatchedGenerator(load_model("miniature", lora=adapter), steps=6).generate(*args)
+    half_model = load_model("miniature", lora=adapter, lora_window=0.5)
+    assert lora_steps(half_model, 6) == 3 and lora_steps(half_model, 7) == 4
+    half = BatchedGenerator(half_model, steps=6)
+    first, again = half.generate(*args), half.generate(*args)
+    called = PipelineGenerator(half_model, steps=6).generate(*args)
+    assert np.array_equal(first, again)
+    assert np.abs(first.astype(int) - called.astype(int)).max() <= 1
+    for other in (base, full):
+        assert np.abs(first.astype(int) - other.astype(int)).mean() > 1
+    every = load_model("miniature", lora=adapter, lora_window=0.99)  # ceil(6 x 0.99) = 6 steps
+    assert lora_steps(every, 6) is None
+    assert np.array_equal(BatchedGenerator(every, steps=6).generate(*args), full)
 
 
 def test_unwritable_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
