@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-scale", type=float, default=1.0,
                      help="strength of the --lora adapter: 0 = base model, 1 = as trained (default)")
     run.add_argument("--lora-window", type=float, default=1.0,
-                     help="share of the denoising steps, from the first (noisiest), that the --lora adapter "
-                          "acts on; the base model runs the rest (default 1 = every step)")
+                     help="share of the denoising steps, from the first (noisiest), that the --lora adapter's "
+                          "denoiser layers act on; the base denoiser runs the rest, a text-encoder part of the "
+                          "adapter acts throughout (default 1 = every step)")
     run.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--batch-size", type=int, default=64)

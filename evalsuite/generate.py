@@ -20,9 +20,10 @@ per-step noise from its own generator (`step_noise_stream`, seeded by the image'
 stochastic sampling stays paired across scales and models and does not depend on batching;
 `check_eta` refuses eta > 0 for schedulers that would ignore it.
 
-A LoRA loaded with `--lora-window W` < 1 acts on the first ceil(steps x W) denoising steps only; both
-generators switch the denoiser's adapter layers off for the rest of the chain (`lora_steps`), so the
-base model finishes each image from the adapted chain's latent.
+A LoRA loaded with `--lora-window W` < 1 acts on the first ceil(passes x W) passes of the sampler loop
+only (passes = steps for DDIM); both generators switch the denoiser's adapter layers off for the rest of
+the chain (`lora_steps`), so the base denoiser finishes each image from the adapted chain's latent. A
+text-encoder part of the adapter keeps acting through the prompt encoding.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class BatchedGenerator:
         self.unet = self.pipe.unet
         self.decoder = self.pipe.vae.decode
         self.fixed_batch: int | None = None  # compiled graphs want one shape: pad to the first batch size
-        self.lora_steps = lora_steps(loaded, steps)
+        self.lora_window = check_lora_window(loaded, self.pipe.unet, compile)
         if compile:
             if self.device.type == "cuda":  # compiled batches have one shape: let cuDNN time its conv kernels
                 torch.backends.cudnn.benchmark = True
@@ -129,6 +130,7 @@ class BatchedGenerator:
         n_u = int(with_u.sum())
         emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
         sched.set_timesteps(self.steps, device=self.device)
+        switch_at = lora_steps(self.lora_window, len(sched.timesteps))
         latents = initial_noise(seeds, self.shape).to(self.device, self.dtype) * sched.init_noise_sigma
         step_kwargs: dict[str, Any] = {"eta": self.eta} if self.eta > 0 else {}  # check_eta: step takes it
         # eta > 0 (DDIM): each image's step noise comes from its own stream, seeded by its seed alone, so
@@ -136,7 +138,7 @@ class BatchedGenerator:
         streams = [step_noise_stream(s) for s in seeds] if self.eta > 0 else []
         with attention_order(self.device), _adapter_switch(self.pipe.unet) as switch_off:
             for i, t in enumerate(sched.timesteps):
-                if i == self.lora_steps:
+                if i == switch_at:
                     switch_off()
                 if streams:
                     z = torch.stack([torch.randn(self.shape, generator=g) for g in streams])
@@ -161,12 +163,11 @@ class PipelineGenerator:
         self.eta = eta
         self.shape = latent_shape(self.pipe)
         check_eta(self.pipe, eta)
-        self.lora_steps = lora_steps(loaded, steps)
         self.denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
-        if self.lora_steps is not None and not (_takes(self.pipe.__call__, "callback_on_step_end")
-                                                and hasattr(self.denoiser, "disable_lora")):
-            raise SuiteError(f"--lora-window: {type(self.pipe).__name__} takes no step callback or has no "
-                             "LoRA-capable denoiser, so its adapter cannot be switched off part-way")
+        self.lora_window = check_lora_window(loaded, self.denoiser, compile=False)
+        if self.lora_window < 1.0 and not _takes(self.pipe.__call__, "callback_on_step_end"):
+            raise SuiteError(f"--lora-window: {type(self.pipe).__name__} takes no step callback "
+                             "(callback_on_step_end), so its adapter cannot be switched off part-way")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
@@ -181,8 +182,8 @@ class PipelineGenerator:
             extra: dict[str, Any] = {"eta": self.eta, "generator": [step_noise_stream(seeds[i]) for i in idx]} \
                 if self.eta else {}
             with _adapter_switch(self.denoiser) as switch_off:
-                if self.lora_steps is not None:
-                    extra["callback_on_step_end"] = _switch_after(self.lora_steps, switch_off)
+                if self.lora_window < 1.0:
+                    extra["callback_on_step_end"] = _switch_after(self.lora_window, switch_off)
                 result = self.pipe(prompt=[prompt] * len(idx), guidance_scale=scale, latents=noise,
                                    num_inference_steps=self.steps, output_type="np", **extra)
             images = (np.asarray(result.images) * 255).round().astype(np.uint8)
@@ -191,13 +192,31 @@ class PipelineGenerator:
         return np.stack([o for o in out if o is not None])
 
 
-def lora_steps(loaded: LoadedModel, steps: int) -> int | None:
-    """The step index at which the loaded adapter's denoiser part is switched off (`--lora-window`), or
-    None where it acts on every step."""
+def check_lora_window(loaded: LoadedModel, denoiser: Any, compile: bool) -> float:
+    """The window of the loaded adapter (1.0: every step), refused where it cannot act: a compiled
+    denoiser (its graph would keep the adapter on), or an adapter with no denoiser layers (its
+    text-encoder part acts through the prompt encoding, made once before the first step)."""
     if not loaded.lora or loaded.lora_window >= 1.0:
+        return 1.0
+    if compile:
+        raise SuiteError("--lora-window: not supported with --compile (the compiled UNet would keep the adapter "
+                         "on); drop one of them")
+    if not hasattr(denoiser, "disable_lora"):
+        raise SuiteError(f"--lora-window: the denoiser {type(denoiser).__name__} cannot switch LoRA layers off")
+    if not getattr(denoiser, "peft_config", None):
+        raise SuiteError(f"--lora-window: adapter '{loaded.lora}' has no layers in the denoiser, only in the text "
+                         "encoder, which encodes the prompt once before the first step; a window cannot limit it")
+    return loaded.lora_window
+
+
+def lora_steps(window: float, passes: int) -> int | None:
+    """The index of the first denoiser pass (0-based) that runs without the adapter under `--lora-window
+    window`, for a sampler loop of `passes` passes (`len(scheduler.timesteps)`: the steps for DDIM, more
+    for multistep and second-order schedulers), or None where the adapter acts on every pass."""
+    if window >= 1.0:
         return None
-    k = adapter_steps(steps, loaded.lora_window)
-    return k if k < steps else None
+    k = adapter_steps(passes, window)
+    return k if k < passes else None
 
 
 @contextlib.contextmanager
@@ -219,11 +238,12 @@ def _adapter_switch(denoiser: Any) -> Iterator[Callable[[], None]]:
             denoiser.enable_lora()
 
 
-def _switch_after(k: int, switch_off: Callable[[], None]) -> Callable[..., dict[str, Any]]:
-    """A diffusers `callback_on_step_end` that calls `switch_off` once step k - 1 (0-based) has run, so
-    steps k, k + 1, ... run without the adapter."""
+def _switch_after(window: float, switch_off: Callable[[], None]) -> Callable[..., dict[str, Any]]:
+    """A diffusers `callback_on_step_end` that calls `switch_off` once pass k - 1 (0-based) has run, k =
+    `lora_steps(window, len(pipe.scheduler.timesteps))`, so passes k, k + 1, ... run without the adapter."""
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if step == k - 1:
+        k = lora_steps(window, len(pipe.scheduler.timesteps))
+        if k is not None and step == k - 1:
             switch_off()
         return {}
     return callback

@@ -97,10 +97,12 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
                lora_window: float = 1.0) -> LoadedModel:
     """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id. `lora`, a
     LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the generators switch its
-    denoiser part off after the first ceil(steps x `lora_window`) steps (`adapter_steps`)."""
+    denoiser part off after the first ceil(steps x `lora_window`) steps (`evalsuite.generate.lora_steps`)."""
     from diffusers import AutoPipelineForText2Image
 
     check_model_source(model)
+    if problems := adapter_problems(lora, lora_scale, lora_window):
+        raise SuiteError("; ".join(problems))
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     kwargs: dict[str, Any] = {_dtype_keyword(): torch_dtype, "use_safetensors": True}
@@ -121,8 +123,6 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         pipe.safety_checker = None
     if lora:
         load_adapter(pipe, lora, lora_scale)
-    elif lora_window != 1.0:
-        raise SuiteError("; ".join(adapter_problems(lora, lora_scale, lora_window)))
     if model_id == MINIATURE:
         use_math_attention(pipe.unet)
     pipe.to(device)

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a base-model run of a battery that asks for each class (e.g. prompts/"
                           "occupations-explicit-tone.yaml): adds each run's low confidence against the rate "
                           "the base model has drawing the same classes when asked for them")
-    cmp.add_argument("--class-slot", default="tone",
+    cmp.add_argument("--class-slot", default=None,
                      help="the reference battery's slot that names the class (default tone)")
     kp = sub.add_parser("kl-profile", help="per-step KL of an adapter to its base model")
     kp.add_argument("adapter", type=Path, help="adapter folder (as rl finetune saves it)")
@@ -96,11 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .compare import class_table, compare_runs, expected_table, to_markdown, validity_by_class
 
             names = (args.classifier, args.attribute, args.reward_classifier)
+            if args.class_slot is not None and args.reference is None:
+                raise SuiteError("--class-slot: given without --reference (it names the reference battery's slot)")
+            expected = "" if args.reference is None else "\n" + expected_table(
+                args.base, args.tuned, args.reference, *names, class_slot=args.class_slot or "tone")
             table = compare_runs(args.base, args.tuned, *names)
             print(to_markdown(table, *names) + "\n" + class_table(validity_by_class(args.base, args.tuned, *names),
-                                                                    *names))
-            if args.reference is not None:
-                print(expected_table(args.base, args.tuned, args.reference, *names, class_slot=args.class_slot))
+                                                                    *names) + expected)
             return 0
         if args.command == "kl-profile":
             _kl_profile(args)

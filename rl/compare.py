@@ -213,6 +213,11 @@ def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, at
                                           attribute, class_slot) for name, folder in (("base", base), ("tuned", tuned))}
     keys = sorted({k for r in runs.values() for k, v in r.items() if v.matched},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
+    if not keys:
+        asked = sorted({str(r["slots"][class_slot]) for r in ref})
+        raise SuiteError(f"{reference}: no image of {base} or {tuned} matches a cell of the reference (its "
+                         f"'{class_slot}' values: {', '.join(asked)}); the values must be the classes "
+                         f"{classifier} reads for {attribute}, and its other slots and guidance scales the runs'")
 
     def cell(e: Expected | None) -> str:
         if e is None or not e.matched:

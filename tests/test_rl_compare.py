@@ -133,3 +133,13 @@ def test_rl_compare_sets_low_confidence_against_the_reference_legibility(tmp_pat
     assert "| heldout | 7.5 | 0.000 vs 0.500 (1) | 0.667 vs 0.333 (3; 1 unmatched) |" in out
     assert rl_main(["compare", str(base), str(tuned), "--reference", str(base)]) == 2
     assert "has no slot 'tone' (its slots: none)" in capsys.readouterr().err
+    assert rl_main(["compare", str(base), str(tuned), "--class-slot", "tone"]) == 2
+    assert "--class-slot: given without --reference" in capsys.readouterr().err
+    assert rl_main(["compare", str(base), str(tuned), "--reference", str(reference), "--attribute", "age"]) == 2
+    err = capsys.readouterr().err
+    assert "no attribute 'age'" in err and "Traceback" not in err
+    # slot values that are not the attribute's classes: nothing matches, one message and no table
+    (reference / "records.jsonl").write_text("".join(line.replace('"tone": "', '"tone": "x-') for line in lines))
+    assert rl_main(["compare", str(base), str(tuned), "--reference", str(reference)]) == 2
+    err = capsys.readouterr().err
+    assert "no image of" in err and "'tone' values: x-dark, x-light" in err and capsys.readouterr().out == ""

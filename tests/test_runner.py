@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from evalsuite.cli import main
+from evalsuite.errors import SuiteError
 from evalsuite.generate import BatchedGenerator, initial_noise, unit_seed
 from evalsuite.miniature import ASSETS
 
@@ -235,6 +236,7 @@ def test_empty_slot_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (["--lora-window", "0.5"], ["--lora-window", "0.5", "without --lora"]),
     (["--lora-window", "0", "--lora", "."], ["--lora-window", "(0, 1]", "got 0"]),
     (["--lora-window", "1.5", "--lora", "."], ["--lora-window", "(0, 1]", "got 1.5"]),
+    (["--lora-window", "0.5", "--lora", ".", "--compile"], ["--lora-window", "not supported with --compile"]),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      args: list[str], needles: list[str]) -> None:
@@ -288,7 +290,7 @@ def test_lora_window_runs_the_base_model_after_the_adapters_steps(tmp_path: Path
     base = BatchedGenerator(load_model("miniature"), steps=6).generate(*args)
     full = BatchedGenerator(load_model("miniature", lora=adapter), steps=6).generate(*args)
     half_model = load_model("miniature", lora=adapter, lora_window=0.5)
-    assert lora_steps(half_model, 6) == 3 and lora_steps(half_model, 7) == 4
+    assert lora_steps(0.5, 6) == 3 and lora_steps(0.5, 7) == 4 and lora_steps(0.99, 6) is None
     half = BatchedGenerator(half_model, steps=6)
     first, again = half.generate(*args), half.generate(*args)
     called = PipelineGenerator(half_model, steps=6).generate(*args)
@@ -297,8 +299,58 @@ def test_lora_window_runs_the_base_model_after_the_adapters_steps(tmp_path: Path
     for other in (base, full):
         assert np.abs(first.astype(int) - other.astype(int)).mean() > 1
     every = load_model("miniature", lora=adapter, lora_window=0.99)  # ceil(6 x 0.99) = 6 steps
-    assert lora_steps(every, 6) is None
     assert np.array_equal(BatchedGenerator(every, steps=6).generate(*args), full)
+    with pytest.raises(SuiteError, match="not supported with --compile"):
+        BatchedGenerator(half_model, steps=6, compile=True)
+
+
+class _Denoiser:
+    """The outermost boundary of the adapter switch: records what the generators ask of the denoiser."""
+
+    peft_config = {"audited": None}
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def disable_lora(self) -> None:
+        self.calls.append("off")
+
+    def enable_lora(self) -> None:
+        self.calls.append("on")
+
+
+def test_the_adapter_switch_counts_sampler_passes_and_always_switches_back() -> None:
+    """The window is a share of the sampler's passes (PNDM makes 21 of 20 steps); the adapter comes back
+    on after an error; a text-encoder-only adapter (no denoiser layers) is refused."""
+    from types import SimpleNamespace
+
+    from evalsuite.generate import _adapter_switch, _switch_after, check_lora_window
+    from evalsuite.models import LoadedModel
+
+    den = _Denoiser()
+    with _adapter_switch(den) as off:
+        callback = _switch_after(0.5, off)
+        pipe = SimpleNamespace(scheduler=SimpleNamespace(timesteps=list(range(21))))
+        for step in range(21):
+            callback(pipe, step, 0, {})
+            if step == 9:
+                assert den.calls == []  # ceil(21 x 0.5) = 11 passes with the adapter: off after pass 10
+        assert den.calls == ["off"]
+    assert den.calls == ["off", "on"]
+    den = _Denoiser()
+    with pytest.raises(RuntimeError), _adapter_switch(den) as off:
+        off()
+        raise RuntimeError("the sampler failed")
+    assert den.calls == ["off", "on"]
+    with _adapter_switch(den):  # never switched off: nothing to switch on
+        pass
+    assert den.calls == ["off", "on"]
+    loaded = LoadedModel(pipe=None, model_id="m", revision=None, is_miniature=False, dtype="float32", device="cpu",
+                         lora="te-only", lora_window=0.5)
+    assert check_lora_window(loaded, den, compile=False) == 0.5
+    den.peft_config = {}
+    with pytest.raises(SuiteError, match="no layers in the denoiser"):
+        check_lora_window(loaded, den, compile=False)
 
 
 def test_unwritable_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
