@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .errors import SuiteError
-from .models import LoadedModel, adapter_steps, attention_order
+from .models import WINDOW_WITH_COMPILE, LoadedModel, adapter_steps, attention_order
 
 
 def unit_seed(battery_name: str, prompt: str, image_index: int) -> int:
@@ -199,8 +199,7 @@ def check_lora_window(loaded: LoadedModel, denoiser: Any, compile: bool) -> floa
     if not loaded.lora or loaded.lora_window >= 1.0:
         return 1.0
     if compile:
-        raise SuiteError("--lora-window: not supported with --compile (the compiled UNet would keep the adapter "
-                         "on); drop one of them")
+        raise SuiteError(WINDOW_WITH_COMPILE)
     if not hasattr(denoiser, "disable_lora"):
         raise SuiteError(f"--lora-window: the denoiser {type(denoiser).__name__} cannot switch LoRA layers off")
     if not getattr(denoiser, "peft_config", None):

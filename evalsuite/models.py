@@ -41,7 +41,7 @@ class LoadedModel:
     lora: str | None = None
     vocabulary: frozenset[str] | None = None  # words the model knows, where it knows only its own
     lora_scale: float = 1.0
-    lora_window: float = 1.0  # the adapter acts on the first ceil(steps x lora_window) denoising steps
+    lora_window: float = 1.0  # the adapter acts on the first ceil(passes x lora_window) sampler passes
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the model's vocabulary (empty for open-vocabulary models)."""
@@ -97,7 +97,7 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
                lora_window: float = 1.0) -> LoadedModel:
     """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id. `lora`, a
     LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the generators switch its
-    denoiser part off after the first ceil(steps x `lora_window`) steps (`evalsuite.generate.lora_steps`)."""
+    denoiser part off after the first ceil(passes x `lora_window`) sampler passes (`evalsuite.generate.lora_steps`)."""
     from diffusers import AutoPipelineForText2Image
 
     check_model_source(model)
@@ -135,10 +135,14 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
 ADAPTER_NAME = "audited"  # the PEFT adapter name of a loaded --lora
 
 
-def adapter_problems(lora: str | None, scale: float, window: float = 1.0) -> list[str]:
-    """What is wrong with `--lora LORA --lora-scale SCALE --lora-window WINDOW`, one message each (empty:
-    nothing). The runner collects them with its other checks before anything loads; `load_adapter` and
-    `load_model` refuse them."""
+WINDOW_WITH_COMPILE = ("--lora-window: not supported with --compile (the compiled UNet would keep the adapter "
+                       "on); drop one of them")
+
+
+def adapter_problems(lora: str | None, scale: float, window: float = 1.0, compile: bool = False) -> list[str]:
+    """What is wrong with `--lora LORA --lora-scale SCALE --lora-window WINDOW [--compile]`, one message
+    each (empty: nothing). The runner collects them with its other checks before anything loads;
+    `load_adapter` and `load_model` refuse them, and the generators refuse a window on a compiled UNet."""
     problems = []
     if lora and not Path(lora).expanduser().exists():
         problems.append(f"--lora: adapter '{lora}' not found")
@@ -151,6 +155,8 @@ def adapter_problems(lora: str | None, scale: float, window: float = 1.0) -> lis
                         f"first, that the adapter acts on), got {window:g}")
     elif window != 1.0 and not lora:
         problems.append(f"--lora-window: {window:g} given without --lora (it limits an adapter)")
+    elif window != 1.0 and compile:
+        problems.append(WINDOW_WITH_COMPILE)
     return problems
 
 

@@ -181,9 +181,7 @@ def _validate(battery: Battery, options: RunOptions) -> None:
         problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
     for spec in options.classifiers or (battery.classifier,):
         problems += check_classifier_spec(spec)
-    problems += adapter_problems(options.lora, options.lora_scale, options.lora_window)
-    if options.compile and options.lora_window != 1.0:
-        problems.append("--lora-window: not supported with --compile (the compiled UNet would keep the adapter on)")
+    problems += adapter_problems(options.lora, options.lora_scale, options.lora_window, options.compile)
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
 
