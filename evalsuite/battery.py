@@ -38,6 +38,8 @@ TARGET_TOLERANCE = 1e-6
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# a unit's seed is a 63-bit hash XOR this seed, and torch generators take seeds below 2**64
+SEED_MAX = 2**63 - 1
 _REQUIRED = ("schema_version", "name", "version", "templates", "slots", "attributes", "guidance_scales",
              "images_per_prompt", "seed", "steps", "classifier")
 _OPTIONAL = ("description", "heldout", "intersections", "eta")
@@ -132,7 +134,7 @@ class Battery:
         for option, key, value, low in (("--images-per-prompt", "images_per_prompt", images_per_prompt, 1),
                                         ("--steps", "steps", steps, 1), ("--seed", "seed", seed, 0)):
             if value is not None:
-                data[key] = c.integer(option, value, low)
+                data[key] = c.integer(option, value, low, SEED_MAX if key == "seed" else None)
         if guidance_scales is not None:
             data["guidance_scales"] = c.scales("--guidance-scales", guidance_scales)
         if eta is not None:
@@ -188,7 +190,7 @@ def battery_from_dict(data: Mapping[str, Any], source: str) -> Battery:
     checks: dict[str, Callable[[str, Any], Any]] = {
         "name": lambda k, v: c.text(k, v, "a name matching [A-Za-z0-9_.-]+", _NAME_RE),
         "version": version,
-        "images_per_prompt": lambda k, v: c.integer(k, v, 1), "seed": lambda k, v: c.integer(k, v, 0),
+        "images_per_prompt": lambda k, v: c.integer(k, v, 1), "seed": lambda k, v: c.integer(k, v, 0, SEED_MAX),
         "steps": lambda k, v: c.integer(k, v, 1), "classifier": c.text, "guidance_scales": c.scales,
         "eta": lambda k, v: c.number(k, v, 0.0, 1.0),
     }
@@ -383,9 +385,11 @@ class _Check:
         ok = isinstance(value, str) and value.strip() and (pattern is None or pattern.fullmatch(value))
         return value if ok else self.wrong(key, expected, value)
 
-    def integer(self, key: str, value: Any, low: int) -> int | None:
+    def integer(self, key: str, value: Any, low: int, high: int | None = None) -> int | None:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-        return value if ok else self.wrong(key, f"an int >= {low}", value)
+        if high is None:
+            return value if ok else self.wrong(key, f"an int >= {low}", value)
+        return value if ok and value <= high else self.wrong(key, f"an int in [{low}, {high}]", value)
 
     def number(self, key: str, value: Any, low: float, high: float = math.inf) -> float | None:
         if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -410,5 +414,15 @@ class _Check:
         return self.unique_list(key, value, self.text)
 
     def scales(self, key: str, value: Any) -> tuple[float, ...] | None:
+        """Unique numbers >= 1, ascending; two that print alike (6 significant digits: the image folders
+        g{scale:g}) are refused, as their images would overwrite each other."""
         scales = self.unique_list(key, value, lambda k, v: self.number(k, v, 1.0))
-        return None if scales is None else tuple(sorted(scales))
+        if scales is None:
+            return None
+        printed: dict[str, float] = {}
+        for g in scales:
+            if f"{g:g}" in printed:
+                return self.wrong(key, f"distinct when printed with 6 significant digits (image folders are "
+                                  f"named g<scale>; {printed[f'{g:g}']!r} and {g!r} both print as {g:g})", value)
+            printed[f"{g:g}"] = g
+        return tuple(sorted(scales))

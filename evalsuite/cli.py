@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="build a static dashboard site from one or two runs")
     dash.add_argument("runs", type=Path, nargs="+")
     dash.add_argument("--out", type=Path, required=True)
+    dash.add_argument("--max-images-per-cell", type=int, default=8,
+                      help="images shown per prompt and guidance scale on the images page (default 8)")
 
     pub = sub.add_parser("publish", help="write a run as a Hugging Face datasets dataset")
     pub.add_argument("run", type=Path)
@@ -101,16 +103,23 @@ def _cmd_run(args: argparse.Namespace) -> None:
                          batch_size=args.batch_size,
                          classifiers=tuple(args.classifiers or ()), embedder=args.embedder,
                          overwrite=args.overwrite, compile=args.compile)
-    run_battery(battery, options)
+    run_dir = run_battery(battery, options)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # the other processes return before the summary is written
+        print((run_dir / "summary.txt").read_text(), end="")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
     from .battery import load_battery
+    from .classifiers import check_classifier_spec
 
     failed = []
     for path in args.batteries:
         try:
             b = load_battery(path)
+            if problems := check_classifier_spec(b.classifier):
+                raise SuiteError(f"{path}: classifier: " + "; ".join(problems))
             print(f"{path}: ok ({len(b.prompts())} prompts x {len(b.guidance_scales)} scales x "
                   f"{b.images_per_prompt} images)")
         except SuiteError as exc:
@@ -130,6 +139,8 @@ def _cmd_miniature(args: argparse.Namespace) -> None:
 
         from .miniature.report import measure_world, to_markdown
 
+        if args.out and not args.out.parent.is_dir():  # before the measurement, not after it
+            raise SuiteError(f"--out: folder '{args.out.parent}' does not exist")
         measured = measure_world(ASSETS, n=args.images)
         text = to_markdown(measured)
         print(text)
@@ -149,7 +160,7 @@ def _cmd_miniature(args: argparse.Namespace) -> None:
 def _cmd_dashboard(args: argparse.Namespace) -> None:
     from .dashboard import build_dashboard
 
-    index = build_dashboard(args.runs, args.out)
+    index = build_dashboard(args.runs, args.out, max_images_per_cell=args.max_images_per_cell)
     print(f"dashboard: {index}")
 
 

@@ -72,6 +72,9 @@ def resolve_device(name: str) -> str:
         return "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
         raise SuiteError(f"--device: '{name}' is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise SuiteError(f"--device: '{name}' does not exist; this machine has cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     return name
 
 

@@ -5,8 +5,9 @@ then image, and cut into fixed batches of `batch_size`; batch b belongs to proce
 `accelerate launch`. A batch is written as its PNG files (each renamed into place) and then its records
 in one appended, fsynced write to the process's own `records.rank{r}.jsonl`, so a killed run loses at
 most the batch in flight. Running the same command again resumes: finished batches are skipped (their
-images checked against the recorded SHA-256), a torn last line is dropped, and because batches are
-fixed, the regenerated batch equals the one that was lost. When every batch is done, the shards are
+images checked against the recorded SHA-256), the records of a batch cut off mid-write are dropped
+(`store.repair_shards`), and because batches are fixed, the regenerated batch equals the one that was
+lost. When every batch is done, the shards are
 merged into `records.jsonl` in unit order and the metric tables are written.
 """
 
@@ -33,11 +34,13 @@ from .battery import Battery, Prompt
 from .errors import SuiteError
 from .generate import make_generator, unit_seed
 from .miniature import OCCUPATIONS, read_worn_hat
-from .store import append_records, done_batches, merge_shards, save_battery, write_json_atomic, write_png
+from .store import append_records, done_batches, merge_shards, repair_shards, save_battery, write_json_atomic, write_png
 
 log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA_VERSION = 1
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_SESSION_KEYS = ("versions", "git_commit", "device")  # may differ between a run and its resumption
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ def fingerprint(battery: Battery, options: RunOptions) -> str:
     described = battery.to_dict()
     if not described["eta"]:  # eta 0: the fingerprint of folders made before the key existed
         del described["eta"]
-    keys: dict[str, Any] = {"battery": described, "model": options.model, "revision": options.revision,
+    model = None if options.model == "miniature" else options.model  # the default model, named or not
+    keys: dict[str, Any] = {"battery": described, "model": model, "revision": options.revision,
             "lora": options.lora, "dtype": options.dtype, "batch_size": options.batch_size,
             "classifiers": list(options.classifiers), "embedder": options.embedder,
             "compile": options.compile}
@@ -168,10 +172,17 @@ def timed_generate(generator: Any, batch: list[Unit]) -> tuple[np.ndarray, float
 
 def _validate(battery: Battery, options: RunOptions) -> None:
     """Every check that needs no model, all before anything loads."""
-    from .classifiers import check_classifier_spec
+    from .classifiers import check_classifier_spec, check_embedder_spec
     from .models import adapter_problems, check_model_source, resolve_dtype
 
     problems = []
+    if options.name is not None and (not _RUN_NAME.fullmatch(options.name) or options.name in (".", "..")):
+        problems.append(f"--name: '{options.name}' must be a folder name of letters, digits, '.', '_' and '-' "
+                        "(no path: the folder goes under --results)")
+    if options.revision and (options.model in (None, "miniature") or Path(options.model).expanduser().exists()):
+        kind = "built in" if options.model in (None, "miniature") else "a local folder"
+        problems.append(f"--revision: '{options.revision}' applies to hub models only; "
+                        f"'{options.model or 'miniature'}' is {kind}")
     for check in (lambda: check_model_source(options.model), lambda: resolve_dtype(options.dtype)):
         try:
             check()
@@ -181,6 +192,7 @@ def _validate(battery: Battery, options: RunOptions) -> None:
         problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
     for spec in options.classifiers or (battery.classifier,):
         problems += check_classifier_spec(spec)
+    problems += check_embedder_spec(options.embedder)
     problems += adapter_problems(options.lora, options.lora_scale, options.lora_window, options.compile)
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -192,6 +204,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
 
     from .analysis import write_tables
     from .classifiers import ClassifierContext, get_classifier, get_embedder, to_record
+    from .metrics import confusion_problems
     from .models import load_model, resolve_device
     from .summary import summary_table
 
@@ -219,12 +232,17 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         specs.append("oracle")  # the exact truth rides along on the miniature world
     classifiers = {spec: get_classifier(spec, ctx) for spec in specs}
     problems = [f"classifier '{n}': {p}" for n, c in classifiers.items() for p in c.check(battery.attributes)]
+    problems += [f"classifier '{n}': confusion matrix of '{attr}': {p}" for n, c in classifiers.items()
+                 for attr, m in (getattr(c, "confusion", None) or {}).items() if attr in battery.attribute_names
+                 for p in confusion_problems(m, battery.attribute(attr).classes)]
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
     embedder = get_embedder(options.embedder, ctx)
     run_json = run_dir / "run.json"
+    _check_folder(run_dir, run_json, fp, options.overwrite)  # every process: a refusal ends them all
+    state.wait_for_everyone()
     if main:
-        _prepare_folder(run_dir, run_json, fp, options.overwrite)
+        _prepare_folder(run_dir, options.overwrite)
     state.wait_for_everyone()
     info = json.loads(run_json.read_text()) if run_json.exists() else {}
     resumed = info.get("status") in ("running", "complete")
@@ -233,12 +251,22 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         for prompt in battery.prompts():
             if unknown := loaded.unknown_words(prompt.text):
                 log.warning("prompt %r: words outside the model's vocabulary: %s", prompt.text, ", ".join(unknown))
-        info = {**info, **_run_info(battery, options, loaded, specs, fp, world), "status": "running"}
+        new = _run_info(battery, options, loaded, classifiers, fp, world)
+        before = {k: info.get(k) for k in _SESSION_KEYS}
+        if resumed and any(before[k] is not None and before[k] != new.get(k) for k in _SESSION_KEYS):
+            log.warning("%s: resuming a run begun with other versions, commit or device (kept in run.json "
+                        "'earlier_sessions'); its earlier images may differ from these at the bit level", run_dir)
+            new["earlier_sessions"] = [*info.get("earlier_sessions", []), before]
+        info = {**info, **new, "status": "running"}
         info.setdefault("created", store.now())
         write_json_atomic(run_json, info)
         save_battery(run_dir / "battery.yaml", battery)
 
-    done = done_batches(run_dir, [len(b) for b in plan.batches], options.batch_size) if resumed else set()
+    sizes = [len(b) for b in plan.batches]
+    if main and resumed:
+        repair_shards(run_dir, sizes, options.batch_size)
+    state.wait_for_everyone()
+    done = done_batches(run_dir, sizes, options.batch_size) if resumed else set()
     mine = [b for b in range(len(plan.batches)) if b % world == rank and b not in done]
     n_done = sum(len(plan.batches[b]) for b in done)
     if main and done:
@@ -271,19 +299,20 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         append_records(shard, records)
         bar.update(len(batch) * (world if main else 1))
     bar.close()
-    state.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    gen_s = max(gather_object([gen_s]))  # the slowest process: the run's generation wall time
     if not main:
         return run_dir
 
     t0 = time.perf_counter()
-    records = merge_shards(run_dir)
+    records = merge_shards(run_dir, len(plan.units))
     tables = write_tables(run_dir, battery, records, confusions=_known_confusions(classifiers))
     import pandas as pd
 
     groups, diversity = pd.read_csv(tables["groups.csv"]), pd.read_csv(tables["diversity.csv"])
     text = summary_table(groups, diversity, classifier=specs[0], attributes=[a.name for a in battery.attributes])
     (run_dir / "summary.txt").write_text(text + "\n")
-    print(text)
     made = len(plan.units) - n_done
     info.update(status="complete", finished=store.now(), n_images=len(records), timings={
         "generate_s": round(gen_s, 2), "images_made": made,
@@ -294,31 +323,44 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     return run_dir
 
 
-def _prepare_folder(run_dir: Path, run_json: Path, fp: str, overwrite: bool) -> None:
+def _check_folder(run_dir: Path, run_json: Path, fp: str, overwrite: bool) -> None:
+    """Refuse a folder that is not a results folder (even with --overwrite: only a folder holding a
+    run.json, or an empty one, is ever deleted) or that holds a run of another configuration."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise SuiteError(f"{run_dir} exists and is not a folder; choose another --name")
+    if not run_json.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise SuiteError(f"{run_dir} exists and is not a results folder (no run.json); choose another "
+                             "--name or remove it")
+        return
+    if not overwrite and json.loads(run_json.read_text()).get("fingerprint") != fp:
+        raise SuiteError(f"{run_dir} holds a run with another configuration (battery, model or options "
+                         "differ); choose another --name or pass --overwrite")
+
+
+def _prepare_folder(run_dir: Path, overwrite: bool) -> None:
+    """Rank 0, after `_check_folder` passed on every process: start afresh or keep the folder to resume."""
     if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
-    if run_json.exists():
-        old = json.loads(run_json.read_text())
-        if old.get("fingerprint") != fp:
-            raise SuiteError(f"{run_dir} holds a run with another configuration (battery, model or options "
-                             "differ); choose another --name or pass --overwrite")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise SuiteError(f"{run_dir} exists and is not a results folder; choose another --name")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _run_info(battery: Battery, options: RunOptions, loaded: Any, specs: list[str], fp: str,
+def _run_info(battery: Battery, options: RunOptions, loaded: Any, classifiers: dict[str, Any], fp: str,
               world: int) -> dict[str, Any]:
+    from .classifiers import detects_people
+
+    specs = list(classifiers)
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "run_name": Path(options.name or default_run_name(battery, options)).name,
         "fingerprint": fp, "battery": battery.to_dict(), "options": {**options.to_dict(), "processes": world,
         "steps": battery.steps, "eta": battery.eta, "sampler": type(loaded.pipe.scheduler).__name__},
         "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],
+        "detects_people": {spec: detects_people(c) for spec, c in classifiers.items()},
         "embedder": options.embedder,
         "seeds": {"battery_seed": battery.seed,
                   "rule": "sha256('battery|prompt|image_index')[:8] >> 1, XOR battery seed; same at every scale"},
-        "versions": versions(), "git_commit": git_commit(),
+        "versions": versions(), "git_commit": git_commit(), "device": loaded.device,
     }
 
 

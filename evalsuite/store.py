@@ -27,17 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def read_shard(path: Path) -> list[dict[str, Any]]:
-    """Records of one shard file; a torn last line (killed mid-write) is cut off the file."""
+    """Records of one shard file, read only; a torn last line (killed mid-write) is left out."""
     if not path.exists():
         return []
     raw = path.read_bytes()
-    good_end = raw.rfind(b"\n") + 1
-    if good_end < len(raw):
-        log.warning("%s: dropping a torn last line from an interrupted write", path)
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
     records = []
-    for n, line in enumerate(raw[:good_end].splitlines(), 1):
+    for n, line in enumerate(raw[:raw.rfind(b"\n") + 1].splitlines(), 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
@@ -45,8 +40,33 @@ def read_shard(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def repair_shards(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) -> None:
+    """Cut every shard back to whole batches, before a resume reads them (one process, while the others wait).
+
+    A batch's records are appended in one write, but a kill can still cut that write between lines (or
+    mid-line), and a kill between merging into records.jsonl and deleting the shards leaves records twice.
+    Each shard keeps only the records of batches that are complete in it and not already merged; the
+    rest is regenerated."""
+    merged = {r["unit"] for r in read_shard(run_dir / "records.jsonl")}
+    for shard in sorted(run_dir.glob("records.rank*.jsonl")):
+        raw, records = shard.read_bytes(), read_shard(shard)
+        count: dict[int, int] = {}
+        for r in records:
+            count[r["unit"] // batch_size] = count.get(r["unit"] // batch_size, 0) + 1
+        keep = [r for r in records if r["unit"] not in merged
+                and count[r["unit"] // batch_size] == batch_sizes[r["unit"] // batch_size]]
+        if len(keep) == len(records) and (not raw or raw.endswith(b"\n")):
+            continue
+        log.warning("%s: dropping %d records of batches cut off by an interrupted write or already merged, "
+                    "and any torn last line", shard, len(records) - len(keep))
+        tmp = shard.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in keep))
+        os.replace(tmp, shard)
+
+
 def done_batches(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) -> set[int]:
-    """Batches whose every record is present and whose images match their recorded SHA-256."""
+    """Batches whose every record is present and whose images match their recorded SHA-256 (read only:
+    `repair_shards` has dropped partial batches)."""
     by_batch: dict[int, int] = {}
     for shard in record_files(run_dir):
         for rec in read_shard(shard):
@@ -96,8 +116,6 @@ def save_battery(path: Path, battery: Battery) -> None:
     path.write_text(yaml.safe_dump(battery.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-
-
 def check_output_target(out: Path, marker: str, what: str) -> None:
     """Refuse an --out folder (or its `.partial` / `.old` siblings) that evalsuite did not write: only a
     folder holding `marker` (a previous `what`) or an empty one may be replaced."""
@@ -117,12 +135,16 @@ def record_files(run_dir: Path) -> list[Path]:
     return ([merged] if merged.exists() else []) + sorted(run_dir.glob("records.rank*.jsonl"))
 
 
-def merge_shards(run_dir: Path) -> list[dict[str, Any]]:
-    """Merged and shard records in unit order, written to records.jsonl (shards removed afterwards)."""
+def merge_shards(run_dir: Path, n_units: int) -> list[dict[str, Any]]:
+    """Merged and shard records in unit order, written to records.jsonl (shards removed afterwards);
+    every unit 0 .. n_units - 1 must be there exactly once."""
     records = sorted((r for shard in record_files(run_dir) for r in read_shard(shard)), key=lambda r: r["unit"])
     units = [r["unit"] for r in records]
-    if len(set(units)) != len(units):
-        raise SuiteError(f"{run_dir}: duplicate records for units; the results folder is damaged")
+    if units != list(range(n_units)):
+        missing = sorted(set(range(n_units)) - set(units))
+        raise SuiteError(f"{run_dir}: {len(units)} records for {n_units} units ({len(missing)} missing, "
+                         f"{len(units) - len(set(units))} duplicated); the results folder is damaged: run the "
+                         "same command again to regenerate what is missing, or pass --overwrite")
     tmp = run_dir / "records.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     os.replace(tmp, run_dir / "records.jsonl")

@@ -188,6 +188,43 @@ def test_a_killed_run_resumes_to_the_uninterrupted_records(tmp_path: Path) -> No
     assert a == b
 
 
+def test_a_batch_cut_between_lines_or_merged_twice_resumes_to_the_same_records(tmp_path: Path) -> None:
+    """A kill can cut a batch's appended records between lines, or come between the merge into
+    records.jsonl and the removal of the shards: the resumed run regenerates what is partial and keeps
+    every unit once."""
+    args = [*SMALL, "--results", str(tmp_path), "--batch-size", "5"]
+    assert run_cli(*args) == 0
+    run = tmp_path / "occupations__miniature"
+    whole = (run / "records.jsonl").read_text().splitlines(keepends=True)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    (run / "records.jsonl").unlink()
+    (run / "records.rank0.jsonl").write_text("".join(whole[:12]))  # batches 0 and 1 whole, 2 of batch 2's 5 lines
+    assert run_cli(*args) == 0
+    assert (run / "records.jsonl").read_text().splitlines(keepends=True) == whole
+    assert not list(run.glob("records.rank*.jsonl"))
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    (run / "records.rank1.jsonl").write_text("".join(whole[5:10]))  # merged, but its shard not yet removed
+    assert run_cli(*args) == 0
+    assert (run / "records.jsonl").read_text().splitlines(keepends=True) == whole
+
+
+def test_overwrite_deletes_only_a_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("not a run")
+    expect_error(capsys, run_cli(*SMALL, "--results", str(tmp_path), "--name", "notes", "--overwrite"),
+                 "notes", "not a results folder")
+    assert (mine / "keep.txt").read_text() == "not a run"
+
+
+def test_validate_checks_the_batterys_classifier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "clf.yaml"
+    bad.write_text(BATTERY.read_text().replace("classifier: miniature", "classifier: minature"))
+    assert "classifier: minature" in bad.read_text()
+    expect_error(capsys, main(["validate", str(bad)]), "clf.yaml", "minature", "did you mean 'miniature'")
+
+
 def test_same_command_twice_does_not_regenerate(tmp_path: Path) -> None:
     assert run_cli(*SMALL, "--results", str(tmp_path)) == 0
     run = tmp_path / "occupations__miniature"
@@ -237,6 +274,12 @@ def test_empty_slot_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (["--lora-window", "0", "--lora", "."], ["--lora-window", "(0, 1]", "got 0"]),
     (["--lora-window", "1.5", "--lora", "."], ["--lora-window", "(0, 1]", "got 1.5"]),
     (["--lora-window", "0.5", "--lora", ".", "--compile"], ["--lora-window", "not supported with --compile"]),
+    (["--name", ".."], ["--name", "'..'", "no path"]),
+    (["--name", "a/b"], ["--name", "'a/b'", "no path"]),
+    (["--embedder", "clpi"], ["clpi", "did you mean 'clip'"]),
+    (["--revision", "main"], ["--revision", "hub models only", "built in"]),
+    (["--seed", str(2**64)], ["--seed", "an int in [0, 9223372036854775807]"]),
+    (["--scales", "7.5,7.5000001"], ["--guidance-scales", "both print as 7.5"]),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      args: list[str], needles: list[str]) -> None:
