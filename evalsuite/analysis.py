@@ -9,14 +9,14 @@ Rules: shares count only images with status "ok" (``n``); an attribute missing f
 is simply absent; a group without any "ok" image otherwise (e.g. all "no_person") keeps its rows, as NaN.
 An intersection ``a×b`` is "not_measurable" for an image if any component is, else "no_person" if any
 component is; its label is :func:`joint_labels` of the components, its probabilities the outer product of
-theirs (confident when the product of the components' top probabilities is >= 0.8).
+theirs (confident when the product of the components' top probabilities is >= 0.8,
+``metrics.CONFIDENCE_THRESHOLD``).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +34,6 @@ _VALUES = ["metric", "value", "lo", "hi"]
 DIVERSITY_COLUMNS = ["prompt_index", "prompt", "heldout", "guidance_scale", *_VALUES, "n"]
 GROUP_COLUMNS = ["classifier", "attribute", *DIVERSITY_COLUMNS]
 AGGREGATE_COLUMNS = ["classifier", "attribute", "split", "guidance_scale", *_VALUES, "n_prompts"]
-CONFIDENT = 0.8  # Shen et al.'s uncertainty threshold on the top class probability
 JOINER = "×"
 NAN = float("nan")
 # groups.csv metric name -> registered distribution metric (each fn(p) -> float)
@@ -43,27 +42,6 @@ _REGISTERED = (("mad", "mad"), ("shen_gap", "shen_gap"), ("kl_uniform", "kl_to_u
 Row = tuple[Any, ...]
 GroupKey = tuple[int, float]
 _Obs = tuple[NDArray[np.str_], NDArray[np.int64], NDArray[np.float64], NDArray[np.bool_]]
-
-
-def load_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/records.jsonl``; blank lines are skipped, a bad line is a SuiteError."""
-    path = Path(run_dir) / "records.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SuiteError(f"{path}: cannot read records: {exc}") from None
-    records: list[dict[str, Any]] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SuiteError(f"{path}, line {lineno}: malformed JSON record ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise SuiteError(f"{path}, line {lineno}: a record must be a JSON object, got {line[:40]!r}")
-        records.append(record)
-    return records
 
 
 def _groups(records: Sequence[Mapping[str, Any]]) -> dict[GroupKey, list[int]]:
@@ -98,7 +76,7 @@ def _observe(records: Sequence[Mapping[str, Any]], clf: str, name: str, classes:
             raise SuiteError(f"record unit {rec.get('unit')}: {clf}/{name} label {entry.get('label')!r} "
                              f"is not one of {', '.join(classes)}")
         top[i] = max(probs) if probs is not None else NAN
-        conf[i] = bool(entry.get("confident", top[i] >= CONFIDENT))
+        conf[i] = bool(entry.get("confident", top[i] >= mx.CONFIDENCE_THRESHOLD))
     return status, labels, top, conf
 
 
@@ -110,7 +88,7 @@ def _joint(parts: Sequence[_Obs], sizes: Sequence[int]) -> _Obs:
     labels, _ = mx.joint_labels([p[1] for p in parts], sizes)
     top = np.prod(np.stack([p[2] for p in parts]), axis=0)
     every = np.all(np.stack([p[3] for p in parts]), axis=0)
-    conf = np.where(np.isnan(top), every, top >= CONFIDENT)
+    conf = np.where(np.isnan(top), every, top >= mx.CONFIDENCE_THRESHOLD)
     return status.astype("<U14"), labels, top, conf.astype(bool)
 
 
@@ -139,7 +117,9 @@ def group_metrics(records: Sequence[Mapping[str, Any]], battery: Battery,
     """metrics/groups.csv: per (classifier, attribute or intersection, prompt, scale) distribution metrics.
 
     ``confusions[(classifier, attribute)]`` (rows = true class, battery class order; an intersection's
-    key is its ``a×b`` name) adds ``share_corrected:<class>`` rows. Classifiers in order of appearance.
+    key is its ``a×b`` name) adds ``share_corrected:<class>`` rows; a matrix of the wrong shape or with a
+    row that is not a distribution (:func:`evalsuite.metrics.confusion_problems`) is a SuiteError naming
+    the classifier and attribute. Classifiers in order of appearance.
     """
     classifiers = list(dict.fromkeys(c for rec in records for c in (rec.get("classifiers") or {})))
     groups, rows = _groups(records), []
@@ -154,9 +134,9 @@ def group_metrics(records: Sequence[Mapping[str, Any]], battery: Battery,
             seen[name] = _joint([seen[m] for m in members], [len(specs[m][0]) for m in members])
         for name, (classes, target) in specs.items():
             confusion = None if confusions is None else confusions.get((clf, name))
-            if confusion is not None and np.shape(confusion) != (len(classes),) * 2:
-                raise SuiteError(f"confusion matrix for {clf}/{name} must be {len(classes)}x{len(classes)} "
-                                 f"(classes {', '.join(classes)}), got shape {np.shape(confusion)}")
+            problems = [] if confusion is None else mx.confusion_problems(confusion, classes)
+            if problems:
+                raise SuiteError(f"confusion matrix for {clf}/{name}: {'; '.join(problems)}")
             for (pi, scale), idx in groups.items():
                 obs: _Obs = tuple(a[idx] for a in seen[name])  # type: ignore[assignment]
                 if np.all(obs[0] == "not_measurable"):
@@ -236,7 +216,8 @@ def aggregate_metrics(groups: pd.DataFrame, records: Sequence[Mapping[str, Any]]
     return pd.DataFrame(rows, columns=AGGREGATE_COLUMNS)
 
 
-def diversity_metrics(records: Sequence[Mapping[str, Any]], threshold: float = 0.95) -> pd.DataFrame:
+def diversity_metrics(records: Sequence[Mapping[str, Any]],
+                      threshold: float = mx.NEAR_DUPLICATE_COSINE) -> pd.DataFrame:
     """metrics/diversity.csv: per (prompt, scale) vendi (q=1, cosine), mean_pairwise_cosine,
     near_duplicate_rate (cos > ``threshold``), clip_score (mean, t-interval) and clip_score_std (ddof 1),
     over every image of the group whatever its status; ``n`` = images with an embedding (a clip score).
@@ -279,27 +260,3 @@ def write_tables(run_dir: Path, battery: Battery, records: Sequence[Mapping[str,
         table.to_parquet(paths[f"{name}.parquet"], index=False)
     return paths
 
-
-def measured_vs_truth(records: Sequence[Mapping[str, Any]], truth_classifier: str, classifier: str,
-                      attribute: str, classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Compare ``classifier`` with ``truth_classifier`` on the images both label "ok" for ``attribute``:
-    ``classes`` (given, else the sorted labels seen), ``max_share_diff`` {(prompt_index, scale): max_k
-    |share_k − truth share_k|}, ``max_diff`` over groups, ``confusion`` (row-normalised, rows = truth),
-    ``accuracy`` and ``n`` (images compared; none -> NaN accuracy, empty ``max_share_diff``)."""
-    if classes is None:
-        entries = [(r.get("classifiers") or {}).get(c, {}).get(attribute) or {} for r in records
-                   for c in (truth_classifier, classifier)]
-        classes = sorted({e["label"] for e in entries if e.get("status") == "ok"})
-    truth = _observe(records, truth_classifier, attribute, classes)
-    meas = _observe(records, classifier, attribute, classes)
-    both = (truth[0] == "ok") & (meas[0] == "ok")
-    k, diffs = len(classes), {}
-    for key, idx in _groups(records).items():
-        sel = np.asarray(idx)[both[idx]]
-        if sel.size:
-            diffs[key] = float(np.max(np.abs(np.bincount(meas[1][sel], minlength=k)
-                                             - np.bincount(truth[1][sel], minlength=k))) / sel.size)
-    return {"classes": list(classes), "max_share_diff": diffs, "max_diff": max(diffs.values(), default=NAN),
-            "confusion": mx.confusion_matrix(truth[1][both], meas[1][both], k),
-            "accuracy": float(np.mean(truth[1][both] == meas[1][both])) if both.any() else NAN,
-            "n": int(both.sum())}

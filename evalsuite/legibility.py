@@ -12,7 +12,9 @@ from one reference run, so that two runs (a base model and its fine-tuned adapte
 model cannot: the rate the base model itself has when a prompt asks it for each class (a run of an
 attribute-explicit battery), weighted by the mix of prompts and classes the tuned model draws.
 
-Works on records as `records.jsonl` holds them (docs/results-format.md); reads no files itself.
+Works on records as `records.jsonl` holds them (docs/results-format.md); reads no files itself. As in
+`evalsuite.analysis`, a record without a classifier's entry for the attribute counts as "not_measurable":
+it has no label and the judge sees no one in it, so the image is skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from .errors import SuiteError
 
 GROUPS = ("majority", "other")
 Cell = tuple[int, int]  # (low-confidence images, images)
+_NOT_MEASURABLE: Mapping[str, Any] = {"probs": None, "label": None, "status": "not_measurable", "confident": False}
+
+
+def _entry(record: Mapping[str, Any], classifier: str, attribute: str) -> Mapping[str, Any]:
+    """The record's entry for (classifier, attribute); a missing one reads as "not_measurable"."""
+    return ((record.get("classifiers") or {}).get(classifier) or {}).get(attribute) or _NOT_MEASURABLE
 
 
 def majority_classes(records: Iterable[Mapping[str, Any]], reader: str, attribute: str) -> dict[str, str]:
@@ -36,7 +44,7 @@ def majority_classes(records: Iterable[Mapping[str, Any]], reader: str, attribut
     """
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
-        label = r["classifiers"][reader][attribute]["label"]
+        label = _entry(r, reader, attribute)["label"]
         if label is not None:
             counts[str(r["prompt"])][label] += 1
     return {prompt: c.most_common(1)[0][0] for prompt, c in counts.items()}
@@ -54,8 +62,7 @@ def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapp
     """
     low: dict[tuple[str, float, str], list[bool]] = defaultdict(list)
     for r in records:
-        label = r["classifiers"][reader][attribute]["label"]
-        entry = r["classifiers"][judge][attribute]
+        label, entry = _entry(r, reader, attribute)["label"], _entry(r, judge, attribute)
         prompt = str(r["prompt"])
         if label is None or entry["status"] != "ok" or prompt not in majority:
             continue
@@ -104,7 +111,7 @@ def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Ite
         if class_slot not in slots:
             raise SuiteError(f"reference record of '{r.get('prompt')}' has no slot '{class_slot}' (its slots: "
                              f"{', '.join(slots) or 'none'}); the reference battery must name the class in it")
-        entry = r["classifiers"][judge][attribute]
+        entry = _entry(r, judge, attribute)
         if entry["status"] != "ok":
             continue
         cell = cells[(_slots_key(r, class_slot), float(r["guidance_scale"]), str(slots[class_slot]))]
@@ -112,7 +119,7 @@ def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Ite
         cell[1] += 1
     out: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
     for r in records:
-        label, entry = r["classifiers"][reader][attribute]["label"], r["classifiers"][judge][attribute]
+        label, entry = _entry(r, reader, attribute)["label"], _entry(r, judge, attribute)
         if label is None or entry["status"] != "ok":
             continue
         split = ("heldout" if r.get("heldout") else "train") if by_split else "all"

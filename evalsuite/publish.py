@@ -22,6 +22,7 @@ import yaml
 
 from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.errors import SuiteError
+from evalsuite.metrics import CONFIDENCE_THRESHOLD
 from evalsuite.store import check_output_target
 
 MARKER = ".evalsuite-publish"
@@ -149,12 +150,14 @@ def dataset_card(view: RunView, n_rows: int) -> str:
         ("heldout", "whether the prompt is held out from training"), ("slots", "template slot values (JSON)"),
         ("guidance_scale", "classifier-free guidance scale"),
         ("image_index", "image number within (prompt, scale)"),
-        ("seed", "generation seed; the same prompt and image index share it across scales and runs"),
+        ("seed", "generation seed; the same prompt and image index share it across scales, and across runs "
+         "of the same battery name and battery seed"),
         ("clip_score", "100 × max(cos(image, prompt), 0) with the run's embedder"),
         ("embedding", "the embedder's L2-normalised image embedding"),
         ("classifier", "the primary attribute classifier whose outputs are flattened below"),
         ("<attr>_label / _status / _confident / _probs", "that classifier's label, status (ok, no_person, "
-         "not_measurable), whether max(probs) >= 0.8, and class probabilities in the battery's class order"),
+         f"not_measurable), whether max(probs) >= {CONFIDENCE_THRESHOLD:g}, and class probabilities in the "
+         "battery's class order"),
         ("classifiers", "every classifier's raw outputs (JSON)"),
     ]
     table = "\n".join(f"| `{name}` | {text} |" for name, text in fields)

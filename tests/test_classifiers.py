@@ -19,6 +19,7 @@ from evalsuite.classifiers import (
     available_embedders,
     check_classifier_spec,
     check_embedder_spec,
+    detects_people,
     get_classifier,
     get_embedder,
     make_output,
@@ -238,6 +239,32 @@ def test_plugin_from_a_file(tmp_path, battery, renders):
         get_classifier(f"{tmp_path / 'missing.py'}:make", CTX)
     with pytest.raises(SuiteError, match="plug-in module 'no_such_package.mod' not found"):
         get_classifier("no_such_package.mod:make", CTX)
+
+
+@pytest.mark.parametrize("source, spec, message", [
+    ("WEIGHTS = load_weights('w.pt')\n\ndef make(ctx):\n    return None\n", "{path}:make",
+     "classifier plug-in '{path}:make' failed to import: NameError: name 'load_weights' is not defined"),
+    ("def make(ctx):\n    return open('/no/such/weights.pt', 'rb')\n", "{path}:make",
+     "classifier plug-in '{path}:make': factory 'make' failed: FileNotFoundError: [Errno 2] No such file or "
+     "directory: '/no/such/weights.pt'"),
+    ("def make(ctx:\n", "{path}:make", "classifier plug-in '{path}:make' failed to import: SyntaxError: "),
+])
+def test_failing_plugin_is_one_message(tmp_path, source, spec, message):
+    path = tmp_path / "failing.py"
+    path.write_text(source)
+    with pytest.raises(SuiteError) as info:
+        get_classifier(spec.format(path=path), CTX)
+    assert str(info.value).startswith(message.format(path=path)) and "\n" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback either
+
+
+def test_which_classifiers_detect_people():
+    from evalsuite.classifiers.clip_zero_shot import ClipZeroShot
+    from evalsuite.classifiers.miniature import SupervisedClassifier
+
+    assert detects_people(get_classifier("oracle", CTX)) is True
+    assert detects_people(SupervisedClassifier) is False and detects_people(ClipZeroShot) is False
+    assert detects_people(object()) is None  # a plug-in that does not say
 
 
 def test_validate_outputs_catches_broken_plugins(battery):

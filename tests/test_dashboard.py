@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from fixtures_results import XSS_MODEL, XSS_PROMPTS, make_run, make_xss_run
 from PIL import Image
@@ -118,6 +119,117 @@ def test_compare_notes_a_different_sampler(sites: dict[str, Path], tmp_path: Pat
     assert not any("sampled differently" in n for n in compare_runs(base, load_run(sites["tuned"])).notes)
     notes = compare_runs(base, load_run(stochastic)).notes
     assert any("A: 4 steps, DDIM eta 0; B: 4 steps, DDIM eta 1" in n for n in notes), notes
+
+
+def test_paired_change_interval_never_collapses_to_a_point() -> None:
+    from evalsuite.dashboard.compare import _cluster_delta
+
+    one_each = np.array([1, 0, 0, 0, 0] * 2)  # per pair: 1 = moved into the class in B; one per prompt
+    # prompts changing by different shares: cluster-robust. d = [2, 0] of n = [5, 5]: est 0.2,
+    # residuals (1, -1), var = 2/1 * 2 / 10^2 = 0.04, half = 1.96 * 0.2 = 0.392
+    changes = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert _cluster_delta(np.array([2.0, 0.0]), np.array([5.0, 5.0]), changes) == pytest.approx((0.2, -0.192, 0.592))
+    # every prompt changes by the same share (1 of 5): the sandwich variance is 0, so Agresti–Min over the
+    # 10 pairs: m = 12, p10 = 2.5/12, p01 = 0.5/12, d = 2/12, half = 1.96 * sqrt((3/12 - (2/12)^2)/12) = 0.266722
+    est, lo, hi = _cluster_delta(np.array([1.0, 1.0]), np.array([5.0, 5.0]), one_each)
+    assert (est, lo, hi) == pytest.approx((0.2, 2 / 12 - 0.266722, 2 / 12 + 0.266722), abs=1e-6)
+    # no pair changed at all: ±1.96 * sqrt((1/12)/12) = ±0.163333 around 0, not [0, 0]
+    assert _cluster_delta(np.zeros(2), np.array([5.0, 5.0]), np.zeros(10)) == \
+        pytest.approx((0.0, -0.163333, 0.163333), abs=1e-6)
+
+
+def test_compare_notes_tell_why_an_attribute_is_left_out(sites: dict[str, Path], tmp_path: Path) -> None:
+    from evalsuite.dashboard.compare import compare_runs
+    from evalsuite.dashboard.load import load_run
+
+    unmeasured, reordered = tmp_path / "unmeasured", tmp_path / "reordered"
+    for run in (unmeasured, reordered):
+        shutil.copytree(sites["tuned"], run)
+    groups = pd.read_csv(unmeasured / "metrics" / "groups.csv")  # B's miniature read no age at all
+    groups = groups[~((groups["classifier"] == "miniature") & groups["attribute"].str.contains("age"))]
+    groups.to_csv(unmeasured / "metrics" / "groups.csv", index=False, na_rep="NaN")
+    info = json.loads((reordered / "run.json").read_text())  # B's battery lists age's classes the other way
+    age = info["battery"]["attributes"]["age"]
+    age["classes"] = dict(reversed(list(age["classes"].items())))
+    (reordered / "run.json").write_text(json.dumps(info))
+    base = load_run(sites["base"])
+    notes = compare_runs(base, load_run(unmeasured)).notes
+    assert "Attribute age is left out: run B has no results for it (its miniature classifier measured it on no " \
+           "image)." in notes
+    assert "Attribute skin_tone×age is left out: run B has no results for it (its miniature classifier " \
+           "measured it on no image)." in notes
+    assert not any("different classes" in n for n in notes)
+    notes = compare_runs(base, load_run(reordered)).notes
+    assert "Attribute age is left out: the runs' batteries give it different classes (A: young, old; B: old, " \
+           "young)." in notes
+    assert not any("has no results" in n for n in notes)
+
+
+def test_compare_page_says_how_images_are_paired(sites: dict[str, Path], tmp_path: Path) -> None:
+    from evalsuite.dashboard.compare import compare_runs
+    from evalsuite.dashboard.compare_page import compare_page
+    from evalsuite.dashboard.load import load_run
+
+    reseeded = tmp_path / "reseeded"
+    shutil.copytree(sites["tuned"], reseeded)
+    lines = [json.loads(line) for line in (reseeded / "records.jsonl").read_text().splitlines()]
+    (reseeded / "records.jsonl").write_text("".join(json.dumps({**r, "seed": r["seed"] + 1}) + "\n" for r in lines))
+    c = compare_runs(load_run(sites["base"]), load_run(reseeded))
+    assert c.by_position and c.n_pairs == c.seed_mismatches == 54
+    (tmp_path / "site" / "figures").mkdir(parents=True)
+    page = compare_page(c, tmp_path / "site")
+    assert "54 (same prompt, scale and image index, different seeds: paired by position)" in page
+    assert "differ in the model and in their initial noise (seeds)" in page and "and seed)" not in page
+    paired = (sites["two"] / "compare.html").read_text()
+    assert "differ only in the model" in paired and "paired by position" not in paired
+
+
+def test_bias_page_says_which_images_the_shares_count(sites: dict[str, Path], tmp_path: Path) -> None:
+    one = (sites["one"] / "r0-bias.html").read_text()  # every status ok, and run.json does not say
+    assert "The miniature classifier marked no image no_person, and the run does not record whether it looks " \
+           "for a person" in one
+    recorded, found = tmp_path / "recorded", tmp_path / "found"
+    for run in (recorded, found):
+        shutil.copytree(sites["base"], run)
+    _edit_json(recorded, detects_people={"miniature": False, "oracle": True})
+    site = build_dashboard([recorded], tmp_path / "site-recorded").parent
+    bias = (site / "r0-bias.html").read_text()
+    assert "The miniature classifier has no person detector: it reads every image as someone, so shares count " \
+           "every image it measured, including any without a person" in bias
+    assert "found a person" not in bias and "does not record" not in bias
+    methods = (site / "methods.html").read_text()
+    assert "<td>miniature</td><td>no person detector: every image it measures counts in the shares</td>" in methods
+    assert "<td>oracle</td><td>yes: images where it finds no one are no_person and left out of the shares</td>" \
+        in methods
+    lines = [json.loads(line) for line in (found / "records.jsonl").read_text().splitlines()]
+    lines[0]["classifiers"]["miniature"]["age"] = {"probs": None, "label": None, "status": "no_person",
+                                                   "confident": False}
+    (found / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    site = build_dashboard([found], tmp_path / "site-found").parent
+    assert "Shares count only images where the miniature classifier found a person (status ok)." in \
+        (site / "r0-bias.html").read_text()
+
+
+def test_infinite_kl_target_shows_as_infinity(sites: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "zero-target"
+    shutil.copytree(sites["base"], run)
+    info = json.loads((run / "run.json").read_text())
+    info["battery"]["attributes"]["skin_tone"]["target"] = {"light": 0.5, "medium": 0.5, "tan": 0.0, "dark": 0.0}
+    (run / "run.json").write_text(json.dumps(info))
+    agg = pd.read_csv(run / "metrics" / "aggregate.csv")
+    hit = ((agg["classifier"] == "miniature") & (agg["attribute"] == "skin_tone") & (agg["metric"] == "kl_target")
+           & (agg["guidance_scale"] == 7.5))
+    agg.loc[hit, ["value", "lo", "hi"]] = [np.inf, np.nan, np.nan]  # a prompt drew a tan or dark face
+    agg.to_csv(run / "metrics" / "aggregate.csv", index=False, na_rep="NaN")
+    site = build_dashboard([run], tmp_path / "site").parent
+    bias = (site / "r0-bias.html").read_text()
+    section = bias[bias.index("Attribute: skin_tone</h2>"):bias.index("Attribute: age</h2>")]
+    assert "KL to target is ∞ at scale 7.5: the battery&#x27;s target gives tan, dark a share of 0" in section
+    rows = re.findall(r"<tr><td>(all|train|heldout)</td><td>7.5</td>(.*?)</tr>", section)
+    assert [split for split, _ in rows] == ["all", "train", "heldout"]
+    kl_col = ["shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform", "kl_target"].index("kl_target")
+    assert all(re.findall(r"<td>(.*?)</td>", cells)[kl_col] == "∞" for _, cells in rows)
+    assert "KL to target (nats)" in section and "∞ at scale 7.5." in section  # the chart's alt text
 
 
 def test_compare_refuses_disjoint_batteries(sites: dict[str, Path], tmp_path: Path) -> None:

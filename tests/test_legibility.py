@@ -82,6 +82,28 @@ def test_majority_and_low_confidence_counts_by_hand() -> None:
     assert low_confidence_by_group(recs, {}, "reader", "judge", "tone") == {}  # no majority, no group
 
 
+def test_a_record_without_an_entry_counts_as_not_measurable() -> None:
+    """As in evalsuite.analysis: a missing classifier entry is "not_measurable", so the image is skipped."""
+    recs = [_rec("p", 1.0, "a", True), _rec("p", 1.0, "a", False), _rec("p", 1.0, "b", False)]
+    no_reader, no_judge, no_classifiers = (_rec("p", 1.0, "b", False) for _ in range(3))
+    del no_reader["classifiers"]["reader"]["tone"]
+    del no_judge["classifiers"]["judge"]
+    del no_classifiers["classifiers"]
+    recs += [no_reader, no_judge, no_classifiers]
+    # the reader labels a, a, b, then b once more (no_judge): a and b twice each, a met first
+    majority = majority_classes(recs, "reader", "tone")
+    assert majority == {"p": "a"}
+    # counted: the three complete records only (no_judge has a label, but the judge has no entry)
+    assert low_confidence_by_group(recs, majority, "reader", "judge", "tone") == {
+        ("train", 1.0, "majority"): (1, 2), ("train", 1.0, "other"): (1, 1)}
+    ref = [_slotted("p", 1.0, "a", False, tone="a"), _slotted("p", 1.0, "a", True, tone="a")]
+    del ref[1]["classifiers"]["judge"]  # not in its cell: the cell's rate is 1/1
+    run = [_slotted("p", 1.0, "a", True), _slotted("p", 1.0, "a", True)]
+    del run[1]["classifiers"]["reader"]
+    assert expected_low_confidence(run, ref, "reader", "judge", "tone", "tone") == {
+        ("train", 1.0): Expected(low=0, expected=1.0, matched=1, unmatched=0)}
+
+
 def test_comparison_page_shows_legibility_by_group(tmp_path: Path) -> None:
     runs = []
     for name, boost in (("base", 0.0), ("tuned", 0.4)):

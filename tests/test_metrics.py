@@ -10,11 +10,11 @@ import pytest
 from evalsuite.errors import SuiteError
 from evalsuite.metrics import (
     METRICS,
-    bootstrap_interval,
     class_shares,
     clip_score,
     cluster_share_interval,
     confusion_matrix,
+    confusion_problems,
     corrected_shares,
     cosine_gram,
     dominant_share,
@@ -28,10 +28,10 @@ from evalsuite.metrics import (
     near_duplicate_rate,
     normalized_entropy,
     on_prompt_rate,
+    paired_difference_interval,
     register_metric,
     share_intervals,
     shen_gap,
-    soft_class_shares,
     vendi_score,
     wilson_interval,
 )
@@ -102,13 +102,6 @@ def test_class_shares_excludes_unmeasured() -> None:
         class_shares(np.array([0, 3]), 3)
 
 
-def test_soft_class_shares() -> None:
-    # NaN row excluded: mean of [0.9,0.1] and [0.5,0.5] = [0.7, 0.3]
-    probs = np.array([[0.9, 0.1], [np.nan, np.nan], [0.5, 0.5]])
-    np.testing.assert_allclose(soft_class_shares(probs), [0.7, 0.3])
-    assert np.isnan(soft_class_shares(np.full((2, 3), np.nan))).all()
-
-
 def test_joint_labels_mixed_radix() -> None:
     # gender in {0,1} (radix 2), race in {0..3} (radix 4): joint = g*4 + r
     # (0,2)->2, (1,0)->4, (1,3)->7, (-1,1)->-1
@@ -170,20 +163,28 @@ def test_cluster_share_interval_fallbacks() -> None:
     assert (est, lo, hi) == pytest.approx((0.5, 0.0, 1.0))
 
 
-def test_bootstrap_interval() -> None:
-    rng = np.random.default_rng(0)
-    # one row: every resample is that row -> degenerate interval
-    assert bootstrap_interval(lambda d: float(d.mean()), np.array([3.0]), rng=rng) == (3.0, 3.0)
-    # data [0, 1]: resample means are 0, 0.5, 1 with probability 1/4, 1/2, 1/4,
-    # so the 2.5% and 97.5% quantiles are 0 and 1
-    lo, hi = bootstrap_interval(lambda d: float(d.mean()), np.array([0.0, 1.0]), n_boot=4000, rng=rng)
-    assert (lo, hi) == (0.0, 1.0)
-    # reproducible with the same seed; rows of a 2-D array are resampled together
-    data = np.arange(40, dtype=float).reshape(20, 2)
-    a = bootstrap_interval(lambda d: float(d[:, 1].mean()), data, rng=np.random.default_rng(7))
-    b = bootstrap_interval(lambda d: float(d[:, 1].mean()), data, rng=np.random.default_rng(7))
-    assert a == b and a[0] < 20.0 < a[1]
-    assert all(math.isnan(v) for v in bootstrap_interval(np.mean, np.zeros((0, 2)), rng=rng))
+def test_cluster_share_interval_equal_shares_up_to_rounding() -> None:
+    # counts [1, 1] of [49, 49]: p = 2/98 and p*49 = 0.9999999999999999 in floating point, so the residuals
+    # are ~1e-16, not 0; they are within 1e-9 * n_g, so this is the "every cluster has the same share"
+    # fallback: Wilson on 2/98. z²/n = 3.8416/98 = 0.0392, centre = (0.020408 + 0.0196)/1.0392 = 0.038499,
+    # half = 1.96/1.0392 * sqrt(0.020408*0.979592/98 + 3.8416/38416) = 1.886066 * 0.0174355 = 0.032885
+    est, lo, hi = cluster_share_interval([1, 1], [49, 49])
+    assert est == pytest.approx(2 / 98)
+    assert (lo, hi) == pytest.approx((0.005614, 0.071384), abs=1e-6)
+    assert (lo, hi) == wilson_interval(2, 98)
+
+
+def test_paired_difference_interval_agresti_min() -> None:
+    # n10 = 2, n01 = 0 of n = 10: estimate 0.2. Adjusted: m = 12, p10 = 2.5/12, p01 = 0.5/12, d = 2/12,
+    # var = (3/12 - (2/12)^2)/12 = 0.0185185, half = 1.96 * 0.136083 = 0.266722
+    est, lo, hi = paired_difference_interval(2, 0, 10)
+    assert est == pytest.approx(0.2)
+    assert (lo, hi) == pytest.approx((2 / 12 - 0.266722, 2 / 12 + 0.266722), abs=1e-6)  # (-0.100056, 0.433389)
+    # no pair changed: not a point at 0 but ±1.96 * sqrt((1/12)/12) = ±0.163333
+    assert paired_difference_interval(0, 0, 10) == pytest.approx((0.0, -0.163333, 0.163333), abs=1e-6)
+    assert all(math.isnan(v) for v in paired_difference_interval(0, 0, 0))
+    with pytest.raises(ValueError):
+        paired_difference_interval(6, 5, 10)
 
 
 # ---------------------------------------------------------------- correction
@@ -195,6 +196,20 @@ def test_confusion_matrix_rows() -> None:
     np.testing.assert_allclose(c[:2, :2], [[0.75, 0.25], [0.5, 0.5]])
     np.testing.assert_allclose(c[:2, 2], [0.0, 0.0])
     assert np.isnan(c[2]).all()  # no true-class-2 samples
+
+
+def test_confusion_problems() -> None:
+    classes = ("dark", "light")
+    assert confusion_problems([[0.8, 0.2], [0.1, 0.9]], classes) == []
+    assert confusion_problems([[np.nan, np.nan], [0.1, 0.9]], classes) == []  # a class without validation images
+    # 6-decimal rounding (the miniature world's confusion.json) is within the 1e-5 tolerance: 4 * 5e-7 = 2e-6
+    assert confusion_problems(np.array([[0.2500005] * 4] * 4), ("a", "b", "c", "d")) == []
+    # column-normalised by mistake: rows sum to 0.9 and 1.1
+    problems = confusion_problems([[0.8, 0.1], [0.2, 0.9]], classes)
+    assert len(problems) == 2 and problems[0].startswith("row 'dark' (0.8, 0.1) sums to 0.9;")
+    assert "row 'light' (0.2, 0.9) sums to 1.1;" in problems[1]
+    assert confusion_problems([[1.2, -0.2], [0.0, 1.0]], classes)[0].startswith("row 'dark' (1.2, -0.2) sums to 1;")
+    assert confusion_problems(np.eye(3), classes) == ["must be 2x2 (classes dark, light), got shape (3, 3)"]
 
 
 def test_corrected_shares_exact_recovery() -> None:

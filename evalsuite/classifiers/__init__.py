@@ -17,6 +17,7 @@ from .base import (
     check_classifier_spec,
     check_embedder_spec,
     check_images,
+    detects_people,
     get_classifier,
     get_embedder,
     make_output,
@@ -30,7 +31,7 @@ from .base import (
 __all__ = [
     "CONFIDENCE_THRESHOLD", "STATUSES", "AttributeClassifier", "AttributeOutput", "ClassifierContext",
     "ImageEmbedder", "available_classifiers", "available_embedders", "check_classifier_spec",
-    "check_embedder_spec", "check_images", "get_classifier",
+    "check_embedder_spec", "check_images", "detects_people", "get_classifier",
     "get_embedder", "make_output", "not_measurable", "register_classifier", "register_embedder", "to_record",
     "validate_outputs",
 ]

@@ -17,8 +17,8 @@ import torch
 
 from evalsuite.battery import AttributeSpec
 from evalsuite.errors import SuiteError, did_you_mean
+from evalsuite.metrics import CONFIDENCE_THRESHOLD
 
-CONFIDENCE_THRESHOLD = 0.8  # Shen et al. (2024), "Finetuning text-to-image diffusion models for fairness"
 STATUSES = ("ok", "no_person", "not_measurable")
 
 
@@ -52,7 +52,11 @@ def not_measurable(n: int, k: int) -> AttributeOutput:
 class AttributeClassifier(Protocol):
     """`check(attributes)`: problems that make it unusable for them ([] = fine; an attribute it does not
     measure is no problem, it comes out "not_measurable"). `classify(images, attributes)`: uint8 images
-    (n, H, W, 3) -> one AttributeOutput per attribute, keyed by attribute name."""
+    (n, H, W, 3) -> one AttributeOutput per attribute, keyed by attribute name.
+
+    Optional attributes: `detects_people: bool`, whether it looks for a person and reports "no_person"
+    where it finds none (see `detects_people()`); `confusion: dict[str, ndarray]`, known confusion
+    matrices per attribute (`evalsuite.metrics.confusion_problems` says what a valid one is)."""
 
     name: str
 
@@ -119,6 +123,13 @@ def to_record(outputs: dict[str, AttributeOutput], attributes: Sequence[Attribut
     return record
 
 
+def detects_people(classifier: object) -> bool | None:
+    """The classifier's `detects_people` flag: True if it reports "no_person" where it finds no person,
+    False if it has no person detector (it marks every image it can read "ok"), None if it does not say."""
+    flag = getattr(classifier, "detects_people", None)
+    return flag if isinstance(flag, bool) else None
+
+
 T = TypeVar("T")
 Factory = Callable[[ClassifierContext, str | None], Any]
 _BUILTIN_MODULES = tuple(f"evalsuite.classifiers.{m}" for m in ("miniature", "clip_zero_shot", "embedders"))
@@ -168,19 +179,26 @@ class _Registry(Generic[T]):
         if head in self.factories:
             return cast(T, self.factories[head](ctx, arg if sep else None))
         target, _, attr = spec.rpartition(":")
-        factory = getattr(_import_plugin(target, self.kind), attr, None)
+        factory = getattr(_import_plugin(target, spec, self.kind), attr, None)
         if factory is None or not callable(factory):
             what = "not found" if factory is None else "not callable"
             raise SuiteError(f"{self.kind} plug-in '{spec}': factory '{attr}' {what} in '{target}'")
-        obj = factory(ctx)
+        try:
+            obj = factory(ctx)
+        except SuiteError:
+            raise
+        except Exception as exc:  # a plug-in's own failure (missing weights, ...): one message, no traceback
+            why = _first_line(exc)
+            raise SuiteError(f"{self.kind} plug-in '{spec}': factory '{attr}' failed: {why}") from None
         if not isinstance(obj, self.protocol):
             raise SuiteError(f"{self.kind} plug-in '{spec}': '{attr}' returned {type(obj).__name__}, which "
                              f"lacks part of the {self.protocol.__name__} protocol (name and its methods)")
         return cast(T, obj)
 
 
-def _import_plugin(target: str, kind: str) -> Any:
-    """Import an existing plug-in .py file or module; its own failed imports become a SuiteError."""
+def _import_plugin(target: str, spec: str, kind: str) -> Any:
+    """Import an existing plug-in .py file or module; any error while importing it becomes a SuiteError
+    naming `spec` (docs/classifiers.md)."""
     try:
         if not _is_file(target):
             return importlib.import_module(target)
@@ -194,8 +212,16 @@ def _import_plugin(target: str, kind: str) -> Any:
             loader_spec.loader.exec_module(module)
             sys.modules[name] = module
         return sys.modules[name]
-    except ImportError as exc:
-        raise SuiteError(f"{kind} plug-in '{target}' failed to import: {exc}") from exc
+    except SuiteError:
+        raise
+    except Exception as exc:  # its own failed imports, syntax and name errors, whatever its top level raises
+        raise SuiteError(f"{kind} plug-in '{spec}' failed to import: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """The error's type and the first line of its message, e.g. "NameError: name 'x' is not defined"."""
+    lines = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {lines[0]}" if lines else "")
 
 
 def _is_file(target: str) -> bool:

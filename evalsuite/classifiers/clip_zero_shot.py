@@ -30,6 +30,8 @@ from .embedders import ClipEmbedder, clip_embedder
 class ClipZeroShot:
     """An AttributeClassifier over a ClipEmbedder; every image gets status "ok" for measurable attributes."""
 
+    detects_people = False  # no person detector: an image without a person still gets a class
+
     def __init__(self, clip: ClipEmbedder) -> None:
         self.clip = clip
         self.name = clip.name

@@ -97,6 +97,7 @@ class OracleClassifier(_WorldClassifier):
     only: `classify()` raises SuiteError on any other size (it is not meant for other models)."""
 
     name = "oracle"
+    detects_people = True
 
     def __init__(self) -> None:
         super().__init__({"skin_tone": TONE_NAMES, "age": AGE_NAMES})
@@ -126,6 +127,7 @@ class SupervisedClassifier(_WorldClassifier):
     detector). Runs in float32 on the context's device."""
 
     name = "miniature"
+    detects_people = False
 
     def __init__(self, ctx: ClassifierContext) -> None:
         import torch

@@ -8,6 +8,7 @@ from evalsuite.dashboard import figures, images
 from evalsuite.dashboard.html import esc, gallery, interval, note, num, paragraphs, section, table
 from evalsuite.dashboard.load import RunView
 from evalsuite.dashboard.pages import Site, div_at, plot_html
+from evalsuite.metrics import NEAR_DUPLICATE_COSINE
 
 
 def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str:
@@ -51,7 +52,7 @@ def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str
     if total:
         head = (
             f"{total} near-duplicate pair{'s' if total != 1 else ''} (embedding cosine similarity above "
-            f"{images.NEAR_DUPLICATE}) within a prompt and scale; the {len(alerts)} most similar:"
+            f"{NEAR_DUPLICATE_COSINE:g}) within a prompt and scale; the {len(alerts)} most similar:"
         )
         parts.append(
             section("Near-duplicate alerts", note(head, "alert") + images.alerts_html(view, alerts, writer))
@@ -62,7 +63,7 @@ def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str
                 "Near-duplicate alerts",
                 note(
                     f"No pair of images of one prompt and scale has "
-                    f"embedding cosine similarity above {images.NEAR_DUPLICATE}."
+                    f"embedding cosine similarity above {NEAR_DUPLICATE_COSINE:g}."
                 ),
             )
         )

@@ -45,6 +45,7 @@ class Comparison:
     flips: pd.DataFrame
     legibility: pd.DataFrame  # LEGIBILITY_COLUMNS: a judge classifier's low-confidence rate by group
     notes: list[str] = field(default_factory=list)
+    by_position: bool = False  # no pair shared a seed: images are paired by position (prompt, scale, index)
 
 
 def choose_classifier(a: RunView, b: RunView) -> str:
@@ -59,8 +60,9 @@ def choose_classifier(a: RunView, b: RunView) -> str:
 
 def pair_records(
     a: RunView, b: RunView
-) -> tuple[dict[tuple[str, float], list[Pair]], list[str], list[float], int, list[str]]:
-    """Pairs per (prompt text, scale); the common prompts (A's order) and scales; seed mismatches; notes."""
+) -> tuple[dict[tuple[str, float], list[Pair]], list[str], list[float], int, list[str], bool]:
+    """Pairs per (prompt text, scale); the common prompts (A's order) and scales; seed mismatches; notes;
+    whether the pairs are by position only (no pair shared its seed)."""
     texts_b = set(b.prompts.values())
     prompts = [t for t in a.prompts.values() if t in texts_b]
     if not prompts:
@@ -99,26 +101,39 @@ def pair_records(
             "The two runs used different seeds for every image (different battery seeds?): images "
             "are paired by position instead, so the intervals ignore the pairing's benefit."
         )
-        return positional, prompts, scales, mismatches, notes
+        return positional, prompts, scales, mismatches, notes, True
     if mismatches:
         notes.append(f"{mismatches} image pairs had different seeds and were left out.")
-    return same, prompts, scales, mismatches, notes
+    return same, prompts, scales, mismatches, notes, False
 
 
 def _cluster_delta(d: np.ndarray, n: np.ndarray, per_pair: np.ndarray) -> tuple[float, float, float]:
-    """Pooled mean change Σd/Σn with a cluster-robust (by prompt) normal interval; iid when < 2 prompts."""
+    """Pooled change in a share Σd/Σn, d_g = B's minus A's class count over prompt g's n_g pairs, with a
+    cluster-robust (by prompt) normal interval, the variance as in `mx.cluster_share_interval`.
+
+    Fallback to the Agresti–Min interval over the pairs (`mx.paired_difference_interval`, from the
+    per-pair changes `per_pair` in {−1, 0, 1}) when fewer than 2 prompts have pairs, or when every prompt
+    changes by the same share (|d_g − est·n_g| <= 1e-9·n_g), where the sandwich interval collapses to a
+    point. Empty-group rule: Σn = 0 -> NaN."""
     total = n.sum()
     if total == 0:
         return math.nan, math.nan, math.nan
     est = float(d.sum() / total)
-    g = int(np.count_nonzero(n))
-    if g >= 2:
-        keep = n > 0
-        var = g / (g - 1) * float(np.sum((d[keep] - est * n[keep]) ** 2)) / total**2
-    else:
-        var = float(per_pair.var(ddof=1)) / per_pair.size if per_pair.size > 1 else math.nan
-    half = Z * math.sqrt(var) if math.isfinite(var) else math.nan
+    keep = n > 0
+    residuals, g = d[keep] - est * n[keep], int(np.count_nonzero(keep))
+    if g < 2 or np.all(np.abs(residuals) <= mx.ZERO_RESIDUAL * n[keep]):
+        _, lo, hi = mx.paired_difference_interval(int(np.sum(per_pair > 0)), int(np.sum(per_pair < 0)),
+                                                  per_pair.size)
+        return est, lo, hi
+    half = Z * math.sqrt(g / (g - 1) * float(np.sum(residuals**2)) / total**2)
     return est, est - half, est + half
+
+
+def _unmeasured(view: RunView, letter: str, attr: str, clf: str) -> str:
+    """Why run `letter` has no results for an attribute the other run has: its battery or its classifier."""
+    names = {*view.battery.attribute_names, *("×".join(m) for m in view.battery.intersections)}
+    why = f"its {clf} classifier measured it on no image" if attr in names else "its battery has no such attribute"
+    return f"Attribute {attr} is left out: run {letter} has no results for it ({why})."
 
 
 def _row(a_vals: list[float], b_vals: list[float]) -> list[float]:
@@ -129,16 +144,21 @@ def _row(a_vals: list[float], b_vals: list[float]) -> list[float]:
 
 def compare_runs(a: RunView, b: RunView) -> Comparison:
     clf = choose_classifier(a, b)
-    pairs, prompts, scales, mismatches, notes = pair_records(a, b)
+    pairs, prompts, scales, mismatches, notes, by_position = pair_records(a, b)
     samplers = [f"{v.battery.steps} steps, DDIM eta {v.battery.eta:g}" for v in (a, b)]
     if samplers[0] != samplers[1]:
         notes.append(f"The runs sampled differently (A: {samplers[0]}; B: {samplers[1]}): the pairs share their "
                      "initial noise, but the differences below include the sampler, not only the model.")
-    classes_b = dict(b.attributes(clf))
+    classes_a, classes_b = dict(a.attributes(clf)), dict(b.attributes(clf))
+    notes += [_unmeasured(a, "A", attr, clf) for attr in classes_b if attr not in classes_a]
     share_rows, metric_rows, flip_rows = [], [], []
-    for attr, classes in a.attributes(clf):
-        if classes_b.get(attr) != classes:
-            notes.append(f"Attribute {attr} is left out: the runs' batteries give it different classes.")
+    for attr, classes in classes_a.items():
+        if attr not in classes_b:
+            notes.append(_unmeasured(b, "B", attr, clf))
+            continue
+        if classes_b[attr] != classes:
+            notes.append(f"Attribute {attr} is left out: the runs' batteries give it different classes "
+                         f"(A: {', '.join(classes)}; B: {', '.join(classes_b[attr])}).")
             continue
         k = len(classes)
         for scale in scales:
@@ -188,7 +208,7 @@ def compare_runs(a: RunView, b: RunView) -> Comparison:
         pd.DataFrame(share_rows, columns=share_cols), pd.DataFrame(metric_rows, columns=metric_cols),
         pd.DataFrame(diversity, columns=["attribute", *metric_cols[1:]]),
         pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]),
-        pd.DataFrame(_legibility(a, b, clf, pairs, scales), columns=LEGIBILITY_COLUMNS), notes,
+        pd.DataFrame(_legibility(a, b, clf, pairs, scales), columns=LEGIBILITY_COLUMNS), notes, by_position,
     )
 
 

@@ -13,6 +13,7 @@ from evalsuite.dashboard import figures
 from evalsuite.dashboard.compare import Comparison
 from evalsuite.dashboard.html import definition_list, gallery, interval, note, num, paragraphs, section, table
 from evalsuite.dashboard.pages import plot_html
+from evalsuite.metrics import CONFIDENCE_THRESHOLD
 
 FIGURE_METRICS = ("shen_gap", "dominant_share", "normalized_entropy")
 
@@ -25,15 +26,16 @@ def compare_page(c: Comparison, root: Path) -> str:
         ("Run B", f"{c.b.name} — model {c.b.model_label}, battery {c.b.battery.name} v{c.b.battery.version}"),
         ("Classifier", c.classifier), ("Prompts in common", str(len(c.prompts))),
         ("Guidance scales in common", scales),
-        ("Paired images", f"{c.n_pairs} (same prompt, scale, image index and seed)"),
+        ("Paired images", f"{c.n_pairs} (same prompt, scale and image index, different seeds: paired by position)"
+         if c.by_position else f"{c.n_pairs} (same prompt, scale, image index and seed)"),
     ]
+    same = ("so the two runs differ in the model and in their initial noise (seeds)" if c.by_position
+            else "so the two runs differ only in the model")
     parts = [
         definition_list(facts),
         paragraphs(
-            "Every comparison below uses only the paired images, so the two runs differ only in the model. "
-            "Changes "
-            "are B − A with 95 % intervals; an interval that excludes 0 marks a change larger than "
-            "seed-to-seed noise."
+            f"Every comparison below uses only the paired images, {same}. Changes are B − A with 95 % "
+            "intervals; an interval that excludes 0 marks a change larger than seed-to-seed noise."
         ),
     ]
     parts += [note(n, "alert") for n in c.notes]
@@ -96,10 +98,10 @@ def _legibility(c: Comparison) -> str:
         f"Whose images lose legibility. Each image is put in a group by what {c.classifier} reads: the "
         "prompt's majority class (its most common class over run A's paired images of that prompt) or any "
         "other class. The rate is the share of a group's images another classifier (the judge) reads with "
-        "low confidence (top class probability below 0.8). A change that only an average shows can hide "
-        "a model whose rarer groups come out less legibly than its majority. Pooled over all prompts "
-        "(training and held-out alike) with cluster-robust 95 % intervals; a group's images differ "
-        "between A and B when the model changes who is drawn."
+        f"low confidence (top class probability below {CONFIDENCE_THRESHOLD:g}). A change that only an "
+        "average shows can hide a model whose rarer groups come out less legibly than its majority. Pooled "
+        "over all prompts (training and held-out alike) with cluster-robust 95 % intervals; a group's images "
+        "differ between A and B when the model changes who is drawn."
     )
     for (judge, attr), rows in c.legibility.groupby(["judge", "attribute"], sort=False):
         body += table(

@@ -181,6 +181,11 @@ def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str)
         fig, ax = axes()
         with plt.rc_context(RC):
             band(ax, part["guidance_scale"], part["value"], part["lo"], part["hi"], palette(1)[0], metric)
+            infinite = part.loc[np.isinf(part["value"].to_numpy(float)), "guidance_scale"]
+            if len(infinite):  # matplotlib drops ±inf silently: say where they are
+                where = ", ".join(f"{s:g}" for s in infinite)
+                ax.text(0.5, 0.97, f"∞ at scale {where} (not drawn)", transform=ax.transAxes, ha="center",
+                        va="top", fontsize=8)
             ax.set_title(METRIC_TITLES.get(metric, metric))
             scale_axis(ax, scales)
         plots.append(save(fig, root, f"figures/{stem}-m{k}.png", metric))

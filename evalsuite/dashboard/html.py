@@ -25,12 +25,15 @@ def esc(value: Any) -> str:
 
 
 def num(value: Any, digits: int = 3) -> str:
-    """A number to `digits` significant digits; NaN, None and non-numbers as an em dash."""
+    """A number to `digits` significant digits; ±infinity as "∞" / "−∞" (a real value, e.g. a KL divergence
+    to a target that rules a class out); NaN, None and non-numbers (missing) as an em dash."""
     try:
         x = float(value)
     except (TypeError, ValueError):
         return "—"
-    return "—" if not math.isfinite(x) else f"{x:.{digits}g}"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return "—" if math.isnan(x) else f"{x:.{digits}g}"
 
 
 def interval(value: Any, lo: Any, hi: Any) -> str:

@@ -17,11 +17,10 @@ from PIL import Image
 
 from evalsuite.dashboard.html import esc
 from evalsuite.dashboard.load import RunView
-from evalsuite.metrics import near_duplicate_pairs
+from evalsuite.metrics import NEAR_DUPLICATE_COSINE, near_duplicate_pairs
 
 THUMB = 192
 PIXELATED_BELOW = 128  # small renders are scaled up without smoothing
-NEAR_DUPLICATE = 0.95  # cosine similarity above which two images of a group are near duplicates
 MAX_ALERTS = 24
 
 
@@ -136,7 +135,7 @@ class Alert:
     cosine: float
 
 
-def near_duplicates(view: RunView, threshold: float = NEAR_DUPLICATE) -> tuple[list[Alert], int]:
+def near_duplicates(view: RunView, threshold: float = NEAR_DUPLICATE_COSINE) -> tuple[list[Alert], int]:
     """Pairs of images of one (prompt, scale) whose embeddings have cosine > threshold, most similar
     first (at most MAX_ALERTS), and the total number of such pairs."""
     alerts: list[Alert] = []

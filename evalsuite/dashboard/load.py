@@ -6,7 +6,6 @@ Only the results folder is read, never a model. Every problem is one `SuiteError
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ AGGREGATE_COLUMNS = (
     "classifier", "attribute", "split", "guidance_scale", "metric", "value", "lo", "hi", "n_prompts",
 )
 DIVERSITY_KEYS = ("prompt_index", "guidance_scale")
-DIVERSITY_METRICS = ("vendi", "mean_pairwise_cosine", "near_duplicate_rate", "clip_score")
+DIVERSITY_COLUMNS = (*DIVERSITY_KEYS, "metric", "value", "lo", "hi")
 RECORD_KEYS = ("prompt_index", "prompt", "guidance_scale", "image_index", "seed", "image", "classifiers")
 _NUMERIC = ("value", "lo", "hi", "n", "n_prompts", "guidance_scale", "prompt_index")
 
@@ -100,6 +99,19 @@ class RunView:
             parts.append(str(entry["label"]))
         return JOINER.join(parts)
 
+    def detects_people(self, classifier: str) -> bool | None:
+        """Whether `classifier` reports "no_person" where it finds no one: run.json's `detects_people`
+        where recorded, else True if any record has a "no_person" status from it, else None (unknown: it
+        found a person everywhere, or it has no person detector)."""
+        recorded = self.info.get("detects_people")
+        if isinstance(recorded, dict) and isinstance(recorded.get(classifier), bool):
+            return bool(recorded[classifier])
+        for r in self.records:
+            entries = (r.get("classifiers") or {}).get(classifier) or {}
+            if any(isinstance(e, dict) and e.get("status") == "no_person" for e in entries.values()):
+                return True
+        return None
+
     def status(self, record: dict[str, Any], classifier: str, attribute: str) -> str:
         entry = ((record.get("classifiers") or {}).get(classifier) or {}).get(attribute) or {}
         return str(entry.get("status", "not_measurable"))
@@ -130,7 +142,7 @@ def load_run(path: Path) -> RunView:
     records = _read_records(path)
     groups = _read_table(path / "metrics" / "groups.csv", GROUP_COLUMNS)
     aggregate = _read_table(path / "metrics" / "aggregate.csv", AGGREGATE_COLUMNS)
-    diversity = _wide_diversity(_read_table(path / "metrics" / "diversity.csv", DIVERSITY_KEYS))
+    diversity = _wide_diversity(_read_table(path / "metrics" / "diversity.csv", DIVERSITY_COLUMNS))
     prompts = {int(r["prompt_index"]): str(r["prompt"]) for r in records}
     heldout = frozenset(int(r["prompt_index"]) for r in records if r.get("heldout"))
     return RunView(
@@ -194,7 +206,7 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         raise SuiteError(f"{path}: required metric table is missing (run the analysis first)")
     try:
         header = pd.read_csv(path, nrows=0).columns
-        na = {c: ["NaN", ""] for c in header if c in _NUMERIC or c in DIVERSITY_METRICS}
+        na = {c: ["NaN", ""] for c in header if c in _NUMERIC}
         table = pd.read_csv(path, keep_default_na=False, na_values=na, dtype={"prompt": str, "metric": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise SuiteError(f"{path}: cannot read CSV: {exc}") from None
@@ -212,22 +224,12 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _wide_diversity(table: pd.DataFrame) -> pd.DataFrame:
-    """diversity.csv in long (metric, value, lo, hi) or wide form -> one row per (prompt, scale)."""
-    if "metric" not in table.columns:
-        return table.rename(columns={"vendi_score": "vendi"})
+    """diversity.csv (long: metric, value, lo, hi) -> one row per (prompt, scale), a column per metric."""
     keys = list(DIVERSITY_KEYS)
     wide = table.pivot_table(index=keys, columns="metric", values="value", aggfunc="first", dropna=False)
     for bound in ("lo", "hi"):
-        if bound in table.columns:
-            part = table[table["metric"] == "clip_score"].set_index(keys)[bound]
-            wide[f"clip_score_{bound}"] = part.reindex(wide.index)
+        part = table[table["metric"] == "clip_score"].set_index(keys)[bound]
+        wide[f"clip_score_{bound}"] = part.reindex(wide.index)
     wide.columns.name = None
     return wide.reset_index()
 
-
-def finite(value: Any) -> bool:
-    """True for a real, finite number."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False

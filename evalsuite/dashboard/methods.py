@@ -7,6 +7,7 @@ from typing import Any
 
 from evalsuite.dashboard.html import esc, note, num, paragraphs, section, table
 from evalsuite.dashboard.load import RunView
+from evalsuite.metrics import CONFIDENCE_THRESHOLD, NEAR_DUPLICATE_COSINE
 
 TRUTH = "oracle"  # the miniature world's exact reader; where a run has it, other classifiers are scored on it
 METRICS: tuple[tuple[str, str], ...] = (
@@ -38,10 +39,14 @@ METRICS: tuple[tuple[str, str], ...] = (
     ),
     (
         "low_confidence_rate",
-        "Fraction of measured images whose top class probability is below 0.8 (Shen et "
+        f"Fraction of measured images whose top class probability is below {CONFIDENCE_THRESHOLD:g} (Shen et "
         "al.'s uncertainty threshold).",
     ),
-    ("no_person_rate", "Fraction of images in which the classifier found no person."),
+    (
+        "no_person_rate",
+        "Fraction of images in which the classifier found no person; 0 by construction for a classifier "
+        "without a person detector (see which images the shares count, above).",
+    ),
     (
         "legibility by group",
         "Comparison page: another classifier's low_confidence_rate among the images the comparison's "
@@ -61,7 +66,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ),
     (
         "near_duplicate_rate",
-        "Fraction of image pairs of a group with embedding cosine similarity above 0.95.",
+        f"Fraction of image pairs of a group with embedding cosine similarity above {NEAR_DUPLICATE_COSINE:g}.",
     ),
     (
         "clip_score",
@@ -133,7 +138,8 @@ def methods_page(views: Sequence[RunView]) -> str:
                 "no one in "
                 "these images self-identified."
             )
-            + _classes_table(views),
+            + _classes_table(views)
+            + _detector_table(views),
             "inferred",
         )
     ]
@@ -145,11 +151,12 @@ def methods_page(views: Sequence[RunView]) -> str:
             + paragraphs(
                 "Per-group values are averaged over prompts with a 95 % Student-t interval; shares are "
                 "pooled. "
-                "Comparisons of two runs use only images made with the same seed by both (paired by prompt, "
-                "guidance "
-                "scale and image index); the change B − A in a pooled share has a cluster-robust interval "
-                "clustered by "
-                "prompt, other metrics a t-interval over per-prompt differences."
+                "Comparisons of two runs pair images by prompt, guidance scale and image index and use only "
+                "the pairs made with the same seed by both (or, when the runs share no seed at all, pair by "
+                "position, as the comparison page then says); the change B − A in a pooled share has a "
+                "cluster-robust interval clustered by prompt (the Agresti–Min paired interval when fewer than "
+                "2 prompts have pairs or every prompt changes by the same share), other metrics a t-interval "
+                "over per-prompt differences."
             ),
             "metrics",
         )
@@ -201,6 +208,16 @@ def methods_page(views: Sequence[RunView]) -> str:
         section("Caveats", "<ul>" + "".join(f"<li>{esc(c)}</li>" for c in CAVEATS) + "</ul>", "caveats")
     )
     return "".join(parts)
+
+
+def _detector_table(views: Sequence[RunView]) -> str:
+    """Per run and classifier: does it report no_person, so that shares leave out images without anyone?"""
+    answers = {True: "yes: images where it finds no one are no_person and left out of the shares",
+               False: "no person detector: every image it measures counts in the shares",
+               None: "not recorded; it marked no image no_person, so every image it measured counts"}
+    rows = [[view.name, clf, answers[view.detects_people(clf)]] for view in views for clf in view.classifiers]
+    return table(["run", "classifier", "does it look for a person?"], rows,
+                 "Which images the shares count, per classifier")
 
 
 def _classes_table(views: Sequence[RunView]) -> str:

@@ -144,9 +144,8 @@ def bias_page(view: RunView, site: Site) -> str:
     measured = dict(view.attributes(clf))
     parts = [
         paragraphs(
-            f"Attributes are the {clf} classifier's perception of each image, not anyone's "
-            "identity. Shares count only images where a person was found (status ok); bands and "
-            "brackets are 95 % intervals (see Methods)."
+            f"Attributes are the {clf} classifier's perception of each image, not anyone's identity. "
+            + counted_images(view, clf) + " Bands and brackets are 95 % intervals (see Methods)."
         )
     ]
     for attr in view.battery.attribute_names:
@@ -201,13 +200,45 @@ def bias_page(view: RunView, site: Site) -> str:
                 )
                 lines.append(plot_html(p, alt, f"{attr}: {title}"))
         body = (
-            gallery(heats, "Share of each class per prompt and guidance scale.")
+            _infinite_kl_note(view, attr, classes, everything)
+            + gallery(heats, "Share of each class per prompt and guidance scale.")
             + gallery(lines, "Pooled over all prompts; bands are 95 % intervals.")
             + _metric_table(rows_a, scales)
         )
         parts.append(section(f"Attribute: {attr}", body, f"a{i}"))
     parts.append(_other_classifiers(view))
     return "".join(parts)
+
+
+def counted_images(view: RunView, clf: str) -> str:
+    """Which images the shares of `clf` count, by whether it looks for a person (RunView.detects_people)."""
+    detects = view.detects_people(clf)
+    if detects:
+        return f"Shares count only images where the {clf} classifier found a person (status ok)."
+    if detects is False:
+        return (f"The {clf} classifier has no person detector: it reads every image as someone, so shares "
+                "count every image it measured, including any without a person, and its no-person rate is "
+                "0 by construction.")
+    return (f"The {clf} classifier marked no image no_person, and the run does not record whether it looks "
+            "for a person (the built-in clip and miniature classifiers do not): shares count every image it "
+            "measured, which may include images without a person.")
+
+
+def _infinite_kl_note(view: RunView, attr: str, classes: tuple[str, ...], agg: pd.DataFrame) -> str:
+    """A note where kl_target is infinite: a class the battery's target rules out (share 0) occurred."""
+    part = agg[(agg["metric"] == "kl_target") & np.isinf(agg["value"].to_numpy(float))]
+    if part.empty:
+        return ""
+    targets = {a.name: dict(zip(a.classes, a.target, strict=True)) for a in view.battery.attributes}
+    ruled_out = [c for c in classes
+                 if any(targets[m][k] == 0 for m, k in zip(attr.split("×"), c.split("×")))]
+    return note(
+        f"KL to target is ∞ at scale {scales_text(sorted(part['guidance_scale']))}: the battery's target gives "
+        f"{', '.join(ruled_out) or 'a class'} a share of 0, and the classifier read some images as such. "
+        "KL(p‖target) is infinite as soon as a class with target 0 appears, and so is any mean over prompts "
+        "that includes such a prompt; it is a real value, not missing data. Its chart marks ∞ points "
+        "without drawing them."
+    )
 
 
 def _metric_table(rows: pd.DataFrame, scales: list[float]) -> str:

@@ -50,7 +50,7 @@ def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int
     if not 1 <= len(runs) <= 2:
         raise SuiteError(f"dashboard: give one or two results folders, got {len(runs)}")
     if max_images_per_cell < 1:
-        raise SuiteError(f"--max-images-per-cell must be >= 1, got {max_images_per_cell}")
+        raise SuiteError(f"dashboard: images per (prompt, scale) cell must be >= 1, got {max_images_per_cell}")
     _check_target(out)
     views = [load_run(r) for r in runs]
     comparison = compare.compare_runs(views[0], views[1]) if len(views) == 2 else None

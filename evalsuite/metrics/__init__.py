@@ -3,8 +3,14 @@ mode collapse over embeddings, and text-image alignment. Importing this package 
 named metric in :data:`METRICS` (see :func:`get_metric`)."""
 
 from evalsuite.metrics.alignment import clip_score, on_prompt_rate
-from evalsuite.metrics.correction import confusion_matrix, corrected_shares, project_to_simplex
+from evalsuite.metrics.correction import (
+    confusion_matrix,
+    confusion_problems,
+    corrected_shares,
+    project_to_simplex,
+)
 from evalsuite.metrics.distribution import (
+    CONFIDENCE_THRESHOLD,
     class_counts,
     class_shares,
     dominant_share,
@@ -15,9 +21,9 @@ from evalsuite.metrics.distribution import (
     mad,
     normalized_entropy,
     shen_gap,
-    soft_class_shares,
 )
 from evalsuite.metrics.diversity import (
+    NEAR_DUPLICATE_COSINE,
     cosine_gram,
     l2_normalize,
     mean_pairwise_cosine,
@@ -26,22 +32,26 @@ from evalsuite.metrics.diversity import (
     vendi_score,
 )
 from evalsuite.metrics.intervals import (
-    bootstrap_interval,
+    ZERO_RESIDUAL,
     cluster_share_interval,
+    paired_difference_interval,
     share_intervals,
     wilson_interval,
 )
 from evalsuite.metrics.registry import METRICS, MetricInfo, get_metric, register_metric
 
 __all__ = [
+    "CONFIDENCE_THRESHOLD",
     "METRICS",
+    "NEAR_DUPLICATE_COSINE",
+    "ZERO_RESIDUAL",
     "MetricInfo",
-    "bootstrap_interval",
     "class_counts",
     "class_shares",
     "clip_score",
     "cluster_share_interval",
     "confusion_matrix",
+    "confusion_problems",
     "corrected_shares",
     "cosine_gram",
     "dominant_share",
@@ -57,11 +67,11 @@ __all__ = [
     "near_duplicate_rate",
     "normalized_entropy",
     "on_prompt_rate",
+    "paired_difference_interval",
     "project_to_simplex",
     "register_metric",
     "share_intervals",
     "shen_gap",
-    "soft_class_shares",
     "vendi_score",
     "wilson_interval",
 ]

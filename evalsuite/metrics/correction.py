@@ -10,12 +10,17 @@ model or its interval estimates (it does not propagate the uncertainty of C or o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 FloatArray = NDArray[np.float64]
 
 _SIMPLEX_TOL = 1e-10
+# A row of a known confusion matrix must sum to 1 within this. Wider than float rounding because the
+# miniature world's classifier/confusion.json stores entries to 6 decimals (K·5e-7 off at worst).
+ROW_SUM_TOL = 1e-5
 
 
 def confusion_matrix(true: ArrayLike, pred: ArrayLike, n_classes: int) -> FloatArray:
@@ -39,6 +44,25 @@ def confusion_matrix(true: ArrayLike, pred: ArrayLike, n_classes: int) -> FloatA
         out = counts / rows
     out[rows[:, 0] == 0] = np.nan
     return out
+
+
+def confusion_problems(confusion: ArrayLike, classes: Sequence[str]) -> list[str]:
+    """What keeps ``confusion`` from being a confusion matrix over ``classes`` ([] = fine).
+
+    It must be K×K (K = len(classes)) with every row P(predicted j | true class i): entries >= 0 and a
+    sum of 1 within ``ROW_SUM_TOL``. A row holding NaN is a true class without validation images (its
+    error rates are unknown, so :func:`corrected_shares` gives NaN) and is not checked.
+    """
+    c = np.asarray(confusion, dtype=np.float64)
+    k = len(classes)
+    if c.shape != (k, k):
+        return [f"must be {k}x{k} (classes {', '.join(classes)}), got shape {c.shape}"]
+    problems = []
+    for cls, row in zip(classes, c, strict=True):
+        if np.all(np.isfinite(row)) and (np.any(row < 0) or abs(row.sum() - 1.0) > ROW_SUM_TOL):
+            problems.append(f"row '{cls}' ({', '.join(f'{x:.6g}' for x in row)}) sums to {row.sum():.6g}; "
+                            f"each row is P(predicted class | true class) and must be >= 0 and sum to 1")
+    return problems
 
 
 def project_to_simplex(v: ArrayLike) -> FloatArray:

@@ -21,6 +21,10 @@ from evalsuite.metrics.registry import register_metric
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
+# An image is read "confidently" when its top class probability is at least this (Shen et al., ICLR 2024,
+# count predictions below 0.8 as uncertain); low_confidence_rate is the share of measured images below it.
+CONFIDENCE_THRESHOLD = 0.8
+
 
 def _shares(p: ArrayLike) -> FloatArray:
     arr = np.asarray(p, dtype=np.float64)
@@ -66,20 +70,6 @@ def class_shares(labels: ArrayLike, n_classes: int) -> FloatArray:
     if total == 0:
         return np.full(n_classes, np.nan)
     return counts / float(total)
-
-
-def soft_class_shares(probs: ArrayLike) -> FloatArray:
-    """Mean of per-image class-probability rows ``probs`` (shape (n, K)).
-
-    Rows containing any NaN ("not measured") are excluded. Empty-group rule: no usable rows -> K NaN.
-    """
-    arr = np.asarray(probs, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"probs must be a 2-D (n, K) array, got shape {arr.shape}")
-    ok = ~np.isnan(arr).any(axis=1)
-    if not ok.any():
-        return np.full(arr.shape[1], np.nan)
-    return np.asarray(arr[ok].mean(axis=0), dtype=np.float64)
 
 
 @register_metric("mad", higher_is_better=False, kind="distribution")

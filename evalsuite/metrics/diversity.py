@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike, NDArray
 from evalsuite.metrics.registry import register_metric
 
 FloatArray = NDArray[np.float64]
+NEAR_DUPLICATE_COSINE = 0.95  # two images of a group with cosine similarity above this are near duplicates
 
 
 def l2_normalize(emb: ArrayLike, name: str = "emb") -> FloatArray:
@@ -80,7 +81,7 @@ def mean_pairwise_cosine(emb: ArrayLike) -> float:
     return float((g.sum() - np.trace(g)) / (n * (n - 1)))
 
 
-def near_duplicate_pairs(emb: ArrayLike, threshold: float = 0.95) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(emb: ArrayLike, threshold: float = NEAR_DUPLICATE_COSINE) -> list[tuple[int, int, float]]:
     """Unordered pairs (i, j, cos) with i < j and cos(e_i, e_j) > threshold, in row-major (i, j) order."""
     g = cosine_gram(emb)
     i, j = np.triu_indices(g.shape[0], k=1)
@@ -90,7 +91,7 @@ def near_duplicate_pairs(emb: ArrayLike, threshold: float = 0.95) -> list[tuple[
 
 
 @register_metric("near_duplicate_rate", higher_is_better=False, kind="diversity")
-def near_duplicate_rate(emb: ArrayLike, threshold: float = 0.95) -> float:
+def near_duplicate_rate(emb: ArrayLike, threshold: float = NEAR_DUPLICATE_COSINE) -> float:
     """Fraction of the n(n−1)/2 unordered pairs with cosine similarity > threshold.
 
     Embedding-similarity filtering of near-duplicate generations, after the generate-and-filter attack

@@ -1,22 +1,22 @@
-"""Confidence intervals for class shares and for arbitrary statistics.
+"""Confidence intervals for class shares and for changes in them.
 
 * :func:`wilson_interval` — one binomial share (independent images).
 * :func:`share_intervals` — Wilson interval for every class of a label array.
 * :func:`cluster_share_interval` — a share pooled over prompts, with a cluster-robust standard error
   (images of the same prompt are correlated, so the pooled Wilson interval is too narrow).
-* :func:`bootstrap_interval` — percentile bootstrap over rows for any statistic.
+* :func:`paired_difference_interval` — the change in a share between two runs on paired images.
 
 Empty-group rule throughout: no observations -> NaN bounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from evalsuite.metrics.distribution import class_counts
+
+ZERO_RESIDUAL = 1e-9  # |c_g − p̂·n_g| <= this · n_g is rounding, not between-cluster variation
 
 
 def wilson_interval(count: float, n: float, z: float = 1.96) -> tuple[float, float]:
@@ -72,8 +72,9 @@ def cluster_share_interval(
     Clusters with n_g = 0 carry no information and are dropped before counting G.
     Fallbacks to the Wilson interval on the pooled counts (Σc, Σn):
       * G < 2 (no between-cluster variation can be estimated);
-      * the cluster-robust variance is exactly 0 (every cluster has the same share, e.g. the class never
-        appears), where the sandwich interval would collapse to a point and overstate certainty.
+      * every cluster has the pooled share, i.e. |c_g − p̂·n_g| <= 1e-9·n_g for all g (floating-point
+        rounding leaves residuals like 1e-16 rather than 0, e.g. counts [1, 1] of [49, 49]), where the
+        sandwich interval would collapse to a point and overstate certainty.
     Empty-group rule: Σ n_g = 0 -> (nan, nan, nan). Returns (estimate, lo, hi).
     """
     c = np.asarray(counts, dtype=np.float64).ravel()
@@ -88,45 +89,33 @@ def cluster_share_interval(
     if total == 0:
         return float("nan"), float("nan"), float("nan")
     est = float(c.sum() / total)
+    residuals = c - est * n
     g = c.size
-    var = 0.0
-    if g >= 2:
-        var = float(g / (g - 1) * np.sum((c - est * n) ** 2) / total**2)
-    if g < 2 or var <= 0.0:
+    if g < 2 or np.all(np.abs(residuals) <= ZERO_RESIDUAL * n):
         lo, hi = wilson_interval(float(c.sum()), float(total), z)
         return est, lo, hi
-    half = z * float(np.sqrt(var))
+    half = z * float(np.sqrt(g / (g - 1) * np.sum(residuals**2) / total**2))
     return est, max(est - half, 0.0), min(est + half, 1.0)
 
 
-def bootstrap_interval(
-    stat: Callable[[np.ndarray], float],
-    data: ArrayLike,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    *,
-    rng: np.random.Generator,
-) -> tuple[float, float]:
-    """Percentile bootstrap (1 − alpha) interval for ``stat(data)``, resampling rows of ``data``.
+def paired_difference_interval(n10: int, n01: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """Change in a share between two paired readings of the same n images, p̂₁₀ − p̂₀₁, with the
+    Agresti–Min adjusted Wald interval.
 
-    Draws ``n_boot`` resamples of the n rows with replacement and returns the alpha/2 and 1 − alpha/2
-    quantiles of ``stat`` over them (Efron & Tibshirani, 1993, "An Introduction to the Bootstrap", ch. 13).
-    Resamples on which ``stat`` is NaN (e.g. no measured image drawn) are ignored.
-    Empty-group rule: no rows, or ``stat`` NaN on every resample -> (nan, nan).
-    ``rng`` is required so that intervals are reproducible.
+    n10 pairs are in the class only in the second reading, n01 only in the first; the estimate is
+    (n10 − n01)/n. Interval: add 1/2 to each cell of the paired 2×2 table, so with m = n + 2,
+    p₁₀ = (n10 + ½)/m, p₀₁ = (n01 + ½)/m and d = p₁₀ − p₀₁: d ± z·sqrt((p₁₀ + p₀₁ − d²)/m), clipped to
+    [−1, 1]. Unlike the plain Wald interval it does not collapse to a point when no pair changed.
+    Source: Agresti & Min (2005), "Simple improved confidence intervals for comparing matched
+    proportions", Statistics in Medicine 24:729–740.
+    Empty-group rule: n = 0 -> (nan, nan, nan). Returns (estimate, lo, hi).
     """
-    arr = np.asarray(data)
-    if arr.ndim == 0:
-        raise ValueError("data must have at least one dimension (rows are resampled)")
-    if n_boot < 1 or not 0.0 < alpha < 1.0:
-        raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
-    n = arr.shape[0]
+    if n < 0 or n10 < 0 or n01 < 0 or n10 + n01 > n:
+        raise ValueError(f"need n10, n01 >= 0 and n10 + n01 <= n, got n10={n10}, n01={n01}, n={n}")
     if n == 0:
-        return float("nan"), float("nan")
-    idx = rng.integers(0, n, size=(n_boot, n))
-    values = np.array([float(stat(arr[row])) for row in idx], dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(lo), float(hi)
+        return float("nan"), float("nan"), float("nan")
+    m = n + 2.0
+    p10, p01 = (n10 + 0.5) / m, (n01 + 0.5) / m
+    d = p10 - p01
+    half = z * float(np.sqrt((p10 + p01 - d * d) / m))
+    return (n10 - n01) / n, max(d - half, -1.0), min(d + half, 1.0)
