@@ -6,7 +6,14 @@ MDP), `rl.rewards` (set-level rewards with leave-one-out credit), `rl.advantages
 PPO surrogate), `rl.lora` (adapters and their export), `rl.checkpoint` (exact resume)."""
 
 from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
-from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from rl.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    load_process_state,
+    restore_rng,
+    save_checkpoint,
+)
 from rl.config import (
     REWARD_OPTIONS,
     EvaluationConfig,
@@ -17,7 +24,7 @@ from rl.config import (
     TrainingConfig,
     config_from_dict,
     load_config,
-    with_primary_reward,
+    with_reward,
 )
 from rl.ddim import ddim_step_kl, ddim_step_with_logprob
 from rl.lora import add_lora, cast_frozen, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
@@ -25,16 +32,13 @@ from rl.rewards import (
     KERNELS,
     REWARDS,
     Kernel,
-    RewardSpec,
     alignment_reward,
     balance_reward,
     balanced_reference,
-    combine,
     confidence_reward,
     diversity_reward,
     drift_penalty,
     drift_reward,
-    get_reward,
     hard_labels,
     linear_kernel,
     median_bandwidth,
@@ -49,25 +53,23 @@ from rl.rewards import (
 __all__ = [
     "REWARD_OPTIONS", "EvaluationConfig", "LoraConfigSpec", "RewardConfig", "SamplingConfig", "TrainConfig",
     "TrainingConfig", "add_lora", "capture_rng", "cast_frozen", "config_from_dict", "kohya_key", "kohya_state_dict",
-    "latest_checkpoint", "load_checkpoint", "load_config", "load_kohya", "lora_named_parameters", "restore_rng",
-    "save_adapter", "save_checkpoint", "with_primary_reward",
+    "latest_checkpoint", "load_checkpoint", "load_config", "load_kohya", "load_process_state", "lora_named_parameters",
+    "restore_rng",
+    "save_adapter", "save_checkpoint", "with_reward",
     "KERNELS",
     "REWARDS",
     "Kernel",
     "PerPromptStatTracker",
-    "RewardSpec",
     "alignment_reward",
     "balance_reward",
     "balanced_reference",
     "clipped_surrogate",
-    "combine",
     "confidence_reward",
     "ddim_step_kl",
     "ddim_step_with_logprob",
     "diversity_reward",
     "drift_penalty",
     "drift_reward",
-    "get_reward",
     "group_zscore",
     "hard_labels",
     "linear_kernel",

@@ -7,7 +7,12 @@ One checkpoint is a folder ``<folder>/step-000123/`` holding
   read back with ``torch.load(..., weights_only=True)``);
 * ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) global RNG states (`capture_rng`), stored with
   plain types and tensors only, so it too loads with ``weights_only=True``;
-* ``state.json``: ``{"format", "step", "params" (trainable names in order), "extra"}``.
+* ``scaler.pt``: the fp16 loss scaler's ``state_dict()`` (accelerate's optimizer state leaves it out), when
+  one is given;
+* ``process-{rank}.pt``: one per process of the run, in rank order, when given: state that differs between
+  processes (rl.train: each process's RNG states and advantage tracker), read back by `load_process_state`;
+* ``state.json``: ``{"format", "step", "params" (trainable names in order), "processes" (how many
+  ``process-*.pt``), "extra"}``.
 
 Each checkpoint is written under a temporary name and renamed into place, so a folder named
 ``step-*`` is always complete; older checkpoints beyond the newest ``keep`` are then removed.
@@ -16,10 +21,11 @@ Each checkpoint is written under a temporary name and renamed into place, so a f
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,8 @@ from torch import Tensor, nn
 
 from evalsuite.errors import SuiteError
 from rl.lora import _replace_dir
+
+log = logging.getLogger("rl")
 
 FORMAT = "evalsuite-rl-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -71,12 +79,16 @@ def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(folder: Path, *, step: int, trainable: Mapping[str, Tensor] | None = None,
                     model: nn.Module | None = None, optimizer: torch.optim.Optimizer, rng: Mapping[str, Any],
-                    extra: Mapping[str, Any], keep: int = 2) -> Path:
+                    extra: Mapping[str, Any], keep: int = 2, processes: Sequence[Mapping[str, Any]] = (),
+                    scaler: Mapping[str, Any] | None = None) -> Path:
     """Write ``folder/step-{step:06d}/`` atomically and keep only the newest `keep` checkpoints.
 
     Give the tensors to save as `trainable` (name -> tensor, e.g. ``lora_named_parameters(unet, te)``) or
     give `model`, whose parameters with ``requires_grad`` are saved under their names. With a text-encoder
-    LoRA use `trainable`: `model=unet` would leave the text-encoder LoRA out.
+    LoRA use `trainable`: `model=unet` would leave the text-encoder LoRA out. `rng` is the saving
+    process's RNG states (`capture_rng`), `extra` JSON data shared by all processes, `processes` the state
+    of each process in rank order (plain types and tensors, e.g. gathered from every process), `scaler`
+    the fp16 ``GradScaler.state_dict()``.
     """
     trainable = _targets(trainable, model, "save_checkpoint")
     if keep < 1:
@@ -84,7 +96,8 @@ def save_checkpoint(folder: Path, *, step: int, trainable: Mapping[str, Tensor] 
     if step < 0:
         raise SuiteError(f"save_checkpoint: step must be >= 0, got {step}")
     try:
-        state = {"format": FORMAT, "step": step, "params": list(trainable), "extra": dict(extra)}
+        state = {"format": FORMAT, "step": step, "params": list(trainable), "processes": len(processes),
+                 "extra": dict(extra)}
         state_text = json.dumps(state, indent=1)
     except TypeError as err:
         raise SuiteError(f"save_checkpoint: `extra` is not JSON-serialisable: {err}") from err
@@ -98,6 +111,10 @@ def save_checkpoint(folder: Path, *, step: int, trainable: Mapping[str, Tensor] 
         save_file(tensors, str(tmp / "lora.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(dict(rng), tmp / "rng.pt")
+        for rank, own in enumerate(processes):
+            torch.save(dict(own), tmp / f"process-{rank}.pt")
+        if scaler is not None:
+            torch.save(dict(scaler), tmp / "scaler.pt")
         (tmp / "state.json").write_text(state_text + "\n")
         _replace_dir(tmp, final)
     finally:
@@ -127,13 +144,15 @@ def _targets(params: Mapping[str, Tensor] | nn.Module | None, model: nn.Module |
 
 def load_checkpoint(path: Path, *, params: Mapping[str, Tensor] | nn.Module | None = None,
                     model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    rng: bool = True) -> tuple[int, dict[str, Any]]:
+                    rng: bool = True, scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict[str, Any]]:
     """Restore a checkpoint; return ``(step, extra)``.
 
     `params` maps the names saved in ``lora.safetensors`` to the parameters to fill; or `model` (or a module
     as `params`) whose parameters with ``requires_grad`` are matched by name. Names must agree exactly.
     The optimizer must have been built over the same parameters in the same order as the saved one.
-    `rng` restores the global RNG states.
+    `rng` restores the global RNG states of the saving process (per process: `load_process_state`).
+    `scaler` (the fp16 loss scaler) gets its saved state; a checkpoint without one (written by an older
+    version) leaves it as it is, with a warning.
     """
     path = Path(path)
     if not (path / "state.json").is_file():
@@ -158,4 +177,29 @@ def load_checkpoint(path: Path, *, params: Mapping[str, Tensor] | nn.Module | No
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if rng:
         restore_rng(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+    elif scaler is not None:
+        log.warning("%s holds no loss-scaler state (an older checkpoint): the fp16 loss scale starts afresh", path)
     return int(state["step"]), dict(state["extra"])
+
+
+def load_process_state(path: Path, rank: int, world: int) -> dict[str, Any]:
+    """The state `save_checkpoint` wrote for process `rank` (``process-{rank}.pt``) of a run resumed by
+    `world` processes.
+
+    A checkpoint written before per-process states existed (no "processes" in state.json) held one
+    process's: its RNG states in ``rng.pt`` and the rest in `extra`; it reads as ``{"rng": ..., **extra}``.
+
+    Raises:
+        SuiteError: the checkpoint holds the states of another number of processes than `world`.
+    """
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    saved = state.get("processes")
+    if saved is None and world == 1:
+        return {"rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True), **state["extra"]}
+    if saved != world:
+        raise SuiteError(f"{path} holds the state of {saved if saved is not None else 1} process(es), not "
+                         f"{world}: resume with as many processes as the run had")
+    return dict(torch.load(path / f"process-{rank}.pt", map_location="cpu", weights_only=True))

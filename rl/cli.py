@@ -5,7 +5,9 @@
                [--reference EXPLICIT_RUN [--class-slot tone]]
     rl kl-profile ADAPTER [--model miniature] [--prompt TEXT ...] [--guidance 7.5] [--images 16] [--steps 20]
 
-`key=value` overrides any config field by its dotted path (`training.learning_rate=1e-4`,
+`--reward NAME` trains with the reward NAME: a reward the config lists keeps its weight and options (switched
+on at weight 1 if the config gives it 0); a reward it does not list replaces the config's rewards, alone at
+weight 1. `key=value` overrides any config field by its dotted path (`training.learning_rate=1e-4`,
 `sampling.guidance_scales=[3,7.5]`). A bad config is one message and exit status 2, before any model
 loads. Run the same command again after an interruption: training resumes from the last checkpoint.
 Several processes or GPUs: `accelerate launch -m rl.cli finetune ...`.
@@ -34,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="train a LoRA adapter with DDPO and set-level rewards")
     ft.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.name})")
     ft.add_argument("--reward", default=None,
-                    help="the primary reward (diversity, balance, alignment, drift, confidence)")
+                    help="train with this reward (diversity, balance, alignment, drift, confidence): one the "
+                         "config lists keeps its weight and options (weight 0 becomes 1); any other replaces "
+                         "the config's rewards, alone at weight 1")
     ft.add_argument("--no-eval", action="store_true", help="skip the before/after battery evaluation")
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     cmp = sub.add_parser("compare", help="base -> tuned tables of two results folders")
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     kp.add_argument("--guidance", type=float, default=7.5, help="guidance scale (>= 1, default 7.5)")
     kp.add_argument("--images", type=int, default=16, help="chains per prompt (>= 1, default 16)")
     kp.add_argument("--steps", type=int, default=20, help="DDIM steps (>= 1, default 20)")
-    kp.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0, default 1: the training sampler)")
+    kp.add_argument("--eta", type=float, default=1.0, help="DDIM eta (in (0, 1], default 1: the training sampler)")
     kp.add_argument("--seed", type=int, default=0, help="seed of the initial and step noise (>= 0)")
     return ap
 
@@ -68,7 +72,7 @@ def _kl_profile(args: argparse.Namespace) -> None:
         ("guidance", args.guidance, args.guidance >= 1, "must be >= 1"),
         ("images", args.images, args.images >= 1, "must be >= 1"),
         ("steps", args.steps, args.steps >= 1, "must be >= 1"),
-        ("eta", args.eta, args.eta > 0, "must be > 0 (eta = 0 has no step density)"),
+        ("eta", args.eta, 0 < args.eta <= 1, "must be in (0, 1] (eta = 0 has no step density, eta > 1 no step)"),
         ("seed", args.seed, args.seed >= 0, "must be >= 0")) if not ok]
     if not args.adapter.is_dir():
         problems.append(f"adapter '{args.adapter}': no such folder")
@@ -107,11 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "kl-profile":
             _kl_profile(args)
             return 0
-        from .config import load_config, with_primary_reward
+        from .config import load_config, with_reward
 
         cfg = load_config(args.config, args.overrides)
         if args.reward:
-            cfg = with_primary_reward(cfg, args.reward)
+            cfg = with_reward(cfg, args.reward)
         from .train import train
 
         out = train(cfg, evaluate=not args.no_eval)

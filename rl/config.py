@@ -13,6 +13,7 @@ at once in one ConfigError ("key: message"). `TrainConfig.to_dict()` loads back 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ from evalsuite.classifiers.base import check_classifier_spec
 from evalsuite.errors import ConfigError, SuiteError, did_you_mean
 from evalsuite.models import check_model_source
 from rl.rewards import KERNELS, REWARDS
+
+log = logging.getLogger("rl")
 
 # Options each reward takes -> allowed values; the first value is the default.
 REWARD_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -254,7 +257,8 @@ def _int(low: int) -> Checker:
 
 _text, _names, _scales, _POSITIVE = _call("text"), _call("str_list"), _call("scales"), _num("(0, inf)")
 _SECTIONS: dict[str, dict[str, Checker]] = {
-    "sampling": {"steps": _int(1), "eta": _POSITIVE, "guidance_scales": _scales,
+    # eta > 1 asks for a step variance above 1 - a_t' (rl.ddim): DDIM's eta runs from 0 (deterministic) to 1
+    "sampling": {"steps": _int(1), "eta": _num("(0, 1]"), "guidance_scales": _scales,
                  "prompts_per_epoch": _int(1), "group_size": _int(3), "batch_size": _int(1)},
     "training": {"epochs": _int(1), "inner_epochs": _int(1), "batch_size": _int(1),
                  "gradient_accumulation_steps": _int(1), "learning_rate": _POSITIVE,
@@ -319,13 +323,26 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> TrainConfig:
     return config
 
 
-def with_primary_reward(config: TrainConfig, name: str) -> TrainConfig:
-    """The `--reward NAME` shorthand: a config already listing NAME gets it moved first (weights and
-    options kept, other rewards kept); otherwise NAME alone, weight 1, default options. Revalidated."""
+def with_reward(config: TrainConfig, name: str) -> TrainConfig:
+    """The `--reward NAME` shorthand. A reward the config lists keeps its weight and options, and is
+    switched on at weight 1.0 if its weight is 0 (logged); the other rewards are kept. A reward the config
+    does not list replaces the config's rewards: NAME alone, weight 1, default options. Revalidated.
+
+    The order of the rewards means nothing to the trainer (a weighted sum), so NAME is not moved.
+
+    Raises:
+        ConfigError: NAME is not a registered reward (rl.rewards.REWARDS).
+    """
     if name not in REWARDS:
         raise ConfigError("--reward", [f"--reward: unknown reward {name!r}{did_you_mean(name, REWARDS)}"])
-    listed = [r for r in config.rewards if r.name == name]
-    rewards = listed + [r for r in config.rewards if r.name != name] if listed else [RewardConfig(name, 1.0)]
+    listed = {r.name: r for r in config.rewards}
+    if name not in listed:
+        rewards = [RewardConfig(name, 1.0)]
+    else:
+        if listed[name].weight == 0:
+            log.info("--reward %s: %s gives it weight 0; switched on at weight 1.0", name, config.source)
+        rewards = [RewardConfig(r.name, 1.0, r.options) if r.name == name and r.weight == 0 else r
+                   for r in config.rewards]
     return config_from_dict({**config.to_dict(), "rewards": [_plain(r) for r in rewards]}, config.source)
 
 
@@ -411,8 +428,8 @@ def _cross_checks(c: _Check, out: dict[str, Any], raws: dict[str, dict[str, Any]
                   f"training.batch_size x gradient_accumulation_steps = {b[0]} x {b[1]} = {b[0] * b[1]} must "
                   f"divide the samples per epoch ({what} = {n}), got {b[1]}")
     t = out["training"]
-    if t["advantage"] == "tracker" and (sizes := ints("training", "tracker_buffer", "tracker_min_count")):
-        if sizes[1] > sizes[0]:
+    if sizes := ints("training", "tracker_buffer", "tracker_min_count"):  # whatever the advantage: the trainer
+        if sizes[1] > sizes[0]:  # builds its tracker in every run
             c.add("training.tracker_min_count", f"must be <= tracker_buffer ({sizes[0]}), got {sizes[1]}")
     steps, window = out["sampling"].get("steps"), t.get("timestep_window", 1.0)
     if t.get("kl_coef") and t.get("kl_steps") == "untrained" and isinstance(steps, int) and \

@@ -16,9 +16,11 @@ SD 2.x at 768 px); x0_hat is optionally clipped, and then
     x_t'   = mu + sigma z,   z ~ N(0, I)
 
 with a_t the cumulative product of alphas (``scheduler.alphas_cumprod``) and a_t' replaced by
-``scheduler.final_alpha_cumprod`` when t' < 0. DDPO (Black et al., ICLR 2024) treats this kernel as the
-policy pi(x_t' | x_t, c) and uses the MEAN over all non-batch dimensions of its log-density as log-prob
-(see shared/reference/methods.md section 2.2), which is what :func:`ddim_step_with_logprob` returns.
+``scheduler.final_alpha_cumprod`` when t' < 0. sigma^2 <= 1 - a_t' for every eta <= 1 (as a_t' <= 1);
+an eta > 1 that makes sigma^2 exceed 1 - a_t' raises ValueError (the square root in mu has no value).
+DDPO (Black et al., ICLR 2024) treats this kernel as the policy pi(x_t' | x_t, c) and uses the MEAN over
+all non-batch dimensions of its log-density as log-prob (see shared/reference/methods.md section 2.2),
+which is what :func:`ddim_step_with_logprob` returns.
 
 Timesteps may differ per sample (a tensor of shape (B,)), which lets a trainer evaluate a shuffled
 batch of (sample, timestep) pairs in one UNet call.
@@ -131,7 +133,15 @@ def _step_moments(scheduler: DDIMScheduler, noise_pred: Tensor, timestep: int | 
 
     variance = (beta_prev / beta_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance**0.5
-    direction = (1 - alpha_prev - std**2) ** 0.5 * eps
+    # sigma^2 <= 1 - a_t' holds for every eta <= 1 (as a_t' <= 1), so only eta > 1 is checked (the
+    # check synchronises with the device); the clamp absorbs rounding at eta = 1 when a_t is ~0
+    if eta > 1 and bool((std**2 > beta_prev).any()):
+        i = int((std**2 - beta_prev).flatten().argmax())
+        raise ValueError(
+            f"{who}: eta {eta:g} gives a step variance sigma^2 = {float(std.flatten()[i] ** 2):.6g} above "
+            f"1 - a_t' = {float(beta_prev.flatten()[i]):.6g} at timestep {int(t[i])}; DDIM needs eta in (0, 1]"
+        )
+    direction = (1 - alpha_prev - std**2).clamp(min=0) ** 0.5 * eps
     mean = alpha_prev**0.5 * pred_x0 + direction
 
     return mean, std
@@ -156,7 +166,8 @@ def ddim_step_with_logprob(
         noise_pred: the (guided) model output, same shape as ``sample`` (B, ...).
         timestep: the current timestep t, an int, a 0-d tensor or a (B,) tensor of per-sample timesteps.
         sample: x_t, shape (B, ...).
-        eta: DDIM eta, must be > 0 (sigma = 0 has no density).
+        eta: DDIM eta, in (0, 1] (sigma = 0 has no density; a larger eta whose sigma^2 exceeds 1 - a_t'
+            raises ValueError).
         prev_sample: if given, x_{t-1} is not sampled; its log-prob under the step is computed instead
             (training: the stored action). It is detached, so gradients reach only ``noise_pred``.
         generator: RNG for the step noise (mutually exclusive with ``variance_noise``).

@@ -1,8 +1,11 @@
 """LoRA adapters on a diffusers UNet (and optionally the CLIP text encoder) via PEFT, and their export.
 
-`add_lora` freezes the base model and injects PEFT LoRA layers. With ``init="gaussian"`` PEFT draws
-lora_A ~ N(0, 1/r) and sets lora_B = 0 (``init="default"``: Kaiming-uniform A, B = 0), so in both
-cases the adapted model starts as exactly the base model: the added term B A x is zero.
+`add_lora` freezes the base model and injects PEFT LoRA layers. With ``init="gaussian"`` (the default
+here, and what rl.train uses) PEFT (0.21, ``LoraLayer.reset_lora_parameters``) draws lora_A from a normal
+distribution with standard deviation 1/r (variance 1/r^2); with ``init="default"`` (PEFT's own default,
+``init_lora_weights=True``) it draws lora_A Kaiming-uniform with a = sqrt(5) as ``nn.Linear`` does, i.e.
+uniform on +-1/sqrt(fan_in). Both set lora_B = 0, so the adapted model starts as exactly the base model:
+the added term B A x is zero.
 
 `save_adapter` writes one folder:
 

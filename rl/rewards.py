@@ -4,8 +4,11 @@ Policy-gradient RL needs one scalar per trajectory, but diversity and balance ar
 Every set reward here is turned into per-image credits by leave-one-out (LOO): the credit of image m is
 how much the set's score drops when m is removed, ``credit_m = S(G) - S(G \\ {m})``; positive means the
 image helps the set. Conventions: every registered reward is "higher is better"; ``drift`` is registered
-as the NEGATIVE distance to the base model's same-noise image, so :func:`combine` is a plain weighted sum
-with non-negative weights and drift acts as a penalty.
+as the NEGATIVE distance to the base model's same-noise image, so with its non-negative weight it acts
+as a penalty. ``REWARDS`` holds the names a config may give (rl.config) and the function each names;
+the trainer (rl.train.compute_rewards) computes each term per group, centres it within its group and
+scales it by its pooled within-group spread (rl.advantages.pooled_group_scores), then sums the scaled
+terms with their config weights.
 
 Diversity reward (Miao et al., "Training Diffusion Models Towards Diverse Image Generation with
 Reinforcement Learning", CVPR 2024). The authors never released code; this is the reconstruction of
@@ -21,10 +24,8 @@ so after per-prompt normalisation it carries no learning signal (methods.md 6.3)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -242,6 +243,7 @@ def drift_reward(emb: Tensor, base_emb: Tensor) -> Tensor:
     return -drift_penalty(emb, base_emb)
 
 
+# The reward names a config may give, and the function each names (rl.train.compute_rewards calls them).
 REWARDS: dict[str, Callable[..., Tensor]] = {
     "diversity": diversity_reward,  # (features (M,d), reference (N,d), kernel=..., bandwidth=...)
     "balance": balance_reward,  # (probs (M,K), target (K,), mode="kl" | "entropy")
@@ -249,35 +251,3 @@ REWARDS: dict[str, Callable[..., Tensor]] = {
     "drift": drift_reward,  # (emb (M,d), base_emb (M,d)); returns the negative distance
     "confidence": confidence_reward,  # ([probs (M,K_a) per attribute]); the top probability, min over attributes
 }
-
-
-def get_reward(name: str) -> Callable[..., Tensor]:
-    """The registered reward function ``name``; SuiteError with a suggestion on a miss."""
-    if name not in REWARDS:
-        raise SuiteError(f"unknown reward '{name}'{did_you_mean(name, REWARDS)}")
-    return REWARDS[name]
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """One reward term: registered name, non-negative weight in :func:`combine`, keyword options."""
-
-    name: str
-    weight: float = 1.0
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        get_reward(self.name)
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise SuiteError(f"reward '{self.name}': weight must be finite and >= 0, got {self.weight}")
-
-
-def combine(parts: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """sum_name weights[name] * parts[name]. Every part is "higher is better" (drift arrives negated), so
-    non-negative weights make drift a penalty. Keys of parts and weights must match; shapes must agree."""
-    if set(parts) != set(weights) or not parts:
-        raise SuiteError(f"combine: reward parts {sorted(parts)} and weights {sorted(weights)} must match")
-    shapes = {tuple(v.shape) for v in parts.values()}
-    if len(shapes) != 1:
-        raise SuiteError(f"combine: reward parts have different shapes: {sorted(shapes)}")
-    return torch.stack([float(weights[k]) * parts[k] for k in sorted(parts)]).sum(0)

@@ -19,6 +19,13 @@ Choices made here (documented in rl/configs/miniature.yaml too):
   its group's lowest reward minus one, so degenerate images never pay.
 * Seeds of epoch e on process r derive from (seed, e, r) alone, so a resumed run draws exactly the
   samples the uninterrupted run drew.
+* Several processes (``accelerate launch``): each normalises the rewards of its own samples (the pooled
+  within-group spread of `pooled_group_scores`, or its own per-prompt tracker); nothing is gathered, so
+  P processes give the advantages of P independent batches. (DDPO gathers the rewards of all processes
+  before its per-prompt statistics.) Each process checkpoints its own tracker and RNG states and
+  resumes them. Every process takes part in the evaluations, which `evalsuite.runner.run_battery`
+  shares out between them; the main process alone writes the shared files (config.json, log.jsonl,
+  checkpoints, adapters, comparison.md).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +50,14 @@ from evalsuite.generate import initial_noise, latent_shape, to_uint8
 from evalsuite.models import attention_order, load_model
 
 from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    load_process_state,
+    restore_rng,
+    save_checkpoint,
+)
 from .compare import class_table, compare_runs, to_markdown, validity_by_class
 from .config import TrainConfig, config_from_dict
 from .ddim import ddim_step_kl
@@ -83,8 +97,19 @@ class Batch:
     base_images: np.ndarray | None
 
 
+class Rewards(NamedTuple):
+    """What `compute_rewards` returns for one epoch's batch of N images."""
+
+    total: torch.Tensor  # (N,) float32: the weighted sum of the normalised terms, validity-gated
+    parts: dict[str, torch.Tensor]  # reward name -> (N,) float64 raw term values (weight > 0 only)
+    valid: torch.Tensor  # (N,) bool: reward-classifier confidence >= validity_threshold
+    outputs: dict[str, Any]  # the reward classifier's output per attribute name (ClassifierOutput)
+
+
 def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
+    """Run the recipe (module docstring) on every process of the launch; return the output folder."""
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     # ------------------------------------------------------------ build
     acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available(),
@@ -143,18 +168,24 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     text_emb = dict(zip(train_prompts, torch.from_numpy(embedder.embed_texts(train_prompts))))
 
     # ------------------------------------------------------------ resume
-    start = 0
+    start, log_lines = 0, 0  # a fresh start (no checkpoint yet) begins an empty log
     ckpt_dir = out / "checkpoints"
-    if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        _check_same_run(cfg, out / "config.json")
-        start, extra = load_checkpoint(ckpt, params=trainable(), optimizer=optimizer)
-        tracker.load_state_dict(extra["tracker"])
-        _truncate_log(out / "log.jsonl", extra["log_lines"])
+    if (ckpt := latest_checkpoint(ckpt_dir)) is not None:  # every process reads the same files before any is
+        _check_same_run(cfg, out / "config.json")  # written, so a refusal ends them all
+        start, extra = load_checkpoint(ckpt, params=trainable(), optimizer=optimizer, rng=False, scaler=acc.scaler)
+        own = load_process_state(ckpt, rank, world)
+        restore_rng(own["rng"])
+        tracker.load_state_dict(own["tracker"])
+        log_lines = extra["log_lines"]
         log.info("resumed from %s (epoch %d)", ckpt, start)
-    elif evaluate and acc.is_main_process:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / "log.jsonl", log_lines)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    acc.wait_for_everyone()
+    if ckpt is None and evaluate:
         _evaluate(cfg, battery, out / "eval" / "base", lora=None)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     # ------------------------------------------------------------ loop
     bar = tqdm(range(start, cfg.training.epochs), desc="rl", unit="epoch", disable=not acc.is_main_process)
@@ -162,17 +193,17 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
         t0 = time.perf_counter()
         with acc.autocast(), attention_order(acc.device):
             batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
-        rewards, parts, valid = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
+        rewards = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
         if cfg.training.advantage == "pooled":
-            adv = pooled_group_scores(rewards, batch.group)
+            adv = pooled_group_scores(rewards.total, batch.group)
         elif cfg.training.advantage == "group":
-            adv = group_zscore(rewards, batch.group)
+            adv = group_zscore(rewards.total, batch.group)
         else:
             keys = [f"{p}|g={s:g}" for p, s in zip(batch.prompts, batch.scales.tolist())]
-            adv = torch.from_numpy(tracker.update(keys, rewards.numpy())).float()
+            adv = torch.from_numpy(tracker.update(keys, rewards.total.numpy())).float()
         with attention_order(acc.device):
             stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
-        row = log_row(epoch, batch, rewards, parts, valid, stats, reward_clf, monitor, attrs)
+        row = log_row(epoch, batch, rewards, stats, monitor, attrs)
         row["epoch_s"] = round(time.perf_counter() - t0, 2)  # sample + reward + update on this process
         if acc.is_main_process:
             with open(out / "log.jsonl", "a") as fh:
@@ -180,16 +211,20 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['approx_kl']:.2e}",
                             share=row["reward_dominant_share"])
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.training.epochs:
-            acc.wait_for_everyone()
+            rng_state = capture_rng()
+            processes = gather_object([{"rng": rng_state, "tracker": tracker.state_dict()}])  # in rank order
             if acc.is_main_process:
                 lines = (out / "log.jsonl").read_text().count("\n")
                 save_checkpoint(ckpt_dir, step=epoch + 1, trainable=trainable(), optimizer=optimizer,
-                                rng=capture_rng(), extra={"tracker": tracker.state_dict(), "log_lines": lines},
-                                keep=cfg.keep_checkpoints)
-        if evaluate and cfg.evaluation.every and (epoch + 1) % cfg.evaluation.every == 0 and acc.is_main_process:
-            path = save_adapter(pipe, out / "eval" / f"adapter-{epoch + 1:04d}", unet=acc.unwrap_model(unet),
-                                metadata=_adapter_metadata(cfg))["dir"]
-            _evaluate(cfg, battery, out / "eval" / f"epoch-{epoch + 1:04d}", lora=path)
+                                rng=rng_state, extra={"log_lines": lines}, keep=cfg.keep_checkpoints,
+                                processes=processes,
+                                scaler=acc.scaler.state_dict() if acc.scaler is not None else None)
+        if evaluate and cfg.evaluation.every and (epoch + 1) % cfg.evaluation.every == 0:
+            adapter = out / "eval" / f"adapter-{epoch + 1:04d}"
+            if acc.is_main_process:
+                save_adapter(pipe, adapter, unet=acc.unwrap_model(unet), metadata=_adapter_metadata(cfg))
+            acc.wait_for_everyone()
+            _evaluate(cfg, battery, out / "eval" / f"epoch-{epoch + 1:04d}", lora=adapter)
 
     # ------------------------------------------------------------ save and evaluate
     acc.wait_for_everyone()
@@ -198,17 +233,18 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     record = {"rank": rank, "world": world, "lora_sha256": digest.hexdigest()}
     (out / f"process-{rank}.json").write_text(json.dumps(record))
     if acc.is_main_process:
-        adapter = save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet),
-                               metadata=_adapter_metadata(cfg))["dir"]
-        if evaluate:
-            _evaluate(cfg, battery, out / "eval" / "final", lora=adapter)
-            if (out / "eval" / "base" / "run.json").exists():
-                table = compare_runs(out / "eval" / "base", out / "eval" / "final", cfg.evaluation.classifier,
-                                     cfg.reward_attributes[0], cfg.reward_classifier)
-                names = (cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier)
-                by_class = validity_by_class(out / "eval" / "base", out / "eval" / "final", *names)
-                (out / "eval" / "comparison.md").write_text(to_markdown(table, *names) + "\n"
-                                                            + class_table(by_class, *names))
+        save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet), metadata=_adapter_metadata(cfg))
+    if evaluate:
+        acc.wait_for_everyone()
+        _evaluate(cfg, battery, out / "eval" / "final", lora=out / "adapter")
+        acc.wait_for_everyone()  # the main process has written eval/final: the other processes end here
+        if acc.is_main_process and (out / "eval" / "base" / "run.json").exists():
+            table = compare_runs(out / "eval" / "base", out / "eval" / "final", cfg.evaluation.classifier,
+                                 cfg.reward_attributes[0], cfg.reward_classifier)
+            names = (cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier)
+            by_class = validity_by_class(out / "eval" / "base", out / "eval" / "final", *names)
+            (out / "eval" / "comparison.md").write_text(to_markdown(table, *names) + "\n"
+                                                        + class_table(by_class, *names))
     return out
 
 
@@ -254,8 +290,11 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
 
 
 def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, attrs: list[Any],
-                    text_emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Total reward per image (higher is better), the raw components, and the validity mask."""
+                    text_emb: dict[str, torch.Tensor]) -> Rewards:
+    """Total reward per image (higher is better), the raw components, the validity mask and the reward
+    classifier's outputs (`Rewards`). Each term with weight > 0 is computed per group by its function in
+    rl.rewards, centred within its group and scaled by its pooled within-group spread
+    (`pooled_group_scores`), then weighted and summed; invalid images get their group's lowest total - 1."""
     outputs = clf.classify(batch.images, attrs)
     probs = [torch.from_numpy(np.nan_to_num(outputs[a.name].probs, nan=0.0)) for a in attrs]
     conf = confidence_reward(probs)
@@ -294,7 +333,7 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
         m = batch.group == gid
         if (m & ~valid).any():
             total[m & ~valid] = total[m].min() - 1.0
-    return total.float(), parts, valid
+    return Rewards(total.float(), parts, valid, outputs)
 
 
 def _target(attr: Any, mode: str) -> torch.Tensor:
@@ -427,21 +466,25 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     return stats
 
 
-def log_row(epoch: int, batch: Batch, rewards: torch.Tensor, parts: dict[str, torch.Tensor], valid: torch.Tensor,
-            stats: dict[str, float], clf: Any, monitor: Any, attrs: list[Any]) -> dict[str, Any]:
-    groups = batch.group.unique()
+def log_row(epoch: int, batch: Batch, rewards: Rewards, stats: dict[str, float], monitor: Any,
+            attrs: list[Any]) -> dict[str, Any]:
+    """One line of log.jsonl. Class shares come from the reward classifier's outputs of `compute_rewards`
+    and, if given, the `monitor` classifier's reading of the same images."""
+    groups, valid, parts = batch.group.unique(), rewards.valid, rewards.parts
     scale_of = [float(batch.scales[batch.group == g][0]) for g in groups]
-    row: dict[str, Any] = {"epoch": epoch + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                           "within_group_std": float(np.mean([float(rewards[batch.group == g].std()) for g in groups])),
+    total = rewards.total
+    row: dict[str, Any] = {"epoch": epoch + 1, "reward_mean": float(total.mean()), "reward_std": float(total.std()),
+                           "within_group_std": float(np.mean([float(total[batch.group == g].std()) for g in groups])),
                            "valid_rate": float(valid.float().mean()), **stats,
                            "guidance": sorted(set(batch.scales.tolist())), "prompts": sorted(set(batch.prompts))}
     for name, values in parts.items():
         row[f"{name}_mean"] = float(values.mean())
         row[f"{name}_within_group_std"] = float(np.mean([float(values[batch.group == g].std()) for g in groups]))
-    for label, c in (("reward", clf), ("monitor", monitor)):
-        if c is None:
-            continue
-        out = c.classify(batch.images, attrs)[attrs[0].name]
+    readings = [("reward", rewards.outputs)]
+    if monitor is not None:
+        readings.append(("monitor", monitor.classify(batch.images, attrs)))
+    for label, outputs in readings:
+        out = outputs[attrs[0].name]
         ok = ~np.isnan(out.probs).any(1)
         shares = np.bincount(out.probs[ok].argmax(1), minlength=len(attrs[0].classes)) / max(ok.sum(), 1)
         row[f"{label}_shares"] = dict(zip(attrs[0].classes, np.round(shares, 4).tolist()))

@@ -15,7 +15,7 @@ from rl.config import (
     TrainConfig,
     config_from_dict,
     load_config,
-    with_primary_reward,
+    with_reward,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,28 @@ def test_shipped_miniature_config_loads() -> None:
         load_config(MINIATURE, ["evaluation.eta=1.5"])
     assert cfg.source == str(MINIATURE)
     hash(cfg)  # frozen all the way down
+
+
+@pytest.mark.parametrize("eta, ok", [(1.0, True), (0.25, True), (1.01, False), (2.0, False), (0.0, False)])
+def test_sampling_eta_lies_in_zero_one(eta: float, ok: bool) -> None:
+    # above 1 the DDIM step variance can exceed 1 - a_t' (rl.ddim raises ValueError there)
+    if ok:
+        assert load_config(MINIATURE, [f"sampling.eta={eta}"]).sampling.eta == eta
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, [f"sampling.eta={eta}"])
+    assert problems(excinfo) == [f"sampling.eta: must be a number in (0, 1], got float {eta}"]
+
+
+@pytest.mark.parametrize("advantage", ["pooled", "group", "tracker"])
+def test_tracker_sizes_are_checked_whatever_the_advantage(advantage: str) -> None:
+    # the trainer builds its tracker in every run, so a bad pair fails here rather than after the models load
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, [f"training.advantage={advantage}", "training.tracker_buffer=8",
+                                "training.tracker_min_count=9"])
+    assert problems(excinfo) == ["training.tracker_min_count: must be <= tracker_buffer (8), got 9"]
+    equal = load_config(MINIATURE, ["training.tracker_buffer=8", "training.tracker_min_count=8"]).training
+    assert (equal.tracker_buffer, equal.tracker_min_count) == (8, 8)
 
 
 def test_shipped_sd15_config_loads() -> None:
@@ -355,14 +377,26 @@ def test_config_from_dict_collects_problems() -> None:
         config_from_dict([], "data")  # type: ignore[arg-type]
 
 
-def test_with_primary_reward() -> None:
+def test_with_reward_switches_on_a_listed_reward_and_keeps_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(MINIATURE)  # diversity 1.0, alignment 0.1, drift 0.0
+    # listed with weight > 0: nothing changes (the README's `rl finetune --reward diversity`)
+    with caplog.at_level("INFO", logger="rl"):
+        assert with_reward(cfg, "diversity") == cfg
+    assert caplog.records == []
+    # listed with weight 0: switched on at 1.0, options and order kept, the others untouched; logged
+    with caplog.at_level("INFO", logger="rl"):
+        drift = with_reward(cfg, "drift")
+    assert [(r.name, r.weight) for r in drift.rewards] == [("diversity", 1.0), ("alignment", 0.1), ("drift", 1.0)]
+    assert drift.rewards[2].options_dict == {"features": "embedding"} and drift.rewards[:2] == cfg.rewards[:2]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--reward drift: {MINIATURE} gives it weight 0; switched on at weight 1.0"]
+    assert drift.training == cfg.training and isinstance(drift, TrainConfig)
+
+
+def test_with_reward_replaces_the_rewards_with_one_the_config_does_not_list() -> None:
     cfg = load_config(MINIATURE)
-    moved = with_primary_reward(cfg, "drift")
-    assert [r.name for r in moved.rewards] == ["drift", "diversity", "alignment"]
-    assert moved.rewards[0] == cfg.rewards[2]
-    alone = with_primary_reward(cfg, "balance")
+    alone = with_reward(cfg, "balance")
     assert alone.rewards == (RewardConfig("balance", 1.0, (("mode", "kl"), ("reference", "uniform"))),)
-    assert isinstance(alone, TrainConfig) and alone.training == cfg.training
-    assert with_primary_reward(cfg, "diversity") == cfg
+    assert alone.training == cfg.training
     with pytest.raises(ConfigError, match=r"unknown reward 'diversty' \(did you mean 'diversity'\?\)"):
-        with_primary_reward(cfg, "diversty")
+        with_reward(cfg, "diversty")

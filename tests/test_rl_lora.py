@@ -15,7 +15,14 @@ from tiny_pipeline import tiny_sd_pipeline
 
 from evalsuite.errors import SuiteError
 from evalsuite.models import load_adapter
-from rl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.advantages import PerPromptStatTracker
+from rl.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    load_process_state,
+    save_checkpoint,
+)
 from rl.lora import adapters_disabled, add_lora, cast_frozen, kohya_key, load_kohya, lora_named_parameters, save_adapter
 
 torch.set_num_threads(1)
@@ -139,8 +146,10 @@ def test_kl_profile_command_refuses_bad_arguments_in_one_message(tmp_path: Path,
 
     assert rl_main(["kl-profile", str(tmp_path / "none"), "--eta", "0", "--images", "0"]) == 2
     err = capsys.readouterr().err
-    assert "--images 0: must be >= 1" in err and "--eta 0.0: must be > 0" in err
+    assert "--images 0: must be >= 1" in err and "--eta 0.0: must be in (0, 1]" in err
     assert "none': no such folder" in err and "Traceback" not in err
+    assert rl_main(["kl-profile", str(tmp_path / "none"), "--eta", "1.5"]) == 2  # rl.ddim would raise ValueError
+    assert "--eta 1.5: must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_add_lora_rejects_bad_targets_and_init(pipe, tmp_path: Path) -> None:
@@ -309,6 +318,54 @@ def test_checkpoint_keeps_newest(tmp_path: Path) -> None:
     assert (step, extra) == (10, {"step": 10})
     with pytest.raises(SuiteError, match="exactly one"):
         load_checkpoint(folder / "step-000010", model=lin, params=dict(lin.named_parameters()))
+
+
+def test_checkpoint_keeps_each_process_state_and_the_loss_scaler(tmp_path: Path) -> None:
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2)
+    # one fp16-style scaled step (GradScaler works on the CPU too): finite gradients, so the scale stays
+    # 2^10 and the growth tracker counts 1 step of growth_interval 3
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    scaler.scale(lin(torch.ones(1, 3)).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    # two processes, each with its own tracker and RNG states
+    trackers = [PerPromptStatTracker(4, 2), PerPromptStatTracker(4, 2)]
+    trackers[0].update(["a", "a"], np.array([1.0, 2.0]))
+    trackers[1].update(["b"], np.array([5.0]))
+    torch.manual_seed(1)
+    rngs = [capture_rng()]
+    torch.manual_seed(2)
+    rngs.append(capture_rng())
+    processes = [{"rng": r, "tracker": t.state_dict()} for r, t in zip(rngs, trackers, strict=True)]
+    ckpt = save_checkpoint(tmp_path / "ckpt", step=3, model=lin, optimizer=opt, rng=rngs[0], extra={"log_lines": 3},
+                           processes=processes, scaler=scaler.state_dict())
+
+    fresh = torch.amp.GradScaler("cpu")  # init_scale 2^16, growth_interval 2000
+    step, extra = load_checkpoint(ckpt, model=lin, optimizer=opt, rng=False, scaler=fresh)
+    assert (step, extra) == (3, {"log_lines": 3})
+    assert fresh.state_dict() == {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3,
+                                  "_growth_tracker": 1}
+    second = load_process_state(ckpt, 1, 2)
+    assert second["tracker"] == {"buffer_size": 4, "min_count": 2, "buffers": {"b": [5.0]}}
+    assert torch.equal(second["rng"]["torch"], rngs[1]["torch"])
+    assert load_process_state(ckpt, 0, 2)["tracker"]["buffers"] == {"a": [1.0, 2.0]}
+    with pytest.raises(SuiteError, match=r"holds the state of 2 process\(es\), not 1: resume with as many"):
+        load_process_state(ckpt, 0, 1)
+
+    # a checkpoint written before per-process states held one process's, in rng.pt and extra
+    old = save_checkpoint(tmp_path / "old", step=1, model=lin, optimizer=opt, rng=rngs[1],
+                          extra={"tracker": trackers[0].state_dict(), "log_lines": 1})
+    state = json.loads((old / "state.json").read_text())
+    del state["processes"]
+    (old / "state.json").write_text(json.dumps(state))
+    own = load_process_state(old, 0, 1)
+    assert own["tracker"]["buffers"] == {"a": [1.0, 2.0]} and torch.equal(own["rng"]["torch"], rngs[1]["torch"])
+    with pytest.raises(SuiteError, match=r"holds the state of 1 process\(es\), not 2"):
+        load_process_state(old, 1, 2)
+    fresh = torch.amp.GradScaler("cpu")  # no scaler.pt: the scaler is left as it is
+    load_checkpoint(old, model=lin, optimizer=opt, rng=False, scaler=fresh)
+    assert fresh.get_scale() == 2.0**16
 
 
 def test_cast_frozen_gives_autocast_products_and_keeps_lora_float32(pipe) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from evalsuite.miniature import ASSETS
@@ -87,6 +88,20 @@ def test_a_resumed_run_reproduces_the_next_losses_exactly(tmp_path: Path) -> Non
         json.loads((tmp_path / "whole" / "process-0.json").read_text())["lora_sha256"]
 
 
+def test_a_rerun_before_the_first_checkpoint_starts_an_empty_log(tmp_path: Path) -> None:
+    # a run stopped before its first checkpoint leaves log.jsonl and config.json but no checkpoints/:
+    # the rerun starts afresh, so its log holds each epoch once (it used to append to the stale rows)
+    run = tmp_path / "run"
+    assert finetune(run, "training.epochs=2") == 0
+    first = log(run)
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "adapter")
+    assert finetune(run, "training.epochs=2") == 0
+    again = log(run)
+    assert [r["epoch"] for r in again] == [1, 2]
+    assert [(r["loss"], r["reward_mean"]) for r in again] == [(r["loss"], r["reward_mean"]) for r in first]
+
+
 def test_a_kl_penalty_keeps_the_policy_near_the_base_model(tmp_path: Path) -> None:
     # training.kl_coef (DPOK's per-step KL to the base model): the same toy run, penalised hard, stays nearer
     assert finetune(tmp_path / "weak", "training.epochs=3", "training.kl_coef=1e-6") == 0
@@ -134,20 +149,55 @@ def test_a_kl_penalty_outside_the_window_holds_the_untrained_steps_near_the_base
     assert rl_main(["kl-profile", str(tmp_path / "chain" / "adapter"), "--images", "2", "--steps", "4"]) == 0
 
 
-def test_two_cpu_processes_keep_one_model(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
+def launch2(out: Path, *extra: str, evaluate: bool = False) -> subprocess.CompletedProcess[str]:
+    """`rl finetune` in two processes through accelerate's launcher; without a GPU each runs on the CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # accelerate's multi-process launcher; without a GPU each process runs on the CPU (gloo)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rl.cli",
-           "-q", "finetune", "--config", str(CONFIG), "--no-eval", f"output_dir={out}", *TOY, "training.epochs=2",
-           "training.kl_coef=0.1", "training.kl_steps=chain",  # base and KL-only passes in DDP
-           "lora.text_encoder_rank=2"]  # the text encoder is not DDP-wrapped: its gradients are averaged by hand
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+           "-q", "finetune", "--config", str(CONFIG), *([] if evaluate else ["--no-eval"]), f"output_dir={out}",
+           *TOY, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_two_cpu_processes_keep_one_model(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    done = launch2(out, "training.epochs=2", "training.kl_coef=0.1", "training.kl_steps=chain",  # base and KL-only
+                   "lora.text_encoder_rank=2")  # passes in DDP; the text encoder's gradients are averaged by hand
     assert done.returncode == 0, done.stderr[-3000:]
     assert "samples per epoch: 2 process(es)" in done.stdout
     digests = [json.loads((out / f"process-{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["world"] == 2 and digests[0]["lora_sha256"] == digests[1]["lora_sha256"]
+
+
+def test_two_processes_resume_their_own_trackers_and_share_the_evaluation(tmp_path: Path) -> None:
+    # two training prompts at one scale: every epoch draws both on each process, so each process's
+    # per-prompt tracker (min_count 1) normalises epoch 2 with the rewards it saw in epoch 1
+    data = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
+    data["slots"]["occupation"], data["heldout"]["occupation"] = ["doctor", "nurse", "teacher"], ["teacher"]
+    (tmp_path / "battery.yaml").write_text(yaml.safe_dump(data))
+    tracker = (f"battery={tmp_path / 'battery.yaml'}", "sampling.guidance_scales=[3]", "training.advantage=tracker",
+               "training.tracker_min_count=1")
+    evaluation = ("evaluation.every=1", "evaluation.images_per_prompt=2", "evaluation.guidance_scales=[3]",
+                  "evaluation.steps=2")
+    whole = launch2(tmp_path / "whole", "training.epochs=2", *tracker, *evaluation, evaluate=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert launch2(tmp_path / "cut", "training.epochs=1", *tracker).returncode == 0
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-000001"
+    saved = [torch.load(ckpt / f"process-{r}.pt", weights_only=True)["tracker"]["buffers"] for r in (0, 1)]
+    assert saved[0].keys() == saved[1].keys() == {"a photo of a doctor|g=3", "a photo of a nurse|g=3"}
+    assert saved[0] != saved[1]  # each process's own rewards
+    resumed = launch2(tmp_path / "cut", "training.epochs=2", *tracker)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the same weights as the uninterrupted run: rank 1 resumed its own tracker, not rank 0's
+    whole_sha, cut_sha = (json.loads((tmp_path / run / "process-1.json").read_text())["lora_sha256"]
+                          for run in ("whole", "cut"))
+    assert whole_sha == cut_sha
+    assert [r["epoch"] for r in log(tmp_path / "cut")] == [1, 2]
+    # every process rendered its share of each evaluation: 3 prompts x 1 scale x 2 images
+    for name in ("base", "epoch-0001", "epoch-0002", "final"):
+        info = json.loads((tmp_path / "whole" / "eval" / name / "run.json").read_text())
+        assert (info["status"], info["n_images"]) == ("complete", 6), name
+    assert (tmp_path / "whole" / "eval" / "comparison.md").is_file()
 
 
 @pytest.mark.parametrize("override, needle", [
