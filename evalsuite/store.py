@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 def read_shard(path: Path) -> list[dict[str, Any]]:
     """Records of one shard file, read only; a torn last line (killed mid-write) is left out."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
+    return _parse_records(path.read_bytes(), path) if path.exists() else []
+
+
+def _parse_records(raw: bytes, path: Path) -> list[dict[str, Any]]:
     records = []
     for n, line in enumerate(raw[:raw.rfind(b"\n") + 1].splitlines(), 1):
         try:
@@ -49,7 +50,8 @@ def repair_shards(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) ->
     rest is regenerated."""
     merged = {r["unit"] for r in read_shard(run_dir / "records.jsonl")}
     for shard in sorted(run_dir.glob("records.rank*.jsonl")):
-        raw, records = shard.read_bytes(), read_shard(shard)
+        raw = shard.read_bytes()
+        records = _parse_records(raw, shard)
         count: dict[int, int] = {}
         for r in records:
             count[r["unit"] // batch_size] = count.get(r["unit"] // batch_size, 0) + 1
@@ -59,9 +61,7 @@ def repair_shards(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) ->
             continue
         log.warning("%s: dropping %d records of batches cut off by an interrupted write or already merged, "
                     "and any torn last line", shard, len(records) - len(keep))
-        tmp = shard.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in keep))
-        os.replace(tmp, shard)
+        _replace_text(shard, _jsonl(keep))
 
 
 def done_batches(run_dir: Path, batch_sizes: Sequence[int], batch_size: int) -> set[int]:
@@ -95,9 +95,8 @@ def write_png(path: Path, image: np.ndarray) -> str:
 
 
 def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(payload)
+        fh.write(_jsonl(records))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -106,10 +105,20 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+def _jsonl(records: Sequence[dict[str, Any]]) -> str:
+    """One compact JSON line per record: the format of every records file."""
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place, so `path` is never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    _replace_text(path, json.dumps(data, indent=1))
 
 
 def save_battery(path: Path, battery: Battery) -> None:
@@ -145,9 +154,7 @@ def merge_shards(run_dir: Path, n_units: int) -> list[dict[str, Any]]:
         raise SuiteError(f"{run_dir}: {len(units)} records for {n_units} units ({len(missing)} missing, "
                          f"{len(units) - len(set(units))} duplicated); the results folder is damaged: run the "
                          "same command again to regenerate what is missing, or pass --overwrite")
-    tmp = run_dir / "records.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-    os.replace(tmp, run_dir / "records.jsonl")
+    _replace_text(run_dir / "records.jsonl", _jsonl(records))
     for shard in run_dir.glob("records.rank*.jsonl"):
         shard.unlink()
     return records
