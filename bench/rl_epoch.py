@@ -7,8 +7,9 @@ An epoch is sampling N images with DDIM (eta 1) under CFG 7.5 while recording lo
 one PPO pass over every (image, timestep) with LoRA rank 4 on the attention projections. Rewards do
 not matter for speed: every variant gets the same random advantages.
 
-* plain: the ddpo-pytorch recipe as published (methods.md 2.3): fp32 weights under bf16 autocast,
-  sampling batch 8, training batch 8 with the unconditional and conditional halves in one call.
+* plain: the ddpo-pytorch recipe as published (docs/methods.md, "Advantages and the PPO update"): fp32
+  weights under bf16 autocast, sampling batch 8, training batch 8 with the unconditional and conditional
+  halves in one call.
 * ours: what `rl.train` does with `mixed_precision: bf16` (the same functions: `add_lora`,
   `cast_frozen`, `sample_trajectories`, `step_log_prob`, `attention_order`): frozen linear and conv
   weights stored in bf16 under bf16 autocast with fp32 LoRA parameters, cuDNN autotuning, the attention kernel order

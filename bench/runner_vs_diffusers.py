@@ -7,7 +7,8 @@ Plain diffusers makes one pipeline call per (prompt, scale), as users run it; th
 `BatchedGenerator` batches across prompts and scales. Both start from the same paired noise, so the
 images are compared too (max and mean absolute difference in 8-bit units, PSNR). With `--sd15` the
 pipeline has Stable Diffusion 1.5's shapes (UNet, VAE, CLIP-L text encoder) and random weights: the
-compute per step is the real checkpoint's, so images/s are real (see ../shared/bench/anchor_sd15.py).
+compute per step is the real checkpoint's, so images/s are real (bench/README.md: the plain-diffusers
+baseline measured on the same card).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def sd15_pipeline(device: str, dtype: torch.dtype) -> LoadedModel:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id="sd15-shaped-random", revision=None, is_miniature=False,
+    return LoadedModel(pipe=pipe, model_id="sd15-shaped-random", revision=None,
                        dtype=str(dtype).replace("torch.", ""), device=device)
 
 

@@ -12,42 +12,24 @@ from one reference run, so that two runs (a base model and its fine-tuned adapte
 model cannot: the rate the base model itself has when a prompt asks it for each class (a run of an
 attribute-explicit battery), weighted by the mix of prompts and classes the tuned model draws.
 
-Works on records as `records.jsonl` holds them (docs/results-format.md); reads no files itself. As in
-`evalsuite.analysis`, a record without a classifier's entry for the attribute counts as "not_measurable":
-it has no label and the judge sees no one in it, so the image is skipped.
+Works on records as `records.jsonl` holds them (docs/results-format.md); reads no files itself. Entries
+are read by `evalsuite.results.schema.entry`: a record without a classifier's entry for the attribute
+counts as "not_measurable", so it has no label and the judge sees no one in it, and the image is
+skipped. A prompt's majority class is `evalsuite.results.schema.majority_classes`.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SuiteError
+from evalsuite.errors import SuiteError
+from evalsuite.results.schema import entry
 
 GROUPS = ("majority", "other")
 Cell = tuple[int, int]  # (low-confidence images, images)
-_NOT_MEASURABLE: Mapping[str, Any] = {"probs": None, "label": None, "status": "not_measurable", "confident": False}
-
-
-def _entry(record: Mapping[str, Any], classifier: str, attribute: str) -> Mapping[str, Any]:
-    """The record's entry for (classifier, attribute); a missing one reads as "not_measurable"."""
-    return ((record.get("classifiers") or {}).get(classifier) or {}).get(attribute) or _NOT_MEASURABLE
-
-
-def majority_classes(records: Iterable[Mapping[str, Any]], reader: str, attribute: str) -> dict[str, str]:
-    """Per prompt text, the class `reader` gives most often over all its images (every guidance scale).
-
-    Ties go to the class met first in the records' order. Images without a label (no person found, or the
-    attribute not measurable) are not counted; a prompt with no labelled image has no majority.
-    """
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in records:
-        label = _entry(r, reader, attribute)["label"]
-        if label is not None:
-            counts[str(r["prompt"])][label] += 1
-    return {prompt: c.most_common(1)[0][0] for prompt, c in counts.items()}
 
 
 def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapping[str, str], reader: str,
@@ -62,13 +44,13 @@ def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapp
     """
     low: dict[tuple[str, float, str], list[bool]] = defaultdict(list)
     for r in records:
-        label, entry = _entry(r, reader, attribute)["label"], _entry(r, judge, attribute)
+        label, judged = entry(r, reader, attribute).label, entry(r, judge, attribute)
         prompt = str(r["prompt"])
-        if label is None or entry["status"] != "ok" or prompt not in majority:
+        if label is None or not judged.ok or prompt not in majority:
             continue
         group = "majority" if label == majority[prompt] else "other"
         split = ("heldout" if r.get("heldout") else "train") if by_split else "all"
-        low[(split, float(r["guidance_scale"]), group)].append(not entry["confident"])
+        low[(split, float(r["guidance_scale"]), group)].append(not judged.confident)
     return {k: (sum(v), len(v)) for k, v in low.items()}
 
 
@@ -111,16 +93,16 @@ def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Ite
         if class_slot not in slots:
             raise SuiteError(f"reference record of '{r.get('prompt')}' has no slot '{class_slot}' (its slots: "
                              f"{', '.join(slots) or 'none'}); the reference battery must name the class in it")
-        entry = _entry(r, judge, attribute)
-        if entry["status"] != "ok":
+        judged = entry(r, judge, attribute)
+        if not judged.ok:
             continue
         cell = cells[(_slots_key(r, class_slot), float(r["guidance_scale"]), str(slots[class_slot]))]
-        cell[0] += not entry["confident"]
+        cell[0] += not judged.confident
         cell[1] += 1
     out: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
     for r in records:
-        label, entry = _entry(r, reader, attribute)["label"], _entry(r, judge, attribute)
-        if label is None or entry["status"] != "ok":
+        label, judged = entry(r, reader, attribute).label, entry(r, judge, attribute)
+        if label is None or not judged.ok:
             continue
         split = ("heldout" if r.get("heldout") else "train") if by_split else "all"
         acc = out[(split, float(r["guidance_scale"]))]
@@ -128,7 +110,7 @@ def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Ite
         if found is None:
             acc[3] += 1
             continue
-        acc[0] += not entry["confident"]
+        acc[0] += not judged.confident
         acc[1] += found[0] / found[1]
         acc[2] += 1
     return {k: Expected(int(v[0]), float(v[1]), int(v[2]), int(v[3])) for k, v in out.items()}

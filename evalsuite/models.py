@@ -1,31 +1,104 @@
-"""Load a text-to-image model: the built-in miniature world, a local folder, or a hub id.
+"""Load a text-to-image model: a built-in model, a local diffusers folder, or a hub id.
 
 Any diffusers text-to-image pipeline loads through `AutoPipelineForText2Image` (SD 1.x/2.x, SDXL,
-SD3, ...), with safetensors only and never remote code. The miniature model is the default.
+SD3, ...), with safetensors only and never remote code. What a model brings to an audit beside its
+pipeline is its `ModelProfile`: the kind of images it makes, the CLIP that reads them, its vocabulary,
+exact readers of its images (classifiers that know the truth, which ride along on every audit of it and
+against which dashboards score the others) and an on-prompt reader. A folder or hub id gets the default
+profile (natural images, nothing extra); a built-in model registers its own (`register_builtin_model`):
+the miniature world plugs in this way, like any model a user would register, and the runner and trainer
+know it only through its profile. `DEFAULT_MODEL` is audited when no model is named.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 import math
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from .errors import SuiteError, did_you_mean
-from .miniature import ASSETS
+
+if TYPE_CHECKING:
+    from .battery import Prompt
+    from .results.schema import OnPrompt
 
 log = logging.getLogger(__name__)
 
-MINIATURE = "miniature"
+DEFAULT_MODEL = "miniature"  # the built-in model audited when none is named
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BUILTIN_MODULES = ("evalsuite.miniature.model",)  # modules that register built-in models when imported
+
+
+class OnPromptReader(Protocol):
+    """Reads, per image, whether it shows what its prompt asked for, where an exact reader exists.
+
+    `description` says what is read (for run.json and the dashboard). `read(images, prompts)` takes
+    uint8 images (n, H, W, 3) and each image's battery prompt, and returns per image what was found and
+    what was wanted (`OnPrompt`), or None where the prompt asks for nothing this reader can check."""
+
+    description: str
+
+    def read(self, images: np.ndarray, prompts: Sequence[Prompt]) -> list[OnPrompt | None]: ...
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What a model brings to an audit beside its pipeline (the default: natural images, nothing extra)."""
+
+    domain: str = "natural"  # the kind of images it makes ("natural": photographs and art of the world)
+    clip: str | None = None  # the CLIP (folder or hub id) that reads its images; None: the embedders' default
+    vocabulary: frozenset[str] | None = None  # the only words its text encoder knows; None: open vocabulary
+    exact_readers: tuple[str, ...] = ()  # classifier specs that read its images exactly: every audit adds them
+    on_prompt: OnPromptReader | None = None  # reads whether an image shows what its prompt asked for
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` outside the vocabulary (always [] for an open vocabulary)."""
+        if self.vocabulary is None:
+            return []
+        return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in self.vocabulary]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model known by name: a diffusers pipeline folder and its profile.
+
+    `folder` and `profile` are called when needed (a profile may read files of the folder); `prepare`,
+    if given, adjusts a loaded pipeline (e.g. its attention processor); `load_kwargs` go to
+    `from_pretrained`; `missing` says how to get the folder when it is absent."""
+
+    name: str
+    folder: Callable[[], Path]
+    profile: Callable[[], ModelProfile]
+    prepare: Callable[[Any], None] | None = None
+    load_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    missing: str = ""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {}  # name -> model, filled by register_builtin_model
+
+
+def register_builtin_model(model: BuiltinModel) -> BuiltinModel:
+    """Make `model` loadable as `--model NAME` (and `model: NAME` in RL configs)."""
+    BUILTIN_MODELS[model.name] = model
+    return model
+
+
+def builtin_model(name: str | None) -> BuiltinModel | None:
+    """The built-in model called `name` (None: `DEFAULT_MODEL`), or None if `name` is not one."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return BUILTIN_MODELS.get(DEFAULT_MODEL if name is None else name)
 
 
 @dataclass
@@ -35,25 +108,30 @@ class LoadedModel:
     pipe: Any  # a diffusers DiffusionPipeline
     model_id: str
     revision: str | None
-    is_miniature: bool
     dtype: str
     device: str
+    profile: ModelProfile = ModelProfile()
+    builtin: bool = False
     lora: str | None = None
-    vocabulary: frozenset[str] | None = None  # words the model knows, where it knows only its own
     lora_scale: float = 1.0
     lora_window: float = 1.0  # the adapter acts on the first ceil(passes x lora_window) sampler passes
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the model's vocabulary (empty for open-vocabulary models)."""
-        if self.vocabulary is None:
-            return []
-        return [w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in self.vocabulary]
+        return self.profile.unknown_words(prompt)
+
+    @property
+    def denoiser(self) -> Any:
+        """The pipeline's denoising network: its UNet, or its transformer (SD3, Flux, PixArt)."""
+        unet = getattr(self.pipe, "unet", None)
+        return unet if unet is not None else self.pipe.transformer
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.model_id, "revision": self.revision, "is_miniature": self.is_miniature,
-                "dtype": self.dtype, "device": self.device, "lora": self.lora,
+        return {"id": self.model_id, "revision": self.revision, "builtin": self.builtin,
+                "domain": self.profile.domain, "dtype": self.dtype, "device": self.device, "lora": self.lora,
                 **({"lora_scale": self.lora_scale} if self.lora else {}),
                 **({"lora_window": self.lora_window} if self.lora and self.lora_window != 1.0 else {}),
+                **({"on_prompt": self.profile.on_prompt.description} if self.profile.on_prompt else {}),
                 "pipeline_class": type(self.pipe).__name__}
 
 
@@ -80,11 +158,13 @@ def resolve_device(name: str) -> str:
 
 def check_model_source(model: str | None) -> None:
     """Fail fast (before anything loads) on a model that is neither built in, a folder, nor a hub id."""
-    if model in (None, MINIATURE):
-        if not (ASSETS / "pipeline" / "model_index.json").is_file():
-            raise SuiteError(f"the built-in miniature model is missing at {ASSETS}; rebuild it with "
-                             "`evalsuite miniature build`")
+    builtin = builtin_model(model)
+    if builtin is not None:
+        if not (builtin.folder() / "model_index.json").is_file():
+            raise SuiteError(f"the built-in model '{builtin.name}' is missing at {builtin.folder()}"
+                             + (f"; {builtin.missing}" if builtin.missing else ""))
         return
+    assert model is not None  # None names DEFAULT_MODEL, which is built in
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -92,15 +172,16 @@ def check_model_source(model: str | None) -> None:
         return
     if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
         raise SuiteError(f"--model: '{model}' is not a local folder (not found) and not a hub id like "
-                         "'org/name'; the built-in model is 'miniature'")
+                         f"'org/name'; the built-in models are {', '.join(sorted(BUILTIN_MODELS))}")
 
 
 def load_model(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
                revision: str | None = None, lora: str | None = None, lora_scale: float = 1.0,
                lora_window: float = 1.0) -> LoadedModel:
-    """Load a text-to-image pipeline; `model` is None/'miniature', a local folder or a hub id. `lora`, a
-    LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the generators switch its
-    denoiser part off after the first ceil(passes x `lora_window`) sampler passes (`evalsuite.generate.lora_steps`)."""
+    """Load a text-to-image pipeline; `model` is a built-in name (None: `DEFAULT_MODEL`), a local folder
+    or a hub id. `lora`, a LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the
+    generators switch its denoiser part off after the first ceil(passes x `lora_window`) sampler passes
+    (`evalsuite.generate.lora_steps`)."""
     from diffusers import AutoPipelineForText2Image
 
     check_model_source(model)
@@ -109,12 +190,14 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     kwargs: dict[str, Any] = {_dtype_keyword(): torch_dtype, "use_safetensors": True}
-    if model in (None, MINIATURE):
-        source, model_id, vocab = str(ASSETS / "pipeline"), MINIATURE, _miniature_words()
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    builtin = builtin_model(model)
+    if builtin is not None:
+        source, model_id, profile = str(builtin.folder()), builtin.name, builtin.profile()
+        kwargs.update(builtin.load_kwargs)
     else:
-        source, model_id, vocab = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model, \
-            model, None
+        assert model is not None
+        local = Path(model).expanduser()
+        source, model_id, profile = str(local) if local.exists() else model, model, ModelProfile()
         if revision:
             kwargs["revision"] = revision
     try:
@@ -126,12 +209,12 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         pipe.safety_checker = None
     if lora:
         load_adapter(pipe, lora, lora_scale)
-    if model_id == MINIATURE:
-        use_math_attention(pipe.unet)
+    if builtin is not None and builtin.prepare is not None:
+        builtin.prepare(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, is_miniature=model_id == MINIATURE,
-                       dtype=dtype, device=device, lora=lora, vocabulary=vocab, lora_scale=lora_scale,
+    return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, dtype=dtype, device=device,
+                       profile=profile, builtin=builtin is not None, lora=lora, lora_scale=lora_scale,
                        lora_window=lora_window)
 
 
@@ -200,8 +283,8 @@ def _dtype_keyword() -> str:
 def use_math_attention(unet: Any) -> None:
     """Switch a UNet to diffusers' plain matmul attention (`AttnProcessor`).
 
-    The miniature UNet's heads are 8 wide; at that size PyTorch's fused CPU attention kernel is slower
-    than two matmuls and a softmax (measured on 2 cores: a training step at batch 128 takes 0.55 s
+    For tiny models: with heads 8 wide PyTorch's fused CPU attention kernel is slower than two matmuls
+    and a softmax (measured on 2 cores with the miniature UNet: a training step at batch 128 takes 0.55 s
     instead of 0.70 s). Real models keep their default (fused) attention.
     """
     from diffusers.models.attention_processor import AttnProcessor
@@ -238,7 +321,3 @@ def attention_order(device: str | torch.device, order: tuple[str, ...] | None = 
     names = [n for n in order if n in every] + [n for n in every if n not in order]
     with sdpa_kernel([getattr(SDPBackend, n) for n in names], set_priority=True):
         yield
-
-
-def _miniature_words() -> frozenset[str]:
-    return frozenset((ASSETS / "words.txt").read_text().split())

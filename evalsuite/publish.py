@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.errors import SuiteError
+from evalsuite.folders import building, check_output_target
 from evalsuite.metrics import CONFIDENCE_THRESHOLD
-from evalsuite.store import check_output_target
+from evalsuite.results import RunView, entry, open_run
 
 MARKER = ".evalsuite-publish"
 
@@ -51,12 +49,12 @@ def _features(attributes: list[str]) -> Any:
 
 def _rows(run: str) -> Iterator[dict[str, Any]]:
     """The dataset's rows, one per record, in records.jsonl order (a generator: images are read lazily)."""
-    view = load_run(Path(run))
+    view = open_run(Path(run))
     clf = view.primary_classifier
-    for rec in view.records:
+    for rec in view.iter_records():
         outputs = rec.get("classifiers") or {}
         row: dict[str, Any] = {
-            "image": {"bytes": Path(rec["_image_path"]).read_bytes(), "path": str(rec["image"])},
+            "image": {"bytes": view.image_path(rec).read_bytes(), "path": str(rec["image"])},
             "image_path": str(rec["image"]), "unit": rec.get("unit"), "prompt_index": rec["prompt_index"],
             "prompt": str(rec["prompt"]), "heldout": bool(rec.get("heldout", False)),
             "slots": json.dumps(rec.get("slots") or {}, ensure_ascii=False),
@@ -65,16 +63,12 @@ def _rows(run: str) -> Iterator[dict[str, Any]]:
             "classifiers": json.dumps(outputs, ensure_ascii=False, sort_keys=True),
         }
         for attr in view.battery.attribute_names:
-            entry = (outputs.get(clf) or {}).get(attr) or {}
-            row[f"{attr}_label"] = entry.get("label")
-            row[f"{attr}_status"] = entry.get("status", "not_measurable")
-            row[f"{attr}_confident"] = bool(entry.get("confident", False))
-            row[f"{attr}_probs"] = entry.get("probs")
+            found = entry(rec, clf, attr)
+            row[f"{attr}_label"] = found.label
+            row[f"{attr}_status"] = found.status
+            row[f"{attr}_confident"] = found.confident
+            row[f"{attr}_probs"] = list(found.probs) if found.probs is not None else None
         yield row
-
-
-def _check_target(out: Path) -> None:
-    check_output_target(out, MARKER, "published dataset")
 
 
 def publish_run(run: Path, out: Path, *, push_to_hub: str | None = None, token: str | None = None) -> Path:
@@ -82,30 +76,18 @@ def publish_run(run: Path, out: Path, *, push_to_hub: str | None = None, token: 
     import datasets
 
     run, out = Path(run), Path(out).resolve()
-    _check_target(out)
-    view = load_run(run)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a marked leftover of a crash (checked above)
-    partial.mkdir(parents=True)
-    (partial / MARKER).write_text(json.dumps({"tool": "evalsuite publish", "state": "building"}) + "\n")
-    try:
-        with tempfile.TemporaryDirectory(prefix="evalsuite-publish-") as cache:
-            features = _features(list(view.battery.attribute_names))
-            kwargs = {"run": str(run.resolve())}
-            ds = datasets.Dataset.from_generator(_rows, gen_kwargs=kwargs, cache_dir=cache, features=features)
-            ds.info.description = f"evalsuite audit images of run {view.name}"
-            ds.save_to_disk(str(partial))
+    check_output_target(out, MARKER, "published dataset")
+    view = open_run(run)
+    _ = view.records  # every record checked before anything is written
+    with building(out, MARKER, "published dataset", "evalsuite publish") as (partial, marker), \
+            tempfile.TemporaryDirectory(prefix="evalsuite-publish-") as cache:
+        features = _features(list(view.battery.attribute_names))
+        kwargs = {"run": str(run.resolve())}
+        ds = datasets.Dataset.from_generator(_rows, gen_kwargs=kwargs, cache_dir=cache, features=features)
+        ds.info.description = f"evalsuite audit images of run {view.name}"
+        ds.save_to_disk(str(partial))
         (partial / "README.md").write_text(dataset_card(view, len(ds)), encoding="utf-8")
-        (partial / MARKER).write_text(json.dumps({"tool": "evalsuite publish", "run": str(run)}) + "\n")
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        marker.update(run=str(run))
     if push_to_hub:
         _push(out, push_to_hub, token)
     return out

@@ -9,6 +9,10 @@ images checked against the recorded SHA-256), the records of a batch cut off mid
 (`store.repair_shards`), and because batches are fixed, the regenerated batch equals the one that was
 lost. When every batch is done, the shards are
 merged into `records.jsonl` in unit order and the metric tables are written.
+
+The runner is generic: a model is known through its `evalsuite.models.ModelProfile` (which exact
+readers ride along, whether an exact reader judges each image on-prompt), the folder's format and its writing
+are `evalsuite.results`', the numbers `evalsuite.analysis`'.
 """
 
 from __future__ import annotations
@@ -16,10 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,16 +31,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, store
+from . import __version__
 from .battery import Battery, Prompt
 from .errors import SuiteError
 from .generate import make_generator, unit_seed
-from .miniature import OCCUPATIONS, read_worn_hat
-from .store import append_records, done_batches, merge_shards, repair_shards, save_battery, write_json_atomic, write_png
+from .models import DEFAULT_MODEL, LoadedModel, builtin_model
+from .results import schema, store
 
 log = logging.getLogger(__name__)
 
-RESULTS_SCHEMA_VERSION = 1
 _RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _SESSION_KEYS = ("versions", "git_commit", "device")  # may differ between a run and its resumption
 
@@ -103,7 +104,7 @@ def plan_units(battery: Battery, batch_size: int) -> Plan:
 
 
 def default_run_name(battery: Battery, options: RunOptions) -> str:
-    model = options.model or "miniature"
+    model = options.model or DEFAULT_MODEL
     parts = [battery.name, Path(model).name if Path(model).exists() else model]
     if options.lora:
         scale = f"-x{options.lora_scale:g}" if options.lora_scale != 1 else ""
@@ -119,7 +120,7 @@ def fingerprint(battery: Battery, options: RunOptions) -> str:
     described = battery.to_dict()
     if not described["eta"]:  # eta 0: the fingerprint of folders made before the key existed
         del described["eta"]
-    model = None if options.model == "miniature" else options.model  # the default model, named or not
+    model = None if options.model == DEFAULT_MODEL else options.model  # the default model, named or not
     keys: dict[str, Any] = {"battery": described, "model": model, "revision": options.revision,
             "lora": options.lora, "dtype": options.dtype, "batch_size": options.batch_size,
             "classifiers": list(options.classifiers), "embedder": options.embedder,
@@ -149,16 +150,6 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "evalsuite": __version__}
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise SuiteError(f"cannot write results to '{folder}': {exc.strerror or exc}") from exc
-
-
 def progress(total: int, initial: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, unit="img", desc="generate", disable=not enabled, dynamic_ncols=True)
 
@@ -179,10 +170,11 @@ def _validate(battery: Battery, options: RunOptions) -> None:
     if options.name is not None and (not _RUN_NAME.fullmatch(options.name) or options.name in (".", "..")):
         problems.append(f"--name: '{options.name}' must be a folder name of letters, digits, '.', '_' and '-' "
                         "(no path: the folder goes under --results)")
-    if options.revision and (options.model in (None, "miniature") or Path(options.model).expanduser().exists()):
-        kind = "built in" if options.model in (None, "miniature") else "a local folder"
+    builtin = builtin_model(options.model)
+    if options.revision and (builtin is not None or Path(str(options.model)).expanduser().exists()):
+        kind = "built in" if builtin is not None else "a local folder"
         problems.append(f"--revision: '{options.revision}' applies to hub models only; "
-                        f"'{options.model or 'miniature'}' is {kind}")
+                        f"'{options.model or DEFAULT_MODEL}' is {kind}")
     for check in (lambda: check_model_source(options.model), lambda: resolve_dtype(options.dtype)):
         try:
             check()
@@ -202,7 +194,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     """Generate, classify and analyse `battery` under `options`; return the run folder."""
     from accelerate import PartialState
 
-    from .analysis import write_tables
+    from .analysis import metric_tables
     from .classifiers import ClassifierContext, get_classifier, get_embedder, to_record
     from .metrics import confusion_problems
     from .models import load_model, resolve_device
@@ -216,7 +208,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     device = str(state.device) if options.device == "auto" else resolve_device(options.device)
     run_dir = options.results_dir / (options.name or default_run_name(battery, options))
-    check_writable(options.results_dir)
+    store.check_writable(options.results_dir)
     plan = plan_units(battery, options.batch_size)
     fp = fingerprint(battery, options)
     # the model, generator and classifiers are built before the folder is touched: a refusal (an eta the
@@ -225,11 +217,8 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
                         lora=options.lora, lora_scale=options.lora_scale,
                         lora_window=options.lora_window)
     generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
-    ctx = ClassifierContext(device=device, dtype=loaded.pipe.unet.dtype if hasattr(loaded.pipe, "unet")
-                            else loaded.pipe.transformer.dtype, miniature=loaded.is_miniature)
-    specs = list(dict.fromkeys(options.classifiers or (battery.classifier,)))
-    if loaded.is_miniature and "oracle" not in specs:
-        specs.append("oracle")  # the exact truth rides along on the miniature world
+    ctx = ClassifierContext(device=device, dtype=loaded.denoiser.dtype, profile=loaded.profile)
+    specs = list(dict.fromkeys([*(options.classifiers or (battery.classifier,)), *loaded.profile.exact_readers]))
     classifiers = {spec: get_classifier(spec, ctx) for spec in specs}
     problems = [f"classifier '{n}': {p}" for n, c in classifiers.items() for p in c.check(battery.attributes)]
     problems += [f"classifier '{n}': confusion matrix of '{attr}': {p}" for n, c in classifiers.items()
@@ -239,10 +228,10 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
     embedder = get_embedder(options.embedder, ctx)
     run_json = run_dir / "run.json"
-    _check_folder(run_dir, run_json, fp, options.overwrite)  # every process: a refusal ends them all
+    store.check_run_folder(run_dir, fp, options.overwrite)  # every process: a refusal ends them all
     state.wait_for_everyone()
     if main:
-        _prepare_folder(run_dir, options.overwrite)
+        store.prepare_run_folder(run_dir, options.overwrite)
     state.wait_for_everyone()
     info = json.loads(run_json.read_text()) if run_json.exists() else {}
     resumed = info.get("status") in ("running", "complete")
@@ -259,14 +248,14 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
             new["earlier_sessions"] = [*info.get("earlier_sessions", []), before]
         info = {**info, **new, "status": "running"}
         info.setdefault("created", store.now())
-        write_json_atomic(run_json, info)
-        save_battery(run_dir / "battery.yaml", battery)
+        store.write_json_atomic(run_json, info)
+        store.save_battery(run_dir / "battery.yaml", battery)
 
     sizes = [len(b) for b in plan.batches]
     if main and resumed:
-        repair_shards(run_dir, sizes, options.batch_size)
+        store.repair_shards(run_dir, sizes, options.batch_size)
     state.wait_for_everyone()
-    done = done_batches(run_dir, sizes, options.batch_size) if resumed else set()
+    done = store.done_batches(run_dir, sizes, options.batch_size) if resumed else set()
     mine = [b for b in range(len(plan.batches)) if b % world == rank and b not in done]
     n_done = sum(len(plan.batches[b]) for b in done)
     if main and done:
@@ -282,21 +271,15 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         gen_s += dt
         outputs = {name: clf.classify(images, battery.attributes) for name, clf in classifiers.items()}
         emb = embedder.embed_images(images)
-        hats = read_worn_hat(images) if loaded.is_miniature else None  # the truth for on-prompt
-        records = []
-        for i, u in enumerate(batch):
-            cos = float(np.dot(emb[i], text_emb[u.prompt.text]))
-            records.append({
-                "unit": u.unit, "prompt_index": u.prompt_index, "prompt": u.prompt.text, "heldout": u.prompt.heldout,
-                "slots": dict(u.prompt.slots), "guidance_scale": u.guidance_scale, "image_index": u.image_index,
-                "seed": u.seed, "image": u.image_path(), "sha256": write_png(run_dir / u.image_path(), images[i]),
-                "embedding": [round(float(v), 6) for v in emb[i]], "clip_score": round(100 * max(cos, 0.0), 4),
-                "classifiers": {n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
-            })
-            occupation = OCCUPATIONS.get(dict(u.prompt.slots).get("occupation", ""))
-            if hats is not None and occupation is not None:  # the hat: what the miniature model draws reliably
-                records[-1]["oracle_hat"] = {"read": hats[i], "wanted": occupation.hat}
-        append_records(shard, records)
+        on_prompt = _read_on_prompt(loaded, images, batch)
+        made_records = [schema.make_record(
+            unit=u.unit, prompt_index=u.prompt_index, prompt=u.prompt.text, heldout=u.prompt.heldout,
+            slots=dict(u.prompt.slots), guidance_scale=u.guidance_scale, image_index=u.image_index, seed=u.seed,
+            image=u.image_path(), sha256=store.write_png(run_dir / u.image_path(), images[i]), embedding=emb[i],
+            clip_score=100 * max(float(np.dot(emb[i], text_emb[u.prompt.text])), 0.0),
+            classifiers={n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
+            on_prompt=on_prompt[i]) for i, u in enumerate(batch)]
+        store.append_records(shard, made_records)
         bar.update(len(batch) * (world if main else 1))
     bar.close()
     from accelerate.utils import gather_object
@@ -306,56 +289,42 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         return run_dir
 
     t0 = time.perf_counter()
-    records = merge_shards(run_dir, len(plan.units))
-    tables = write_tables(run_dir, battery, records, confusions=_known_confusions(classifiers))
-    import pandas as pd
-
-    groups, diversity = pd.read_csv(tables["groups.csv"]), pd.read_csv(tables["diversity.csv"])
-    text = summary_table(groups, diversity, classifier=specs[0], attributes=[a.name for a in battery.attributes])
+    records = store.merge_shards(run_dir, len(plan.units))
+    tables = metric_tables(records, battery, confusions=_known_confusions(classifiers))
+    store.write_tables(run_dir, tables)
+    text = summary_table(tables["groups"], tables["diversity"], classifier=specs[0],
+                         attributes=[a.name for a in battery.attributes])
     (run_dir / "summary.txt").write_text(text + "\n")
     made = len(plan.units) - n_done
     info.update(status="complete", finished=store.now(), n_images=len(records), timings={
         "generate_s": round(gen_s, 2), "images_made": made,
         "images_per_s": round(made / gen_s, 2) if gen_s else None,
         "analyse_s": round(time.perf_counter() - t0, 2)})
-    write_json_atomic(run_json, info)
+    store.write_json_atomic(run_json, info)
     log.info("results in %s", run_dir)
     return run_dir
 
 
-def _check_folder(run_dir: Path, run_json: Path, fp: str, overwrite: bool) -> None:
-    """Refuse a folder that is not a results folder (even with --overwrite: only a folder holding a
-    run.json, or an empty one, is ever deleted) or that holds a run of another configuration."""
-    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise SuiteError(f"{run_dir} exists and is not a folder; choose another --name")
-    if not run_json.is_file():
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise SuiteError(f"{run_dir} exists and is not a results folder (no run.json); choose another "
-                             "--name or remove it")
-        return
-    if not overwrite and json.loads(run_json.read_text()).get("fingerprint") != fp:
-        raise SuiteError(f"{run_dir} holds a run with another configuration (battery, model or options "
-                         "differ); choose another --name or pass --overwrite")
+def _read_on_prompt(loaded: LoadedModel, images: np.ndarray, batch: list[Unit]) -> list[schema.OnPrompt | None]:
+    """Per image, the profile's on-prompt reading (None everywhere when the model has no such reader)."""
+    reader = loaded.profile.on_prompt
+    if reader is None:
+        return [None] * len(batch)
+    return reader.read(images, [u.prompt for u in batch])
 
 
-def _prepare_folder(run_dir: Path, overwrite: bool) -> None:
-    """Rank 0, after `_check_folder` passed on every process: start afresh or keep the folder to resume."""
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _run_info(battery: Battery, options: RunOptions, loaded: Any, classifiers: dict[str, Any], fp: str,
+def _run_info(battery: Battery, options: RunOptions, loaded: LoadedModel, classifiers: dict[str, Any], fp: str,
               world: int) -> dict[str, Any]:
     from .classifiers import detects_people
 
     specs = list(classifiers)
     return {
-        "schema_version": RESULTS_SCHEMA_VERSION,
+        "schema_version": schema.SCHEMA_VERSION,
         "run_name": Path(options.name or default_run_name(battery, options)).name,
         "fingerprint": fp, "battery": battery.to_dict(), "options": {**options.to_dict(), "processes": world,
         "steps": battery.steps, "eta": battery.eta, "sampler": type(loaded.pipe.scheduler).__name__},
         "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],
+        "exact_classifiers": list(loaded.profile.exact_readers),
         "detects_people": {spec: detects_people(c) for spec, c in classifiers.items()},
         "embedder": options.embedder,
         "seeds": {"battery_seed": battery.seed,

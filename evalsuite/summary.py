@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from evalsuite.results.schema import dominant_class
+
 WIDTH = 120  # the table is kept within this many columns when it can be
 PROMPT_MIN, PROMPT_MAX = 12, 28
 CLASS_MIN, CLASS_MAX = 5, 12  # the class name column of a cell fits the attribute's longest class name
@@ -56,10 +58,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _dominant(metrics: dict[str, tuple[float, float, float]]) -> tuple[str, float, float, float]:
-    """(class, share, lo, hi) of the largest share, the first in class order on ties; NaN if none."""
-    shares = {m.split(":", 1)[1]: v for m, v in metrics.items() if m.startswith("share:")}
-    best = max(shares, key=lambda c: -1.0 if math.isnan(shares[c][0]) else shares[c][0], default="")
-    return (best, *shares.get(best, (math.nan, math.nan, math.nan)))
+    """(class, share, lo, hi) of the dominant class (`schema.dominant_class`: the largest share, the first
+    in class order on ties); NaN if no image was measured."""
+    shares = [(m.split(":", 1)[1], v) for m, v in metrics.items() if m.startswith("share:")]
+    k = dominant_class([v[0] for _, v in shares])
+    return ("", math.nan, math.nan, math.nan) if k is None else (shares[k][0], *shares[k][1])
 
 
 def summary_table(groups: pd.DataFrame, diversity: pd.DataFrame, classifier: str,

@@ -2,8 +2,9 @@
 diversity / balance rewards.
 
 The recipe is `rl.train`; its parts: `rl.config` (YAML config), `rl.sampling` and `rl.ddim` (the denoising
-MDP), `rl.rewards` (set-level rewards with leave-one-out credit), `rl.advantages` (normalisation and the
-PPO surrogate), `rl.lora` (adapters and their export), `rl.checkpoint` (exact resume)."""
+MDP), `rl.rewards` (the reward registry and the set-level rewards with leave-one-out credit; their MMD
+maths in `rl.mmd`), `rl.advantages` (normalisation and the PPO surrogate), `rl.lora` (adapters and their
+export), `rl.checkpoint` (exact resume)."""
 
 from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from rl.checkpoint import (
@@ -15,7 +16,6 @@ from rl.checkpoint import (
     save_checkpoint,
 )
 from rl.config import (
-    REWARD_OPTIONS,
     EvaluationConfig,
     LoraConfigSpec,
     RewardConfig,
@@ -28,10 +28,22 @@ from rl.config import (
 )
 from rl.ddim import ddim_step_kl, ddim_step_with_logprob
 from rl.lora import add_lora, cast_frozen, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
-from rl.rewards import (
+from rl.mmd import (
     KERNELS,
-    REWARDS,
     Kernel,
+    linear_kernel,
+    median_bandwidth,
+    mmd2_unbiased,
+    mmd_loo_credit,
+    poly3_kernel,
+    rbf_kernel,
+    resolve_kernel,
+)
+from rl.rewards import (
+    REWARDS,
+    GroupInputs,
+    RewardFn,
+    RewardSpec,
     alignment_reward,
     balance_reward,
     balanced_reference,
@@ -40,26 +52,29 @@ from rl.rewards import (
     drift_penalty,
     drift_reward,
     hard_labels,
-    linear_kernel,
-    median_bandwidth,
-    mmd2_unbiased,
-    mmd_loo_credit,
-    poly3_kernel,
-    rbf_kernel,
+    joint_reference,
     reference_from_target,
-    resolve_kernel,
+    register_reward,
+    reward_spec,
+    target_shares,
+    unregister_reward,
 )
+from rl.sampling import SDPipeline
 
 __all__ = [
-    "REWARD_OPTIONS", "EvaluationConfig", "LoraConfigSpec", "RewardConfig", "SamplingConfig", "TrainConfig",
+    "EvaluationConfig", "LoraConfigSpec", "RewardConfig", "SamplingConfig", "TrainConfig",
     "TrainingConfig", "add_lora", "capture_rng", "cast_frozen", "config_from_dict", "kohya_key", "kohya_state_dict",
     "latest_checkpoint", "load_checkpoint", "load_config", "load_kohya", "load_process_state", "lora_named_parameters",
     "restore_rng",
     "save_adapter", "save_checkpoint", "with_reward",
     "KERNELS",
     "REWARDS",
+    "GroupInputs",
     "Kernel",
     "PerPromptStatTracker",
+    "RewardFn",
+    "RewardSpec",
+    "SDPipeline",
     "alignment_reward",
     "balance_reward",
     "balanced_reference",
@@ -72,6 +87,7 @@ __all__ = [
     "drift_reward",
     "group_zscore",
     "hard_labels",
+    "joint_reference",
     "linear_kernel",
     "median_bandwidth",
     "mmd2_unbiased",
@@ -80,5 +96,9 @@ __all__ = [
     "pooled_group_scores",
     "rbf_kernel",
     "reference_from_target",
+    "register_reward",
     "resolve_kernel",
+    "reward_spec",
+    "target_shares",
+    "unregister_reward",
 ]

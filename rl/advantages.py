@@ -1,9 +1,10 @@
 """Advantage normalisation and the PPO clipped surrogate used by DDPO_IS.
 
 * :class:`PerPromptStatTracker`: DDPO's per-prompt normalisation (Black et al., ICLR 2024;
-  ``ddpo_pytorch/stat_tracking.py``, shared/reference/methods.md 2.3). Each prompt keeps a deque of its
-  last ``buffer_size`` rewards; after adding the current batch, A = (r - mean) / (std + 1e-6) with the
-  prompt's buffer statistics once it holds >= ``min_count`` values, else with the whole batch's.
+  ``ddpo_pytorch/stat_tracking.py``; docs/methods.md, "Advantages and the PPO update"). Each prompt
+  keeps a deque of its last ``buffer_size`` rewards; after adding the current batch,
+  A = (r - mean) / (std + 1e-6) with the prompt's buffer statistics once it holds >= ``min_count``
+  values, else with the whole batch's.
 * :func:`group_zscore`: GRPO-style within-group z-scores (Shao et al., 2024).
 * :func:`pooled_group_scores`: rewards centred within their group and scaled by the batch's pooled
   within-group spread (ours; see its docstring for why set-level rewards need it).

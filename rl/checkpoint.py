@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from evalsuite.errors import SuiteError
-from rl.lora import _replace_dir
+from evalsuite.folders import replace_folder
 
 log = logging.getLogger("rl")
 
@@ -116,7 +116,7 @@ def save_checkpoint(folder: Path, *, step: int, trainable: Mapping[str, Tensor] 
         if scaler is not None:
             torch.save(dict(scaler), tmp / "scaler.pt")
         (tmp / "state.json").write_text(state_text + "\n")
-        _replace_dir(tmp, final)
+        replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in _step_dirs(folder)[:-keep]:

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="train a LoRA adapter with DDPO and set-level rewards")
     ft.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.name})")
     ft.add_argument("--reward", default=None,
-                    help="train with this reward (diversity, balance, alignment, drift, confidence): one the "
+                    help="train with this reward (a name registered in rl/rewards.py, e.g. diversity): one the "
                          "config lists keeps its weight and options (weight 0 becomes 1); any other replaces "
                          "the config's rewards, alone at weight 1")
     ft.add_argument("--no-eval", action="store_true", help="skip the before/after battery evaluation")

@@ -1,7 +1,7 @@
 """Before/after table of an RL run: the base and tuned evaluation results folders, side by side.
 
-Reads only the two results folders (`metrics/aggregate.csv` and `metrics/diversity.csv`, see
-docs/results-format.md), never a model. For each split (training and held-out prompts) and guidance
+Reads only the two results folders, through `evalsuite.results.open_run` (their metric tables and
+records; docs/results-format.md), never a model. For each split (training and held-out prompts) and guidance
 scale it lists, base -> tuned:
 
 * bias of the fine-tuned attribute under the evaluation classifier: Shen et al.'s gap, KL to uniform
@@ -9,12 +9,12 @@ scale it lists, base -> tuned:
 * validity: the evaluation classifier's no-person rate and the reward classifier's low-confidence
   rate (images the policy degraded into something no classifier reads confidently);
 * diversity and alignment: the Vendi score of image embeddings, the CLIP score to the prompt and,
-  on the miniature world, the on-prompt rate (the share of images wearing the prompt's occupation's
-  hat, as the oracle reads it), as means over the split's prompts.
+  where the model has an exact on-prompt reader (run.json `model.on_prompt`; on the miniature world, the
+  oracle's reading of the occupation's hat), the on-prompt rate, as means over the split's prompts.
 
-`validity_by_class` splits the low-confidence rate by whom the image shows (from `records.jsonl`):
-images the evaluation classifier reads as the prompt's majority class (its most common class over all
-the base run's images of that prompt) and images of any other class. A tuned model whose rarer classes
+`validity_by_class` splits the low-confidence rate by whom the image shows (from the records): images
+the evaluation classifier reads as the prompt's majority class (`evalsuite.results.majority_classes`
+over all the base run's images of that prompt) and images of any other class. A tuned model whose rarer classes
 come out less legible than its majority has a quality disparity that an overall rate hides; and the
 base model's own minority images at low guidance are the fair yardstick for the tuned model's.
 
@@ -25,15 +25,14 @@ class; each run's low-confidence rate is set against that rate for the classes i
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.errors import SuiteError
-from evalsuite.legibility import GROUPS, Expected, expected_low_confidence, low_confidence_by_group, majority_classes
+from evalsuite.legibility import GROUPS, Expected, expected_low_confidence, low_confidence_by_group
+from evalsuite.results import RunView, majority_classes, open_run
 
 BIAS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate")
 
@@ -46,36 +45,36 @@ class Row:
     tuned: dict[str, float]
 
 
-def _aggregate(folder: Path, attribute: str, wanted: dict[tuple[str, str], str]) -> dict[tuple, float]:
+Values = dict[tuple[str, float, str], float]  # (split, guidance scale, name) -> value
+
+
+def _aggregate(view: RunView, attribute: str, wanted: dict[tuple[str, str], str]) -> Values:
     """Values of `attribute` per (split, scale, name) for the (classifier, metric) pairs in `wanted`,
     which maps each pair to the name it is reported under."""
-    out: dict[tuple, float] = {}
-    with open(folder / "metrics" / "aggregate.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            name = wanted.get((r["classifier"], r["metric"]))
-            if name is not None and r["attribute"] == attribute:
-                out[(r["split"], float(r["guidance_scale"]), name)] = float(r["value"])
+    out: Values = {}
+    for r in view.aggregate.itertuples(index=False):
+        name = wanted.get((str(r.classifier), str(r.metric)))
+        if name is not None and r.attribute == attribute:
+            out[(str(r.split), float(r.guidance_scale), name)] = float(r.value)
     return out
 
 
-def _diversity(folder: Path) -> dict[tuple, float]:
+def _diversity(view: RunView) -> Values:
     """Mean over prompts of vendi, clip_score and on_prompt_rate per (split, scale); NaN values are skipped."""
-    sums: dict[tuple, list[float]] = defaultdict(list)
-    with open(folder / "metrics" / "diversity.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            if r["metric"] not in ("vendi", "clip_score", "on_prompt_rate") or r["value"] in ("", "NaN"):
-                continue
-            split = "heldout" if r["heldout"] == "True" else "train"
-            for s in (split, "all"):
-                sums[(s, float(r["guidance_scale"]), r["metric"])].append(float(r["value"]))
+    sums: dict[tuple[str, float, str], list[float]] = defaultdict(list)
+    for r in view.diversity.itertuples(index=False):
+        if r.metric not in ("vendi", "clip_score", "on_prompt_rate") or math.isnan(r.value):
+            continue
+        for split in ("heldout" if r.heldout else "train", "all"):
+            sums[(split, float(r.guidance_scale), str(r.metric))].append(float(r.value))
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def _metrics(folder: Path, classifier: str, attribute: str, reward_classifier: str) -> dict[tuple, float]:
+def _metrics(view: RunView, classifier: str, attribute: str, reward_classifier: str) -> Values:
     wanted = {(classifier, m): m for m in BIAS}
     wanted[(reward_classifier, "low_confidence_rate")] = "reward_low_confidence"
-    values = _aggregate(folder, attribute, wanted)
-    values.update(_diversity(folder))
+    values = _aggregate(view, attribute, wanted)
+    values.update(_diversity(view))
     return values
 
 
@@ -83,34 +82,34 @@ COLUMNS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate", "reward
            "clip_score", "on_prompt_rate")
 
 
-def check_runs(classifier: str, attribute: str, reward_classifier: str, *folders: Path) -> None:
-    """Raise one SuiteError naming every folder that is not a finished results folder holding the
-    classifiers and the attribute asked for."""
-    problems = []
+def open_runs(classifier: str, attribute: str, reward_classifier: str, *folders: Path) -> list[RunView]:
+    """The finished results folders, read; one SuiteError naming every folder that is not one or lacks the
+    classifiers or the attribute asked for."""
+    problems, views = [], []
     for folder in folders:
-        missing = [f for f in ("metrics/aggregate.csv", "metrics/diversity.csv", "records.jsonl")
-                   if not (folder / f).is_file()]
-        if missing:
-            problems.append(f"{folder}: not a finished results folder (missing {', '.join(missing)})")
+        try:
+            view = open_run(folder)
+            found = view.classifiers
+        except SuiteError as exc:
+            problems.append(f"{folder}: not a finished results folder ({exc})")
             continue
-        with open(folder / "records.jsonl") as fh:
-            first = json.loads(fh.readline() or "{}")
-        found = first.get("classifiers", {})
+        views.append(view)
         for clf in dict.fromkeys((classifier, reward_classifier)):
             if clf not in found:
                 problems.append(f"{folder}: no classifier '{clf}' in its records; it has: {', '.join(found) or 'none'}")
-            elif attribute not in found[clf]:
-                problems.append(f"{folder}: no attribute '{attribute}' in its records; it has: {', '.join(found[clf])}")
+        if attribute not in view.battery.attribute_names:
+            problems.append(f"{folder}: no attribute '{attribute}' in its battery; it has: "
+                            f"{', '.join(view.battery.attribute_names)}")
     if problems:
         raise SuiteError("; ".join(problems))
+    return views
 
 
 def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
                  splits: tuple[str, ...] = ("train", "heldout")) -> list[Row]:
     """One row per (split, guidance scale) present in both runs, in split then scale order."""
-    check_runs(classifier, attribute, reward_classifier, base, tuned)
-    a = _metrics(base, classifier, attribute, reward_classifier)
-    b = _metrics(tuned, classifier, attribute, reward_classifier)
+    views = open_runs(classifier, attribute, reward_classifier, base, tuned)
+    a, b = (_metrics(v, classifier, attribute, reward_classifier) for v in views)
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
     return [Row(s, g, {m: a.get((s, g, m), math.nan) for m in COLUMNS},
@@ -120,8 +119,9 @@ def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, rewar
 def to_markdown(rows: list[Row], classifier: str, attribute: str, reward_classifier: str) -> str:
     head = (f"Base -> tuned. Bias of `{attribute}` read by `{classifier}` (lower is more balanced); "
             f"validity: `{classifier}` no-person rate and `{reward_classifier}` low-confidence rate; "
-            "Vendi, CLIP score and on-prompt rate (images wearing the occupation's hat, read by the oracle; "
-            "miniature world only): means over the split's prompts (higher is more diverse / on-prompt).\n\n")
+            "Vendi, CLIP score and on-prompt rate (images that show what the prompt asked for, read exactly "
+            "where the model has such a reader, e.g. the miniature world's hats): means over the split's prompts "
+            "(higher is more diverse / on-prompt).\n\n")
     lines = ["| split | g | " + " | ".join(COLUMNS) + " |", "|---|---" + "|---" * len(COLUMNS) + "|"]
     for r in rows:
         cells = [f"{r.base[m]:.3f} → {r.tuned[m]:.3f}" for m in COLUMNS]
@@ -139,38 +139,16 @@ class ClassRow:
     tuned: dict[str, tuple[float, int]]
 
 
-def _records(folder: Path, classifiers: tuple[str, ...], attribute: str) -> list[dict]:
-    """The records, each checked to hold what `low_confidence_by_group` reads; a bad line is one SuiteError."""
-    path, out = folder / "records.jsonl", []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                entries = [r["classifiers"][clf][attribute] for clf in classifiers]
-                ok = all(k in r for k in ("prompt", "heldout", "guidance_scale")) and \
-                    all(k in e for e in entries for k in ("label", "status", "confident"))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise SuiteError(f"{path}, line {number}: not a record with prompt, heldout, guidance_scale and "
-                                 f"the label, status and confidence of {' and '.join(classifiers)} for {attribute}")
-            out.append(r)
-    return out
-
-
 def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
                       splits: tuple[str, ...] = ("train", "heldout")) -> list[ClassRow]:
     """Low-confidence rate of majority-class and other-class images, base and tuned (module docstring).
 
     The majority class of a prompt is the `classifier` label most common among all the base run's images
-    of that prompt (ties: the label first met). Reads `records.jsonl` of both folders, nothing else.
+    of that prompt (`evalsuite.results.majority_classes`). Reads the records of both folders, nothing else.
     """
-    check_runs(classifier, attribute, reward_classifier, base, tuned)
-    wanted = tuple(dict.fromkeys((classifier, reward_classifier)))
-    base_records, tuned_records = _records(base, wanted, attribute), _records(tuned, wanted, attribute)
-    majority = majority_classes(base_records, classifier, attribute)
+    views = open_runs(classifier, attribute, reward_classifier, base, tuned)
+    base_records, tuned_records = views[0].records, views[1].records
+    majority = majority_classes(base_records, classifier, attribute, views[0].battery.attribute(attribute).classes)
     a = low_confidence_by_group(base_records, majority, classifier, reward_classifier, attribute)
     b = low_confidence_by_group(tuned_records, majority, classifier, reward_classifier, attribute)
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
@@ -206,11 +184,10 @@ def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, at
     for a tuned model that draws every class; the expected rate is how legibly the base model draws the
     tuned model's mix of classes when asked for them.
     """
-    check_runs(classifier, attribute, reward_classifier, base, tuned, reference)
-    wanted = tuple(dict.fromkeys((classifier, reward_classifier)))
-    ref = _records(reference, wanted, attribute)
-    runs = {name: expected_low_confidence(_records(folder, wanted, attribute), ref, classifier, reward_classifier,
-                                          attribute, class_slot) for name, folder in (("base", base), ("tuned", tuned))}
+    views = open_runs(classifier, attribute, reward_classifier, base, tuned, reference)
+    ref = views[2].records
+    runs = {name: expected_low_confidence(view.records, ref, classifier, reward_classifier, attribute, class_slot)
+            for name, view in (("base", views[0]), ("tuned", views[1]))}
     keys = sorted({k for r in runs.values() for k, v in r.items() if v.matched},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
     if not keys:

@@ -1,13 +1,14 @@
 """Configuration of the RL fine-tuner: one YAML file plus `key=value` overrides -> frozen dataclasses.
 
-rl/configs/miniature.yaml documents every field (meaning, units, interactions). Every key is required
-except those of `_OPTIONAL` (evaluation.allow_same_classifier false, evaluation.eta 0,
-training.timestep_window 1, training.compile false, training.kl_coef 0, training.kl_steps trained) and
-the per-reward options (default: the first allowed value, see REWARD_OPTIONS). `load_config` validates
-the values, the batch arithmetic, the model source, the battery and the attributes it balances, reward
-names and options, and the classifier specs, and reports every problem of the file and of the overrides
-at once in one ConfigError ("key: message"). `TrainConfig.to_dict()` loads back through
-`config_from_dict` to an equal config.
+Each field is declared once, on its dataclass below, with `evalsuite.validation.setting`: its check, its
+default (a field without one is required) and a one-line meaning. rl/configs/miniature.yaml explains
+every field at length (units, interactions, what was measured). The reward names and their options
+(option -> allowed values, the first the default) are those registered in `rl.rewards`
+(`register_reward`). `load_config` validates the values and the reward names and options (here), the
+batch arithmetic, the model source, the battery and the attributes it balances, and the classifier specs
+(`rl.config_checks`), and reports every problem of the file and of the overrides at once in one
+ConfigError ("key: message").
+`TrainConfig.to_dict()` loads back through `config_from_dict` to an equal config.
 """
 
 from __future__ import annotations
@@ -17,86 +18,100 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import yaml
 
-from evalsuite.battery import Battery, _Check, _show, load_battery  # the battery loader's problem collector
-from evalsuite.classifiers.base import check_classifier_spec
 from evalsuite.errors import ConfigError, SuiteError, did_you_mean
-from evalsuite.models import check_model_source
-from rl.rewards import KERNELS, REWARDS
+from evalsuite.validation import (
+    Check,
+    Section,
+    YamlLoader,
+    boolean,
+    choice,
+    declared,
+    integer,
+    names,
+    number,
+    read_fields,
+    read_yaml,
+    scales,
+    setting,
+    show,
+    text,
+)
+from rl.config_checks import cross_checks
+from rl.rewards import REWARDS, reward_spec
 
 log = logging.getLogger("rl")
 
-# Options each reward takes -> allowed values; the first value is the default.
-REWARD_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    # diversity features: the reward classifier's class probabilities, or one-hot labels of its most
-    # probable class (rl.rewards.hard_labels); an image-embedding variant needs a reference image set,
-    # not built yet
-    "diversity": {"kernel": tuple(KERNELS), "features": ("probs", "labels"),
-                  "reference": ("uniform", "target")},
-    "balance": {"mode": ("kl", "entropy"), "reference": ("uniform", "target")},
-    "alignment": {},
-    "drift": {"features": ("embedding",)},
-    "confidence": {},
-}
+_POSITIVE = number("(0, inf)")
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads exponent floats without a dot (1e-4; plain YAML 1.1 reads a str)."""
+def _precision(c: Check, key: str, value: Any) -> str | None:
+    # YAML 1.1 reads an unquoted `no` as false: take false to mean "no".
+    return "no" if value is False else c.choice(key, value, ("no", "fp16", "bf16"))
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+# The sections are keyword-only, so that an optional field keeps its place among the required ones.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    steps: int
-    eta: float
-    guidance_scales: tuple[float, ...]
-    prompts_per_epoch: int
-    group_size: int
-    batch_size: int
+    """The `sampling` section: how each epoch's trajectories are sampled."""
+
+    steps: int = setting(integer(1), doc="DDIM denoising steps per trajectory (each one an action of the policy)")
+    # eta > 1 asks for a step variance above 1 - a_t' (rl.ddim): DDIM's eta runs from 0 (deterministic) to 1
+    eta: float = setting(number("(0, 1]"), doc="DDIM eta of the training sampler; the policy must be stochastic")
+    guidance_scales: tuple[float, ...] = setting(scales, doc="training guidance scales; each group draws one")
+    prompts_per_epoch: int = setting(integer(1), doc="groups (one prompt and scale each) per process per epoch")
+    group_size: int = setting(integer(3), doc="images per group, the set a set reward scores (LOO needs >= 3)")
+    batch_size: int = setting(integer(1), doc="images denoised together; divides prompts_per_epoch x group_size")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    epochs: int
-    inner_epochs: int
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    weight_decay: float
-    max_grad_norm: float
-    clip_range: float
-    adv_clip_max: float
-    timestep_fraction: float
-    mixed_precision: str
-    gradient_checkpointing: bool
-    advantage: str
-    tracker_buffer: int
-    tracker_min_count: int
-    timestep_window: float = 1.0
-    compile: bool = False
-    kl_coef: float = 0.0
-    kl_steps: str = "trained"
+    """The `training` section: the PPO update, its schedule and its KL penalty."""
+
+    epochs: int = setting(integer(1), doc="epochs, each sampling a fresh batch of groups and training on it")
+    inner_epochs: int = setting(integer(1), doc="PPO passes over each epoch's samples")
+    batch_size: int = setting(integer(1), doc="samples per training micro-batch; divides the samples per epoch")
+    gradient_accumulation_steps: int = setting(integer(1), doc="micro-batches accumulated per optimizer step")
+    learning_rate: float = setting(_POSITIVE, doc="AdamW learning rate of the LoRA parameters")
+    weight_decay: float = setting(number("[0, inf)"), doc="AdamW decoupled weight decay")
+    max_grad_norm: float = setting(_POSITIVE, doc="gradient-norm clipping threshold before every optimizer step")
+    clip_range: float = setting(_POSITIVE, doc="PPO clip epsilon of the importance ratio")
+    adv_clip_max: float = setting(_POSITIVE, doc="advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    timestep_fraction: float = setting(number("(0, 1]"), doc="fraction of the window's steps trained per sample")
+    mixed_precision: str = setting(_precision, doc='"no" (float32), fp16 or bf16')
+    gradient_checkpointing: bool = setting(boolean, doc="recompute activations in the backward pass")
+    advantage: str = setting(choice("pooled", "group", "tracker"), doc="advantage normalisation")
+    tracker_buffer: int = setting(integer(1), doc="per-prompt reward history of the tracker advantage")
+    tracker_min_count: int = setting(integer(1), doc="history a prompt needs to use its own statistics")
+    timestep_window: float = setting(number("(0, 1]"), 1.0,
+                                     doc="trained steps come from the first ceil(steps x window) of the chain")
+    compile: bool = setting(boolean, False, doc="torch.compile the UNet")
+    kl_coef: float = setting(number("[0, inf)"), 0.0, doc="weight of the per-step KL to the base model (0: off)")
+    kl_steps: str = setting(choice("trained", "chain", "untrained"), "trained",
+                            doc="steps the KL penalises: the trained ones, those and others, or others only")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraConfigSpec:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    text_encoder_rank: int
+    """The `lora` section: the adapters trained (the base weights stay frozen)."""
+
+    rank: int = setting(integer(1), doc="LoRA rank on the UNet")
+    alpha: float = setting(_POSITIVE, doc="LoRA alpha: the update is scaled by alpha / rank")
+    targets: tuple[str, ...] = setting(names, doc="module-name suffixes that receive adapters")
+    text_encoder_rank: int = setting(integer(0), doc="LoRA rank on the text encoder; 0 = no text adapter")
 
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """One reward term: a name in rl.rewards.REWARDS, a weight >= 0, its options as (key, value) pairs."""
+    """One reward term: a registered reward's name (rl.rewards.REWARDS), a weight >= 0, and its options as
+    (key, value) pairs, every option of the reward (defaults filled in)."""
 
     name: str
     weight: float
@@ -107,35 +122,80 @@ class RewardConfig:
         return dict(self.options)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluationConfig:
-    classifier: str
-    allow_same_classifier: bool
-    every: int
-    images_per_prompt: int
-    guidance_scales: tuple[float, ...]
-    steps: int
-    eta: float
+    """The `evaluation` section: the battery runs before, during and after training."""
+
+    classifier: str = setting(text, doc="evaluation classifier spec; must differ from reward_classifier")
+    allow_same_classifier: bool = setting(boolean, False, doc="allow the reward classifier to evaluate too")
+    every: int = setting(integer(0), doc="evaluate every N epochs; 0 = only before and after training")
+    images_per_prompt: int = setting(integer(1), doc="images per heldout prompt and guidance scale")
+    guidance_scales: tuple[float, ...] = setting(scales, doc="evaluation guidance grid")
+    steps: int = setting(integer(1), doc="DDIM steps of evaluation images")
+    eta: float = setting(number("[0, 1]"), 0.0, doc="DDIM eta of evaluation images (0: deterministic DDIM)")
 
 
-@dataclass(frozen=True)
+def _rewards(c: Check, key: str, raw: Any) -> tuple[RewardConfig, ...] | None:
+    """A non-empty list of {name, weight, options...}: registered names, each once, weights >= 0 (one
+    > 0), each option one of the reward's allowed values; options left out take their default."""
+    items = c.sequence(key, raw)
+    out: list[RewardConfig] = []
+    for i, item in enumerate(items or ()):
+        reward = _reward(c, f"{key}[{i}]", item, [r.name for r in out])
+        if reward is not None:
+            out.append(reward)
+    if items and len(out) == len(items) and not any(r.weight > 0 for r in out):
+        c.add(key, "at least one reward needs a weight > 0, got all weights 0")
+    return tuple(out)
+
+
+def _reward(c: Check, key: str, item: Any, listed: Sequence[str]) -> RewardConfig | None:
+    """One entry of `rewards` (`listed`: the names of the entries before it), or None after its problems."""
+    before = len(c.problems)
+    entry = c.mapping(key, item, (), ("name", "weight")) or {}
+    name = c.text(f"{key}.name", entry["name"]) if "name" in entry else None
+    spec = None
+    try:
+        spec = reward_spec(name) if name is not None else None
+    except SuiteError as exc:  # unknown: "did you mean"
+        c.add(f"{key}.name", str(exc))
+    if spec is not None and spec.name in listed:
+        c.add(f"{key}.name", f"reward {spec.name!r} is listed twice; list each reward once")
+    weight = c.number(f"{key}.weight", entry["weight"], 0.0) if "weight" in entry else None
+    if spec is None:
+        return None
+    for option, value in entry.items():
+        if option in ("name", "weight"):
+            continue
+        if option not in spec.options:
+            hint = did_you_mean(option, spec.options) if spec.options else "; it takes no options"
+            c.add(f"{key}.{option}", f"unknown option {option!r} of reward {spec.name!r}{hint}")
+        else:
+            c.choice(f"{key}.{option}", value, spec.options[option])
+    if weight is None or len(c.problems) > before:
+        return None
+    return RewardConfig(spec.name, weight, tuple((o, entry.get(o, d)) for o, d in spec.defaults.items()))
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A validated training config. `source` (where it was read from) takes no part in equality."""
 
-    model: str
-    battery: str
-    output_dir: str
-    seed: int
-    sampling: SamplingConfig
-    training: TrainingConfig
-    lora: LoraConfigSpec
-    rewards: tuple[RewardConfig, ...]
-    reward_classifier: str
-    reward_attributes: tuple[str, ...]
-    validity_threshold: float
-    evaluation: EvaluationConfig
-    checkpoint_every: int
-    keep_checkpoints: int
+    model: str = setting(text, doc="'miniature', a local diffusers folder or a hub id 'org/name'")
+    battery: str = setting(text, doc="prompt battery: training draws its non-heldout prompts, evaluation all")
+    output_dir: str = setting(text, doc="where checkpoints, logs, evaluations and the adapter are written")
+    seed: int = setting(integer(0), doc="base seed: prompt draws, guidance draws, noises, trained steps")
+    sampling: SamplingConfig = setting(Section(SamplingConfig), doc="how trajectories are sampled")
+    training: TrainingConfig = setting(Section(TrainingConfig), doc="the PPO update and its schedule")
+    lora: LoraConfigSpec = setting(Section(LoraConfigSpec), doc="the adapters trained")
+    rewards: tuple[RewardConfig, ...] = setting(_rewards, doc="reward terms, summed with their weights")
+    reward_classifier: str = setting(text, doc="classifier spec whose class probabilities the rewards read")
+    reward_attributes: tuple[str, ...] = setting(names, doc="battery attributes whose classes the rewards balance")
+    validity_threshold: float = setting(number("[0, 1)"),
+                                        doc="below this reward-classifier confidence an image is invalid")
+    evaluation: EvaluationConfig = setting(Section(EvaluationConfig), doc="the before/after battery evaluation")
+    checkpoint_every: int = setting(integer(1), doc="save a training checkpoint every N epochs")
+    keep_checkpoints: int = setting(integer(1), doc="most recent checkpoints kept on disk")
     source: str = field(compare=False)
 
     @property
@@ -176,6 +236,11 @@ class TrainConfig:
         """Denoising steps trained per sample: floor(window steps * timestep_fraction), at least 1."""
         return max(1, math.floor(self.window_timesteps * self.training.timestep_fraction + 1e-9))
 
+    @property
+    def needs_base_images(self) -> bool:
+        """Whether a reward of weight > 0 needs the base model's images from the same noise."""
+        return any(r.weight > 0 and REWARDS[r.name].needs_base_images for r in self.rewards)
+
     def batch_arithmetic(self, num_processes: int) -> str:
         """A human explanation of how samples, batches and optimizer steps relate, for logs."""
         if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
@@ -210,104 +275,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON data that `config_from_dict` turns back into an equal config."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "source"}
+        return {name: _plain(getattr(self, name)) for name in declared(TrainConfig)}
 
 
-Checker = Callable[[_Check, str, Any], Any]
-
-
-def _call(method: str, *args: Any) -> Checker:
-    """A checker that calls the battery checker's `method(key, value, *args)`."""
-    return lambda c, k, v: getattr(c, method)(k, v, *args)
-
-
-def _num(interval: str) -> Checker:
-    """A finite number in an interval written like '(0, 1]' or '[0, inf)'."""
-    low, high = (float(x) for x in interval[1:-1].split(","))
-
-    def check(c: _Check, key: str, v: Any) -> float | None:
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-              and (low < v if interval[0] == "(" else low <= v)
-              and (v < high if interval[-1] == ")" else v <= high))
-        return float(v) if ok else c.wrong(key, f"a number in {interval}", v)
-    return check
-
-
-def _choice(*allowed: str) -> Checker:
-    def check(c: _Check, key: str, value: Any) -> str | None:
-        if isinstance(value, str) and value in allowed:
-            return value
-        c.add(key, f"{_show(value)} is not allowed{did_you_mean(str(value), allowed)}")
-        return None
-    return check
-
-
-def _bool(c: _Check, key: str, value: Any) -> bool | None:
-    return value if isinstance(value, bool) else c.wrong(key, "true or false", value)
-
-
-def _precision(c: _Check, key: str, value: Any) -> str | None:
-    # YAML 1.1 reads an unquoted `no` as false: take false to mean "no".
-    return "no" if value is False else _choice("no", "fp16", "bf16")(c, key, value)
-
-
-def _int(low: int) -> Checker:
-    return _call("integer", low)
-
-
-_text, _names, _scales, _POSITIVE = _call("text"), _call("str_list"), _call("scales"), _num("(0, inf)")
-_SECTIONS: dict[str, dict[str, Checker]] = {
-    # eta > 1 asks for a step variance above 1 - a_t' (rl.ddim): DDIM's eta runs from 0 (deterministic) to 1
-    "sampling": {"steps": _int(1), "eta": _num("(0, 1]"), "guidance_scales": _scales,
-                 "prompts_per_epoch": _int(1), "group_size": _int(3), "batch_size": _int(1)},
-    "training": {"epochs": _int(1), "inner_epochs": _int(1), "batch_size": _int(1),
-                 "gradient_accumulation_steps": _int(1), "learning_rate": _POSITIVE,
-                 "weight_decay": _num("[0, inf)"), "max_grad_norm": _POSITIVE, "clip_range": _POSITIVE,
-                 "adv_clip_max": _POSITIVE, "timestep_fraction": _num("(0, 1]"),
-                 "timestep_window": _num("(0, 1]"), "kl_coef": _num("[0, inf)"),
-                 "kl_steps": _choice("trained", "chain", "untrained"),
-                 "mixed_precision": _precision, "gradient_checkpointing": _bool, "compile": _bool,
-                 "advantage": _choice("pooled", "group", "tracker"),
-                 "tracker_buffer": _int(1), "tracker_min_count": _int(1)},
-    "lora": {"rank": _int(1), "alpha": _POSITIVE, "targets": _names, "text_encoder_rank": _int(0)},
-    "evaluation": {"classifier": _text, "allow_same_classifier": _bool, "every": _int(0),
-                   "images_per_prompt": _int(1), "guidance_scales": _scales, "steps": _int(1),
-                   "eta": _num("[0, 1]")},
-}
-_OPTIONAL = {"evaluation.allow_same_classifier": False, "evaluation.eta": 0.0, "training.timestep_window": 1.0,
-             "training.compile": False, "training.kl_coef": 0.0,
-             "training.kl_steps": "trained"}
-_TOP: dict[str, Checker] = {
-    "model": _text, "battery": _text, "output_dir": _text, "seed": _int(0), "reward_classifier": _text,
-    "reward_attributes": _names, "validity_threshold": _num("[0, 1)"),
-    "checkpoint_every": _int(1), "keep_checkpoints": _int(1),
-}
-_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "source")
-_CLASSES = {"sampling": SamplingConfig, "training": TrainingConfig, "lora": LoraConfigSpec,
-            "evaluation": EvaluationConfig}
+_SECTIONS: dict[str, type[Any]] = {name: f.metadata["check"].cls for name, f in declared(TrainConfig).items()
+                              if isinstance(f.metadata["check"], Section)}  # derived: section name -> dataclass
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a config file, apply `key=value` overrides (dotted keys; values read as YAML) and validate;
     every problem of the file and the overrides is reported in one ConfigError."""
-    source, c = str(path), _Check()
+    source, c = str(path), Check()
     data: Any = None
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle.read(), Loader=_Loader)
-        if data is None:
-            c.problems.append("file is empty; expected a mapping of config keys")
-    except FileNotFoundError:
-        c.problems.append("config file not found")
-    except (OSError, UnicodeDecodeError) as exc:
-        c.problems.append(f"cannot read config file: {exc}")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        c.problems.append(f"YAML syntax error{where}: {getattr(exc, 'problem', None) or exc}")
+        data = read_yaml(path, "config")
+    except ConfigError as exc:  # the file's problem, reported with those of the overrides
+        c.problems.extend(exc.problems)
     work = copy.deepcopy(dict(data)) if isinstance(data, Mapping) else {}
-    for text in overrides:
-        _override(c, work, text)
+    for override in overrides:
+        _override(c, work, override)
     config = _build(c, work if isinstance(data, Mapping) else data, source) if data is not None else None
     if c.problems or config is None:
         raise ConfigError(source, c.problems)
@@ -316,7 +302,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 def config_from_dict(data: Mapping[str, Any], source: str) -> TrainConfig:
     """Validate config data (as read from YAML) and build a TrainConfig, or raise one ConfigError."""
-    c = _Check()
+    c = Check()
     config = _build(c, data, source)
     if c.problems or config is None:
         raise ConfigError(source, c.problems)
@@ -333,8 +319,10 @@ def with_reward(config: TrainConfig, name: str) -> TrainConfig:
     Raises:
         ConfigError: NAME is not a registered reward (rl.rewards.REWARDS).
     """
-    if name not in REWARDS:
-        raise ConfigError("--reward", [f"--reward: unknown reward {name!r}{did_you_mean(name, REWARDS)}"])
+    try:
+        reward_spec(name)
+    except SuiteError as exc:
+        raise ConfigError("--reward", [f"--reward: {exc}"]) from None
     listed = {r.name: r for r in config.rewards}
     if name not in listed:
         rewards = [RewardConfig(name, 1.0)]
@@ -346,27 +334,28 @@ def with_reward(config: TrainConfig, name: str) -> TrainConfig:
     return config_from_dict({**config.to_dict(), "rewards": [_plain(r) for r in rewards]}, config.source)
 
 
-def _override(c: _Check, data: dict[str, Any], text: str) -> None:
+def _override(c: Check, data: dict[str, Any], override: str) -> None:
     """Apply one `key=value` to `data`, or add a problem naming the override."""
-    key, sep, raw = text.partition("=")
+    key, sep, raw = override.partition("=")
     problem = None if sep and key.strip() else "must be key=value with a dotted key, e.g. seed=1"
     try:
-        value = yaml.load(raw, Loader=_Loader)
+        value = yaml.load(raw, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
     except yaml.YAMLError as exc:
         problem = problem or f"the value is not valid YAML: {getattr(exc, 'problem', None) or exc}"
     if problem is None:
         problem = _assign(data, re.sub(r"\[(\d+)\]", r".\1", key.strip()).split("."), value)
     if problem is not None:
-        c.add(f"override {text!r}", problem)
+        c.add(f"override {override!r}", problem)
 
 
 def _assign(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
-    head, rest = parts[0], parts[1:]
-    if head not in _KEYS:
-        return f"unknown key {head!r}{did_you_mean(head, _KEYS)}"
+    head, rest, keys = parts[0], parts[1:], tuple(declared(TrainConfig))
+    if head not in keys:
+        return f"unknown key {head!r}{did_you_mean(head, keys)}"
     if head in _SECTIONS and rest:
-        if len(rest) > 1 or rest[0] not in _SECTIONS[head]:
-            return f"unknown key {'.'.join(rest)!r} in {head}{did_you_mean(rest[0], _SECTIONS[head])}"
+        sub = tuple(declared(_SECTIONS[head]))
+        if len(rest) > 1 or rest[0] not in sub:
+            return f"unknown key {'.'.join(rest)!r} in {head}{did_you_mean(rest[0], sub)}"
         section = data.setdefault(head, {})
         if not isinstance(section, dict):
             return f"{head} in the file is not a mapping"
@@ -390,114 +379,17 @@ def _assign(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
     return None
 
 
-def _build(c: _Check, data: Any, source: str) -> TrainConfig | None:
+def _build(c: Check, data: Any, source: str) -> TrainConfig | None:
     if not isinstance(data, Mapping):
-        c.problems.append(f"top level must be a mapping of config keys, got {_show(data)}")
+        c.problems.append(f"top level must be a mapping of config keys, got {show(data)}")
         return None
-    d = c.mapping("", data, _KEYS, _KEYS) or {}
-    out: dict[str, Any] = {k: check(c, k, d[k]) if k in d else None for k, check in _TOP.items()}
-    raws: dict[str, dict[str, Any]] = {}
-    for name, checks in _SECTIONS.items():
-        required = [k for k in checks if f"{name}.{k}" not in _OPTIONAL]
-        raws[name] = (c.mapping(name, d[name], tuple(checks), required) if name in d else None) or {}
-        out[name] = {k: check(c, f"{name}.{k}", raws[name][k]) if k in raws[name]
-                     else _OPTIONAL.get(f"{name}.{k}") for k, check in checks.items()}
-    out["rewards"] = _rewards(c, d["rewards"]) if "rewards" in d else None
-    _cross_checks(c, out, raws)
+    values = read_fields(c, TrainConfig, data) or {}
+    raws = {name: dict(data[name]) if isinstance(data.get(name), Mapping) else {} for name in _SECTIONS}
+    cross_checks(c, values, raws)
     if c.problems:
         return None
-    sections = {name: cls(**out[name]) for name, cls in _CLASSES.items()}
-    return TrainConfig(**{**out, **sections, "source": source})
-
-
-def _cross_checks(c: _Check, out: dict[str, Any], raws: dict[str, dict[str, Any]]) -> None:
-    """Batch arithmetic, tracker sizes, model source, battery and attributes, classifier specs."""
-    def ints(section: str, *keys: str) -> list[int] | None:  # raw values: one bad value hides no other
-        good = [v for v in (raws[section].get(k) for k in keys) if type(v) is int and v >= 1]
-        return good if len(good) == len(keys) else None
-
-    if sizes := ints("sampling", "prompts_per_epoch", "group_size"):
-        n, what = sizes[0] * sizes[1], f"sampling.prompts_per_epoch x group_size = {sizes[0]} x {sizes[1]}"
-        for key, b in (("sampling.batch_size", ints("sampling", "batch_size")),
-                       ("training.batch_size", ints("training", "batch_size"))):
-            if b and n % b[0]:
-                c.add(key, f"must divide the samples per epoch ({what} = {n}), got {b[0]}")
-        b = ints("training", "batch_size", "gradient_accumulation_steps")
-        if b and not n % b[0] and n % (b[0] * b[1]):
-            c.add("training.gradient_accumulation_steps",
-                  f"training.batch_size x gradient_accumulation_steps = {b[0]} x {b[1]} = {b[0] * b[1]} must "
-                  f"divide the samples per epoch ({what} = {n}), got {b[1]}")
-    t = out["training"]
-    if sizes := ints("training", "tracker_buffer", "tracker_min_count"):  # whatever the advantage: the trainer
-        if sizes[1] > sizes[0]:  # builds its tracker in every run
-            c.add("training.tracker_min_count", f"must be <= tracker_buffer ({sizes[0]}), got {sizes[1]}")
-    steps, window = out["sampling"].get("steps"), t.get("timestep_window", 1.0)
-    if t.get("kl_coef") and t.get("kl_steps") == "untrained" and isinstance(steps, int) and \
-            isinstance(window, float) and math.ceil(steps * window - 1e-9) >= steps:
-        c.add("training.kl_steps", f"untrained penalises the steps outside training.timestep_window, but a window "
-              f"of {window:g} covers all {steps} steps: choose trained or chain, or a shorter window")
-    if out["model"]:
-        try:
-            check_model_source(out["model"])
-        except SuiteError as exc:
-            c.add("model", str(exc).removeprefix("--model: "))
-    if out["battery"]:
-        _check_battery(c, out["battery"], out["reward_attributes"] or ())
-    spec, evaluator = out["reward_classifier"], out["evaluation"]["classifier"]
-    for key, value in (("reward_classifier", spec), ("evaluation.classifier", evaluator)):
-        c.problems.extend(f"{key}: {p}" for p in (check_classifier_spec(value) if value else []))
-    if spec and spec == evaluator and out["evaluation"]["allow_same_classifier"] is False:
-        c.add("evaluation.classifier",
-              f"{evaluator!r} is also the reward_classifier: a reward classifier equal to the evaluation "
-              "classifier is refused unless explicitly allowed (set evaluation.allow_same_classifier: true)")
-
-
-def _check_battery(c: _Check, path: str, attributes: Sequence[str]) -> None:
-    battery: Battery | None = None
-    try:
-        battery = load_battery(path)
-    except ConfigError as exc:
-        c.problems.extend(f"battery: {exc.source}: {p}" for p in exc.problems)
-    if battery is None:
-        return
-    held = [p.heldout for p in battery.prompts()]
-    if all(held):
-        c.add("battery", f"{path!r} has no training prompts: every prompt is heldout")
-    if not any(held):
-        c.add("battery", f"{path!r} has no heldout prompts, which evaluation runs; add a `heldout` section")
-    for i, name in enumerate(attributes):
-        if name not in battery.attribute_names:
-            c.add(f"reward_attributes[{i}]", f"{name!r} is not an attribute of battery {path!r}"
-                                             f"{did_you_mean(name, battery.attribute_names)}")
-
-
-def _rewards(c: _Check, raw: Any) -> tuple[RewardConfig, ...] | None:
-    items = c.sequence("rewards", raw)
-    out: list[RewardConfig] = []
-    for i, item in enumerate(items or ()):
-        key, before = f"rewards[{i}]", len(c.problems)
-        entry = c.mapping(key, item, (), ("name", "weight")) or {}
-        name = c.text(f"{key}.name", entry["name"]) if "name" in entry else None
-        if name is not None and name not in REWARDS:
-            c.add(f"{key}.name", f"unknown reward {name!r}{did_you_mean(name, REWARDS)}")
-            name = None
-        elif name is not None and any(r.name == name for r in out):
-            c.add(f"{key}.name", f"reward {name!r} is listed twice; list each reward once")
-        weight = c.number(f"{key}.weight", entry["weight"], 0.0) if "weight" in entry else None
-        schema = REWARD_OPTIONS.get(name, {}) if name is not None else {}
-        for option, value in entry.items() if name is not None else ():
-            if option in ("name", "weight"):
-                continue
-            if option not in schema:
-                hint = did_you_mean(option, schema) if schema else "; it takes no options"
-                c.add(f"{key}.{option}", f"unknown option {option!r} of reward {name!r}{hint}")
-            else:
-                _choice(*schema[option])(c, f"{key}.{option}", value)
-        if name is not None and weight is not None and len(c.problems) == before:
-            out.append(RewardConfig(name, weight, tuple((o, entry.get(o, a[0])) for o, a in schema.items())))
-    if items and len(out) == len(items) and not any(r.weight > 0 for r in out):
-        c.add("rewards", "at least one reward needs a weight > 0, got all weights 0")
-    return tuple(out)
+    return TrainConfig(**{**values, **{name: cls(**values[name]) for name, cls in _SECTIONS.items()}},
+                       source=source)
 
 
 def _plain(value: Any) -> Any:

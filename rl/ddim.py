@@ -19,8 +19,8 @@ with a_t the cumulative product of alphas (``scheduler.alphas_cumprod``) and a_t
 ``scheduler.final_alpha_cumprod`` when t' < 0. sigma^2 <= 1 - a_t' for every eta <= 1 (as a_t' <= 1);
 an eta > 1 that makes sigma^2 exceed 1 - a_t' raises ValueError (the square root in mu has no value).
 DDPO (Black et al., ICLR 2024) treats this kernel as the policy pi(x_t' | x_t, c) and uses the MEAN over
-all non-batch dimensions of its log-density as log-prob (see shared/reference/methods.md section 2.2),
-which is what :func:`ddim_step_with_logprob` returns.
+all non-batch dimensions of its log-density as log-prob (docs/methods.md, "The denoising MDP and its
+step log-probability"), which is what :func:`ddim_step_with_logprob` returns.
 
 Timesteps may differ per sample (a tensor of shape (B,)), which lets a trainer evaluate a shuffled
 batch of (sample, timestep) pairs in one UNet call.

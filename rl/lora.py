@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from evalsuite.errors import SuiteError
+from evalsuite.folders import replace_folder
 
 ADAPTER = "default"
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -275,18 +276,8 @@ def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | 
         (tmp / "kohya").mkdir()
         kohya_file = str(tmp / "kohya" / f"{name}.safetensors")
         save_file(kohya_state_dict(unet, text_encoder), kohya_file, metadata=kmeta)
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"dir": out_dir, "diffusers": out_dir / DIFFUSERS_WEIGHTS, "info": out_dir / INFO_FILE,
             "kohya": out_dir / "kohya" / f"{name}.safetensors"}
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and removed after."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -27,7 +26,7 @@ from evalsuite.generate import initial_noise, latent_shape
 
 from .ddim import ddim_step_kl
 from .lora import adapters_disabled
-from .sampling import encode_base_prompts, encode_prompts, guided_eps, sample_trajectories
+from .sampling import SDPipeline, encode_base_prompts, encode_prompts, guided_eps, sample_trajectories
 
 __all__ = ["StepKL", "kl_profile", "profile_table"]
 
@@ -43,7 +42,7 @@ class StepKL:
 
 
 @torch.no_grad()
-def kl_profile(pipe: Any, prompts: Sequence[str], guidance: float, images: int, steps: int, eta: float = 1.0,
+def kl_profile(pipe: SDPipeline, prompts: Sequence[str], guidance: float, images: int, steps: int, eta: float = 1.0,
                seed: int = 0) -> list[StepKL]:
     """Per-step KL of `pipe`'s adapted UNet to its base, averaged over `images` chains per prompt.
 

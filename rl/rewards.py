@@ -1,122 +1,177 @@
-"""Set-level rewards for one prompt's group of G images, with one per-image credit each.
+"""Set-level rewards for one prompt's group of M images, with one per-image credit each, and their registry.
 
 Policy-gradient RL needs one scalar per trajectory, but diversity and balance are properties of a SET.
 Every set reward here is turned into per-image credits by leave-one-out (LOO): the credit of image m is
 how much the set's score drops when m is removed, ``credit_m = S(G) - S(G \\ {m})``; positive means the
 image helps the set. Conventions: every registered reward is "higher is better"; ``drift`` is registered
 as the NEGATIVE distance to the base model's same-noise image, so with its non-negative weight it acts
-as a penalty. ``REWARDS`` holds the names a config may give (rl.config) and the function each names;
-the trainer (rl.train.compute_rewards) computes each term per group, centres it within its group and
-scales it by its pooled within-group spread (rl.advantages.pooled_group_scores), then sums the scaled
-terms with their config weights.
+as a penalty.
+
+The reward contract. A reward is registered once, with :func:`register_reward`: its name (what a config's
+``rewards[i].name`` gives), its options (option -> allowed values, the first the default; what
+``rl.config`` accepts), whether it needs the base model's images from the same noise, and its function.
+The function takes one group's :class:`GroupInputs` and its options as keyword arguments and returns the
+group's (M,) float64 credits. The trainer (`rl.train.compute_rewards`) calls each reward of weight > 0
+on every group, centres the credits within their group and scales them by their pooled within-group
+spread (`rl.advantages.pooled_group_scores`), then sums the scaled terms with their config weights.
+Adding a reward is one decorated function in this module (or in any module imported before the config
+is read).
 
 Diversity reward (Miao et al., "Training Diffusion Models Towards Diverse Image Generation with
-Reinforcement Learning", CVPR 2024). The authors never released code; this is the reconstruction of
-shared/reference/methods.md section 1.3: set reward R_set(G) = -MMD^2_u(G, R) against a reference set R,
-per-image LOO credit computed in closed form in O(M^2 + MN). Features may be attribute-classifier class
-probabilities or their one-hot labels (:func:`hard_labels`; reference: :func:`balanced_reference` /
-:func:`reference_from_target`) or image embeddings
-(CLIP, DINOv2; reference: embeddings of a balanced image set). Kernel, features and credit rule are our
-choices, not verified as Miao's. A fully collapsed group (all features identical) yields identical credits,
-so after per-prompt normalisation it carries no learning signal (methods.md 6.3).
+Reinforcement Learning", CVPR 2024). The authors never released code; this is our reconstruction
+(docs/methods.md, "The set-level diversity reward"): set reward R_set(G) = -MMD^2_u(G, R) against a
+reference set R, per-image LOO credit computed in closed form in O(M^2 + MN) (`rl.mmd`). The features
+are the reward classifier's class probabilities or their one-hot labels (:func:`hard_labels`); the
+reference is :func:`joint_reference` (:func:`balanced_reference` / :func:`reference_from_target` for one
+attribute). Kernel, features and credit rule are our choices, not verified as Miao's. A fully collapsed
+group (all features identical) yields identical credits, so after per-prompt normalisation it carries
+no learning signal (the same section, "Why a collapsed group teaches nothing").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
+from types import MappingProxyType
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evalsuite.battery import AttributeSpec
 from evalsuite.errors import SuiteError, did_you_mean
 
-Kernel = Callable[[Tensor, Tensor], Tensor]
+from .mmd import KERNELS, Kernel, mmd_loo_credit, rbf_kernel
+
+__all__ = [
+    "REFERENCE_POINTS_PER_CLASS", "REWARDS", "GroupInputs", "RewardFn", "RewardSpec", "alignment_reward",
+    "balance_reward", "balanced_reference", "confidence_reward", "diversity_reward", "drift_penalty", "drift_reward",
+    "hard_labels", "joint_reference", "reference_from_target", "register_reward", "reward_spec", "target_shares",
+    "unregister_reward",
+]
+
+# ---------------------------------------------------------------- the contract
+
+RewardFn = Callable[..., Tensor]
+"""A reward: ``fn(group: GroupInputs, **options: str) -> (M,) float64 credits`` (higher is better)."""
+
+F_ = TypeVar("F_", bound=RewardFn)
 
 
-def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
-    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+@dataclass(frozen=True)
+class GroupInputs:
+    """What a reward sees of one group: M images of one prompt at one guidance scale.
+
+    ``probs``: per rewarded attribute (in ``attributes`` order), the reward classifier's (M, K_a) float64
+    class probabilities, with all-zero rows for images it could not read; ``attributes``: the battery's
+    specs of the rewarded attributes (classes, target shares); ``image_emb``: (M, d) image embeddings, as
+    the embedder gives them (float32 for CLIP); ``text_emb``: (d,) the prompt's text embedding, same space;
+    ``base_emb``: (M, d) embeddings of the base model's images from the same noises, or None where no
+    active reward needs them; ``confidence``: (M,) float64, each image's lowest top class probability over
+    the attributes (:func:`confidence_reward`), what the validity gate reads.
+    """
+
+    probs: tuple[Tensor, ...]
+    attributes: tuple[AttributeSpec, ...]
+    image_emb: Tensor
+    text_emb: Tensor
+    base_emb: Tensor | None
+    confidence: Tensor
+
+    @property
+    def size(self) -> int:
+        """M, the number of images of the group."""
+        return int(self.confidence.shape[0])
 
 
-def median_bandwidth(points: Tensor) -> float:
-    """Median heuristic h = sqrt(median / 2) over the squared distances of all pairs i < j of ``points``,
-    so exp(-d^2 / (2 h^2)) = exp(-d^2 / median); 1.0 if the median is 0 (collapsed pool) or n < 2."""
-    rows, cols = torch.triu_indices(points.shape[0], points.shape[0], offset=1)
-    median = float(_sq_dists(points, points)[rows, cols].median()) if rows.numel() else 0.0
-    return math.sqrt(median / 2.0) if median > 0 else 1.0
+@dataclass(frozen=True)
+class RewardSpec:
+    """A registered reward: its name, its options (option -> allowed values, the first the default), its
+    function (:data:`RewardFn`) and whether it needs the base model's same-noise images (the trainer then
+    renders them, which doubles sampling time)."""
+
+    name: str
+    options: Mapping[str, tuple[str, ...]]
+    fn: RewardFn = field(compare=False)
+    needs_base_images: bool = False
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """Each option's default: its first allowed value."""
+        return {option: allowed[0] for option, allowed in self.options.items()}
+
+    def credits(self, group: GroupInputs, options: Mapping[str, str] | None = None) -> Tensor:
+        """The group's (M,) float64 credits with `options` (over the defaults); a SuiteError names an
+        unknown option or value, or a function that breaks the contract."""
+        given = dict(options or {})
+        for option, value in given.items():
+            if option not in self.options:
+                raise SuiteError(f"reward {self.name!r}: unknown option {option!r}"
+                                 f"{did_you_mean(option, self.options) if self.options else '; it takes no options'}")
+            if value not in self.options[option]:
+                raise SuiteError(f"reward {self.name!r}: option {option}={value!r} is not allowed"
+                                 f"{did_you_mean(str(value), self.options[option])}")
+        values = self.fn(group, **{**self.defaults, **given})
+        if not isinstance(values, Tensor) or tuple(values.shape) != (group.size,):
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise SuiteError(f"reward {self.name!r} returned {shape} for a group of {group.size} images; a reward "
+                             f"returns one credit per image, shape ({group.size},)")
+        return values.double()
 
 
-def rbf_kernel(x: Tensor, y: Tensor, bandwidth: float | None = None) -> Tensor:
-    """Gaussian kernel exp(-||x - y||^2 / (2 h^2)), shape (len(x), len(y)). With ``bandwidth=None``, h is
-    :func:`median_bandwidth` of the pooled points: ``x`` alone if ``y is x`` (the MMD functions call the
-    kernel once on cat(gen, ref), so one h serves all blocks), else cat(x, y)."""
-    h = bandwidth if bandwidth is not None else median_bandwidth(x if y is x else torch.cat([x, y]))
-    if h <= 0:
-        raise SuiteError(f"rbf_kernel: bandwidth must be > 0, got {h}")
-    return torch.exp(-_sq_dists(x, y) / (2.0 * h * h))
+REWARDS: dict[str, RewardSpec] = {}
+"""Every registered reward by name: what a config may name and what the trainer calls."""
+
+_RESERVED = ("name", "weight")  # keys of a config's reward entry besides the options
 
 
-def poly3_kernel(x: Tensor, y: Tensor) -> Tensor:
-    """KID cubic polynomial kernel (x^T y / d + 1)^3 (Binkowski et al., ICLR 2018)."""
-    return (x @ y.T / x.shape[-1] + 1.0) ** 3
+def register_reward(name: str, *, needs_base_images: bool = False,
+                    **options: Sequence[str]) -> Callable[[F_], F_]:
+    """Decorator that registers ``fn`` as the reward ``name`` with its ``options`` (option -> allowed
+    values, the first the default) and returns ``fn`` unchanged.
+
+    A name that is taken by another function, an option named ``name`` or ``weight``, or an option
+    without allowed values (or with repeated or non-str ones) raises ValueError (a programming error);
+    registering the same function again (e.g. after ``importlib.reload``) replaces the entry.
+    """
+    checked: dict[str, tuple[str, ...]] = {}
+    for option, allowed in options.items():
+        values = tuple(allowed)
+        if option in _RESERVED or not values or len(set(values)) != len(values) \
+                or not all(isinstance(v, str) and v for v in values):
+            raise ValueError(f"register_reward({name!r}): option {option!r} needs unique non-empty str values, "
+                             f"and may not be called {' or '.join(_RESERVED)}; got {values!r}")
+        checked[option] = values
+
+    def record(fn: F_) -> F_:
+        old = REWARDS.get(name)
+        if old is not None and _origin(old.fn) != _origin(fn):
+            raise ValueError(f"register_reward: {name!r} is already registered to {_origin(old.fn)}")
+        REWARDS[name] = RewardSpec(name, MappingProxyType(checked), fn, needs_base_images)
+        return fn
+    return record
 
 
-def linear_kernel(x: Tensor, y: Tensor) -> Tensor:
-    """x^T y; MMD^2_u is then an unbiased estimate of ||mean(G) - mean(R)||^2."""
-    return x @ y.T
+def unregister_reward(name: str) -> RewardSpec:
+    """Remove the reward ``name`` from the registry and return it (KeyError if it is not registered)."""
+    return REWARDS.pop(name)
 
 
-KERNELS: dict[str, Kernel] = {"rbf": rbf_kernel, "poly3": poly3_kernel, "linear": linear_kernel}
+def reward_spec(name: str) -> RewardSpec:
+    """The registered reward ``name``; SuiteError "unknown reward ... (did you mean ...)" otherwise."""
+    if name not in REWARDS:
+        raise SuiteError(f"unknown reward {name!r}{did_you_mean(name, REWARDS)}")
+    return REWARDS[name]
 
 
-def resolve_kernel(kernel: str | Kernel) -> Kernel:
-    """A kernel function by name (see KERNELS), or the callable itself."""
-    if not isinstance(kernel, str):
-        return kernel
-    if kernel not in KERNELS:
-        raise SuiteError(f"unknown kernel '{kernel}'{did_you_mean(kernel, KERNELS)}")
-    return KERNELS[kernel]
+def _origin(fn: Callable[..., object]) -> tuple[str, str]:
+    return (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)))
 
 
-def _blocks(gen: Tensor, ref: Tensor, kernel: str | Kernel, min_m: int) -> tuple[Tensor, Tensor, Tensor]:
-    if gen.ndim != 2 or ref.ndim != 2 or gen.shape[1] != ref.shape[1]:
-        raise SuiteError(f"MMD: need gen (M,d) and ref (N,d), got {tuple(gen.shape)} and {tuple(ref.shape)}")
-    m, n = gen.shape[0], ref.shape[0]
-    if m < min_m or n < 2:
-        raise SuiteError(f"MMD: need at least {min_m} generated and 2 reference points, got M={m}, N={n}")
-    pooled = torch.cat([gen, ref.to(gen.dtype)])
-    k = resolve_kernel(kernel)(pooled, pooled)
-    return k[:m, :m], k[m:, m:], k[:m, m:]
-
-
-def mmd2_unbiased(gen: Tensor, ref: Tensor, kernel: str | Kernel = "rbf") -> Tensor:
-    """Unbiased squared MMD (Gretton et al., JMLR 2012), methods.md 1.3:
-
-    1/(M(M-1)) sum_{i!=j} k(g_i,g_j) + 1/(N(N-1)) sum_{a!=b} k(r_a,r_b) - 2/(MN) sum_{i,a} k(g_i,r_a)."""
-    kgg, krr, kgr = _blocks(gen, ref, kernel, 2)
-    m, n = kgg.shape[0], krr.shape[0]
-    return (
-        (kgg.sum() - kgg.trace()) / (m * (m - 1))
-        + (krr.sum() - krr.trace()) / (n * (n - 1))
-        - 2.0 * kgr.sum() / (m * n)
-    )
-
-
-def mmd_loo_credit(gen: Tensor, ref: Tensor, kernel: str | Kernel = "rbf") -> Tensor:
-    """r_m = MMD^2_u(G \\ {m}, R) - MMD^2_u(G, R), shape (M,), closed form of methods.md 1.3 (M >= 3).
-
-    With S_m = sum_{j!=m} k(g_m,g_j), T_m = sum_a k(g_m,r_a), Gs = sum_m S_m, C = sum_m T_m:
-    MMD^2_u(G\\{m},R) = (Gs - 2 S_m)/((M-1)(M-2)) + R_term - 2 (C - T_m)/((M-1) N); R_term cancels."""
-    kgg, krr, kgr = _blocks(gen, ref, kernel, 3)
-    m, n = kgg.shape[0], krr.shape[0]
-    s = kgg.sum(1) - kgg.diagonal()
-    t = kgr.sum(1)
-    gs, c = s.sum(), t.sum()
-    full = gs / (m * (m - 1)) - 2.0 * c / (m * n)
-    loo = (gs - 2.0 * s) / ((m - 1) * (m - 2)) - 2.0 * (c - t) / ((m - 1) * n)
-    return loo - full
+# ---------------------------------------------------------------- the maths of each reward
 
 
 def diversity_reward(
@@ -141,7 +196,7 @@ def hard_labels(probs: Tensor) -> Tensor:
     the class it is read as, so the reward pays for images read as a rare class and nothing for drifting
     toward one. The cost: a collapsed group's identical labels give identical credits, so no signal at
     all after normalisation. Our design, not Miao et al.'s; measured on the miniature model it cost
-    validity and hats (docs/rl-miniature-comparison.md)."""
+    validity and hats (docs/notes/rl-miniature-comparison.md)."""
     if probs.ndim != 2:
         raise SuiteError(f"hard_labels: need (M, K) probabilities, got {tuple(probs.shape)}")
     onehot = F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
@@ -239,15 +294,90 @@ def drift_penalty(emb: Tensor, base_emb: Tensor) -> Tensor:
 
 
 def drift_reward(emb: Tensor, base_emb: Tensor) -> Tensor:
-    """-drift_penalty (higher is better), the registered "drift" reward."""
+    """-drift_penalty (higher is better), the credit of the "drift" reward."""
     return -drift_penalty(emb, base_emb)
 
 
-# The reward names a config may give, and the function each names (rl.train.compute_rewards calls them).
-REWARDS: dict[str, Callable[..., Tensor]] = {
-    "diversity": diversity_reward,  # (features (M,d), reference (N,d), kernel=..., bandwidth=...)
-    "balance": balance_reward,  # (probs (M,K), target (K,), mode="kl" | "entropy")
-    "alignment": alignment_reward,  # (image_emb (M,d), text_emb (d,) or (M,d))
-    "drift": drift_reward,  # (emb (M,d), base_emb (M,d)); returns the negative distance
-    "confidence": confidence_reward,  # ([probs (M,K_a) per attribute]); the top probability, min over attributes
-}
+
+def target_shares(attribute: AttributeSpec, reference: str) -> Tensor:
+    """(K,) float64 class shares to aim at for one attribute: ``uniform`` (1/K each) or ``target`` (the
+    battery's target distribution)."""
+    if reference not in ("uniform", "target"):
+        hint = did_you_mean(reference, ("uniform", "target"))
+        raise SuiteError(f"target_shares: unknown reference {reference!r}{hint}")
+    k = len(attribute.classes)
+    if reference == "uniform":
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+    return torch.tensor(attribute.target).double()
+
+
+def joint_reference(attributes: Sequence[AttributeSpec], reference: str, n: int) -> Tensor:
+    """The diversity reward's reference set: n points, each the one-hot class vectors of every attribute
+    concatenated (shape (n, sum K_a)), drawn in proportion to the joint target, the product of the
+    per-attribute :func:`target_shares` (rounded by :func:`reference_from_target`)."""
+    targets = [target_shares(a, reference) for a in attributes]
+    joint = targets[0]
+    for t in targets[1:]:
+        joint = torch.outer(joint, t).flatten()
+    rows = reference_from_target(joint.tolist(), n)  # (n, prod K) one-hot over joint classes
+    sizes = [len(a.classes) for a in attributes]
+    decode = torch.zeros(int(math.prod(sizes)), sum(sizes), dtype=torch.float64)
+    for j in range(decode.shape[0]):  # joint class j -> its class per attribute, first attribute most significant
+        rem, offset, digits = j, 0, []
+        for size in reversed(sizes):
+            digits.append(rem % size)
+            rem //= size
+        for size, d in zip(sizes, reversed(digits)):
+            decode[j, offset + d] = 1.0
+            offset += size
+    return rows.double() @ decode
+
+
+# ---------------------------------------------------------------- the registered rewards
+
+REFERENCE_POINTS_PER_CLASS = 16
+"""Reference points of the diversity reward per class of the rewarded attribute with the most classes."""
+
+
+@register_reward("diversity", kernel=tuple(KERNELS), features=("probs", "labels"), reference=("uniform", "target"))
+def diversity_term(group: GroupInputs, *, kernel: str, features: str, reference: str) -> Tensor:
+    """:func:`diversity_reward` of the group's features against :func:`joint_reference`.
+
+    features: ``probs``, the class probabilities concatenated over the attributes, or ``labels``, their
+    one-hot :func:`hard_labels` (an image painted between two classes then counts only as the class it is
+    read as). reference: ``uniform`` (balanced over the classes) or ``target`` (the battery's target)."""
+    rows = [hard_labels(p) for p in group.probs] if features == "labels" else list(group.probs)
+    n = REFERENCE_POINTS_PER_CLASS * max(len(a.classes) for a in group.attributes)
+    ref = joint_reference(group.attributes, reference, n)
+    return diversity_reward(torch.cat(rows, 1).double(), ref, kernel=kernel).double()
+
+
+@register_reward("balance", mode=("kl", "entropy"), reference=("uniform", "target"))
+def balance_term(group: GroupInputs, *, mode: str, reference: str) -> Tensor:
+    """:func:`balance_reward` summed over the attributes: mode ``kl`` (-KL of the group's histogram to
+    the reference shares) or ``entropy``; reference ``uniform`` or ``target`` (:func:`target_shares`)."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for attribute, probs in zip(group.attributes, group.probs, strict=True):
+        total = total + balance_reward(probs.double(), target_shares(attribute, reference), mode=mode)
+    return total
+
+
+@register_reward("alignment")
+def alignment_term(group: GroupInputs) -> Tensor:
+    """:func:`alignment_reward` of the images to their prompt (penalises drifting off-prompt)."""
+    return alignment_reward(group.image_emb, group.text_emb).double()
+
+
+@register_reward("drift", needs_base_images=True, features=("embedding",))
+def drift_term(group: GroupInputs, *, features: str) -> Tensor:
+    """:func:`drift_reward`: minus the embedding distance to the base model's image from the same noise.
+    features: ``embedding`` (the image embedder's), the only one built."""
+    if group.base_emb is None:
+        raise SuiteError("reward 'drift' needs the base model's images from the same noise; none were rendered")
+    return drift_reward(group.image_emb, group.base_emb).double()
+
+
+@register_reward("confidence")
+def confidence_term(group: GroupInputs) -> Tensor:
+    """The reward classifier's confidence in each image (:func:`confidence_reward`)."""
+    return group.confidence.double()

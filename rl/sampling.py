@@ -1,22 +1,66 @@
 """Sampling the denoising MDP: DDIM with eta > 0 under classifier-free guidance, recording every latent
-and every step's log-probability (DDPO, Black et al. 2024; methods.md section 2.2).
+and every step's log-probability (DDPO, Black et al., ICLR 2024; docs/methods.md, "The denoising MDP and
+its step log-probability").
 
 The policy is the *guided* kernel: ε̂ = ε_u + g·(ε_c − ε_u) with the group's guidance scale g (g = 1
 uses the conditional prediction alone), then the stochastic DDIM step of `rl.ddim`. The per-step
 noise comes from one seeded generator per call, so the same call with the adapters switched off gives
-the base model's image from the same noise (the drift reward's reference).
+the base model's image from the same noise (the drift reward's reference). :class:`SDPipeline` names
+the parts of a Stable-Diffusion-like pipeline that sampling and training drive.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from torch import Tensor
 
 from .ddim import ddim_step_kl, ddim_step_with_logprob
 from .lora import adapters_disabled
+
+__all__ = [
+    "SDPipeline", "Tokenizer", "Trajectories", "encode_base_prompts", "encode_prompts", "guided_eps",
+    "sample_trajectories", "step_log_prob", "step_log_prob_and_kl",
+]
+
+
+class Tokenizer(Protocol):
+    """A Hugging Face tokenizer as the pipeline's text encoder needs it: called on prompts, padded to
+    ``model_max_length``, it returns an encoding with ``input_ids`` (N, L)."""
+
+    model_max_length: int
+
+    def __call__(self, text: list[str], *, padding: str, max_length: int, truncation: bool,
+                 return_tensors: str) -> Any: ...
+
+
+class VAE(Protocol):
+    """The pipeline's autoencoder: ``decode(z).sample`` gives images in [-1, 1]; latents are scaled by
+    ``config.scaling_factor``."""
+
+    config: Any
+
+    def decode(self, z: Tensor) -> Any: ...
+
+    def requires_grad_(self, requires_grad: bool = True) -> Any: ...
+
+
+class SDPipeline(Protocol):
+    """The parts of a diffusers Stable-Diffusion-like pipeline (e.g. StableDiffusionPipeline) that the
+    trainer drives: a conditional UNet, a text encoder with its tokenizer, a VAE, a DDIM scheduler (the
+    trainer swaps one in) and the device they run on."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Tokenizer
+    vae: VAE
+    scheduler: DDIMScheduler
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass
@@ -32,14 +76,14 @@ class Trajectories:
         return self.latents[:, -1]
 
 
-def encode_prompts(pipe: Any, prompts: list[str]) -> Tensor:
+def encode_prompts(pipe: SDPipeline, prompts: list[str]) -> Tensor:
     """The text encoder's last hidden states (N, L, D) for `prompts`, padded to the tokenizer's length."""
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
 
 
-def encode_base_prompts(pipe: Any, prompts: list[str]) -> Tensor:
+def encode_base_prompts(pipe: SDPipeline, prompts: list[str]) -> Tensor:
     """`encode_prompts` by the base model: every adapter of the text encoder switched off (a no-op for a
     text encoder without adapters)."""
     with adapters_disabled(pipe.text_encoder):
@@ -70,37 +114,38 @@ def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond
 
 
 @torch.no_grad()
-def sample_trajectories(unet: torch.nn.Module, scheduler: object, cond: Tensor, uncond: Tensor, scales: Tensor,
-                        noise: Tensor, steps: int, eta: float, seed: int, fixed_shape: bool = False) -> Trajectories:
+def sample_trajectories(unet: torch.nn.Module, scheduler: DDIMScheduler, cond: Tensor, uncond: Tensor,
+                        scales: Tensor, noise: Tensor, steps: int, eta: float, seed: int,
+                        fixed_shape: bool = False) -> Trajectories:
     """Sample N chains from initial `noise` (N, C, H, W) with conditioning `cond` (N, L, D)."""
-    scheduler.set_timesteps(steps, device=noise.device)  # type: ignore[attr-defined]
-    timesteps = scheduler.timesteps  # type: ignore[attr-defined]
+    scheduler.set_timesteps(steps, device=noise.device)
+    timesteps = scheduler.timesteps
     gen = torch.Generator("cpu").manual_seed(seed)
-    x = noise * scheduler.init_noise_sigma  # type: ignore[attr-defined]
+    x = noise * scheduler.init_noise_sigma
     latents, log_probs = [x], []
     for t in timesteps:
         tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
         eps = guided_eps(unet, x, tt, cond, uncond, scales, fixed_shape)
         z = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-        x, logp = ddim_step_with_logprob(scheduler, eps, tt, x, eta, variance_noise=z)  # type: ignore[arg-type]
+        x, logp = ddim_step_with_logprob(scheduler, eps, tt, x, eta, variance_noise=z)
         latents.append(x)
         log_probs.append(logp)
     return Trajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), timesteps.clone())
 
 
-def step_log_prob(unet: torch.nn.Module, scheduler: object, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Tensor,
-                  uncond: Tensor, scales: Tensor, eta: float, fixed_shape: bool = False) -> Tensor:
+def step_log_prob(unet: torch.nn.Module, scheduler: DDIMScheduler, x_t: Tensor, x_prev: Tensor, t: Tensor,
+                  cond: Tensor, uncond: Tensor, scales: Tensor, eta: float, fixed_shape: bool = False) -> Tensor:
     """Log-probability under the current policy of the recorded step x_t -> x_prev (with gradients)."""
     eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
-    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)  # type: ignore[arg-type]
+    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
     return logp
 
 
-def step_log_prob_and_kl(unet: torch.nn.Module, scheduler: object, x_t: Tensor, x_prev: Tensor, t: Tensor,
+def step_log_prob_and_kl(unet: torch.nn.Module, scheduler: DDIMScheduler, x_t: Tensor, x_prev: Tensor, t: Tensor,
                          cond: Tensor, uncond: Tensor, scales: Tensor, eta: float, ref_eps: Tensor,
                          fixed_shape: bool = False) -> tuple[Tensor, Tensor]:
     """`step_log_prob`, and the KL of the policy's step at x_t to the step the reference model's guided
     output `ref_eps` gives (`rl.ddim.ddim_step_kl`; DPOK's per-step penalty), both with gradients."""
     eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
-    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)  # type: ignore[arg-type]
-    return logp, ddim_step_kl(scheduler, eps, ref_eps.detach(), t, x_t, eta)  # type: ignore[arg-type]
+    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
+    return logp, ddim_step_kl(scheduler, eps, ref_eps.detach(), t, x_t, eta)

@@ -4,9 +4,11 @@ Reads top to bottom: config -> build -> evaluate the base model -> loop over epo
 reward, advantage, PPO update, log, checkpoint} -> save the adapter -> evaluate the tuned model.
 
 Sources: DDPO (Black et al., ICLR 2024) for the MDP, the per-step log-probability, the clipped
-importance ratio and the per-prompt statistics; Miao et al. (CVPR 2024) for the set-level diversity
-reward, reconstructed as the leave-one-out credit of an unbiased MMD² to a balanced reference
-(../shared/reference/methods.md 1.3; their code was never released).
+importance ratio and the per-prompt statistics (docs/methods.md, "The denoising MDP and its step
+log-probability" and "Advantages and the PPO update"); Miao et al. (CVPR 2024) for the set-level
+diversity reward, reconstructed as the leave-one-out credit of an unbiased MMD² to a balanced reference
+(docs/methods.md, "The set-level diversity reward"; their code was never released); DPOK (Fan et al.,
+NeurIPS 2023) for the per-step KL to the base model (docs/methods.md, "KL to the base model").
 
 Choices made here (documented in rl/configs/miniature.yaml too):
 * Each group is G images of one prompt at one guidance scale drawn from the training schedule; the
@@ -33,21 +35,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evalsuite.battery import Battery, battery_from_dict, load_battery
-from evalsuite.classifiers import ClassifierContext, get_classifier, get_embedder
+from evalsuite.battery import AttributeSpec, Battery, battery_from_dict, load_battery
+from evalsuite.classifiers import (
+    AttributeClassifier,
+    AttributeOutput,
+    ClassifierContext,
+    ImageEmbedder,
+    get_classifier,
+    get_embedder,
+)
 from evalsuite.errors import SuiteError
 from evalsuite.generate import initial_noise, latent_shape, to_uint8
 from evalsuite.models import attention_order, load_model
+from evalsuite.results.schema import dominant_class, label_index
 
 from .advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from .checkpoint import (
@@ -62,16 +72,9 @@ from .compare import class_table, compare_runs, to_markdown, validity_by_class
 from .config import TrainConfig, config_from_dict
 from .ddim import ddim_step_kl
 from .lora import adapters_disabled, add_lora, cast_frozen, lora_named_parameters, save_adapter
-from .rewards import (
-    alignment_reward,
-    balance_reward,
-    confidence_reward,
-    diversity_reward,
-    drift_reward,
-    hard_labels,
-    reference_from_target,
-)
+from .rewards import REWARDS, GroupInputs, confidence_reward
 from .sampling import (
+    SDPipeline,
     encode_base_prompts,
     encode_prompts,
     guided_eps,
@@ -79,6 +82,9 @@ from .sampling import (
     step_log_prob,
     step_log_prob_and_kl,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("rl")
 
@@ -103,7 +109,7 @@ class Rewards(NamedTuple):
     total: torch.Tensor  # (N,) float32: the weighted sum of the normalised terms, validity-gated
     parts: dict[str, torch.Tensor]  # reward name -> (N,) float64 raw term values (weight > 0 only)
     valid: torch.Tensor  # (N,) bool: reward-classifier confidence >= validity_threshold
-    outputs: dict[str, Any]  # the reward classifier's output per attribute name (ClassifierOutput)
+    outputs: dict[str, AttributeOutput]  # the reward classifier's output per attribute name
 
 
 def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
@@ -128,7 +134,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     assert n % (cfg.training.batch_size * cfg.training.gradient_accumulation_steps) == 0
 
     model = load_model(cfg.model, device=str(acc.device))
-    pipe = model.pipe
+    pipe: SDPipeline = model.pipe
     from diffusers import DDIMScheduler
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -147,23 +153,26 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
     if acc.device.type == "cuda":  # let cuDNN time its conv kernels (GPU runs then vary in the last bits)
         torch.backends.cudnn.benchmark = True
     if cfg.training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        cast(Any, unet).enable_gradient_checkpointing()  # a diffusers ModelMixin method
     if cfg.training.compile:
         unet.compile(dynamic=False)  # in place: the sampling (unwrapped) and training (prepared) calls share it
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     unet, optimizer = acc.prepare(unet, optimizer)
 
-    def trainable() -> dict[str, Any]:
+    def trainable() -> dict[str, torch.nn.Parameter]:
         return lora_named_parameters(acc.unwrap_model(unet), text_encoder if cfg.lora.text_encoder_rank else None)
 
-    ctx = ClassifierContext(device=str(acc.device), miniature=model.is_miniature)
+    ctx = ClassifierContext(device=str(acc.device), profile=model.profile)
     reward_clf = get_classifier(cfg.reward_classifier, ctx)
     embedder = get_embedder("clip", ctx)
     attrs = [battery.attribute(a) for a in cfg.reward_attributes]
     problems = reward_clf.check(attrs)
     if problems:
         raise SuiteError(f"reward_classifier '{cfg.reward_classifier}': " + "; ".join(problems))
-    monitor = get_classifier(cfg.evaluation.classifier, ctx) if model.is_miniature else None
+    # the evaluation classifier reads every epoch's images too where it is one of the model's exact readers
+    # (`ModelProfile.exact_readers`, such as the miniature world's oracle): cheap, and exact
+    exact = cfg.evaluation.classifier in model.profile.exact_readers
+    monitor = get_classifier(cfg.evaluation.classifier, ctx) if exact else None
     tracker = PerPromptStatTracker(cfg.training.tracker_buffer, cfg.training.tracker_min_count)
     text_emb = dict(zip(train_prompts, torch.from_numpy(embedder.embed_texts(train_prompts))))
 
@@ -194,13 +203,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
         with acc.autocast(), attention_order(acc.device):
             batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
         rewards = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
-        if cfg.training.advantage == "pooled":
-            adv = pooled_group_scores(rewards.total, batch.group)
-        elif cfg.training.advantage == "group":
-            adv = group_zscore(rewards.total, batch.group)
-        else:
-            keys = [f"{p}|g={s:g}" for p, s in zip(batch.prompts, batch.scales.tolist())]
-            adv = torch.from_numpy(tracker.update(keys, rewards.total.numpy())).float()
+        adv = compute_advantages(cfg, batch, rewards, tracker)
         with attention_order(acc.device):
             stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
         row = log_row(epoch, batch, rewards, stats, monitor, attrs)
@@ -252,8 +255,10 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
 
 
 @torch.no_grad()
-def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epoch: int,
+def sample_epoch(cfg: TrainConfig, pipe: SDPipeline, unet: torch.nn.Module, prompts: list[str], epoch: int,
                  rank: int) -> Batch:
+    """Draw the epoch's groups (a prompt and a guidance scale each) and sample their trajectories; with a
+    reward that needs them, the base model's images from the same noises too (adapters off)."""
     s = cfg.sampling
     rng = np.random.default_rng([cfg.seed, epoch, rank])
     chosen = rng.choice(len(prompts), size=s.prompts_per_epoch, replace=len(prompts) < s.prompts_per_epoch)
@@ -264,8 +269,8 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
     batch_seeds = rng.integers(0, 2**62, size=len(per_sample) // s.batch_size).tolist()
     noise = initial_noise(seeds, latent_shape(pipe)).to(pipe.device)
     uncond = encode_prompts(pipe, [""])
-    drift = any(r.name == "drift" and r.weight > 0 for r in cfg.rewards)
-    if drift:  # the base model's image: its own text encoder too
+    with_base = cfg.needs_base_images
+    if with_base:  # the base model's image: its own text encoder too
         base_uncond = encode_base_prompts(pipe, [""])
     chunks, base = [], []
     for k in range(0, len(per_sample), s.batch_size):
@@ -273,7 +278,7 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
         cond = encode_prompts(pipe, per_sample[sl])
         rest = (g[sl].to(pipe.device), noise[sl], s.steps, s.eta, batch_seeds[k // s.batch_size], cfg.training.compile)
         chunks.append(sample_trajectories(unet, pipe.scheduler, cond, uncond, *rest))
-        if drift:
+        if with_base:
             base_cond = encode_base_prompts(pipe, per_sample[sl])
             with adapters_disabled(unet):
                 base.append(sample_trajectories(unet, pipe.scheduler, base_cond, base_uncond, *rest).final)
@@ -289,43 +294,28 @@ def sample_epoch(cfg: TrainConfig, pipe: Any, unet: Any, prompts: list[str], epo
                  base_images=decode(torch.cat(base)) if base else None)
 
 
-def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, attrs: list[Any],
-                    text_emb: dict[str, torch.Tensor]) -> Rewards:
+def compute_rewards(cfg: TrainConfig, batch: Batch, clf: AttributeClassifier, embedder: ImageEmbedder,
+                    attrs: Sequence[AttributeSpec], text_emb: Mapping[str, torch.Tensor]) -> Rewards:
     """Total reward per image (higher is better), the raw components, the validity mask and the reward
-    classifier's outputs (`Rewards`). Each term with weight > 0 is computed per group by its function in
-    rl.rewards, centred within its group and scaled by its pooled within-group spread
-    (`pooled_group_scores`), then weighted and summed; invalid images get their group's lowest total - 1."""
+    classifier's outputs (`Rewards`). Each reward of weight > 0 gives every group its credits (its
+    registered function on the group's `GroupInputs`, `rl.rewards.REWARDS`); each term is centred within
+    its group and scaled by its pooled within-group spread (`pooled_group_scores`), then weighted and
+    summed; invalid images get their group's lowest total - 1."""
     outputs = clf.classify(batch.images, attrs)
-    probs = [torch.from_numpy(np.nan_to_num(outputs[a.name].probs, nan=0.0)) for a in attrs]
+    probs = [torch.from_numpy(np.nan_to_num(outputs[a.name].probs, nan=0.0)).double() for a in attrs]
     conf = confidence_reward(probs)
     valid = conf >= cfg.validity_threshold
     emb = torch.from_numpy(embedder.embed_images(batch.images))
     base_emb = torch.from_numpy(embedder.embed_images(batch.base_images)) if batch.base_images is not None else None
-    feats = torch.cat(probs, 1).double()
-    parts: dict[str, torch.Tensor] = {}
     active = [r for r in cfg.rewards if r.weight > 0]  # a zero weight switches a term off (drift: no base images)
-    for r in active:
-        opts = r.options_dict
-        values = torch.zeros(len(batch.prompts), dtype=torch.float64)
-        if r.name == "diversity":
-            labels = opts.get("features") == "labels"
-            features = torch.cat([hard_labels(p) for p in probs], 1).double() if labels else feats
-            ref = _reference(attrs, opts.get("reference", "uniform"), 16 * max(len(a.classes) for a in attrs))
-        for gid in batch.group.unique():
-            m = batch.group == gid
-            if r.name == "diversity":
-                values[m] = diversity_reward(features[m], ref, kernel=opts.get("kernel", "rbf")).double()
-            elif r.name == "balance":
-                values[m] = sum(balance_reward(p[m].double(), _target(a, opts.get("reference", "uniform")),
-                                               mode=opts.get("mode", "kl")) for a, p in zip(attrs, probs))
-            elif r.name == "alignment":
-                values[m] = alignment_reward(emb[m], text_emb[batch.prompts[int(m.nonzero()[0])]]).double()
-            elif r.name == "drift":
-                assert base_emb is not None
-                values[m] = drift_reward(emb[m], base_emb[m]).double()
-            elif r.name == "confidence":
-                values[m] = conf[m].double()
-        parts[r.name] = values
+    parts = {r.name: torch.zeros(len(batch.prompts), dtype=torch.float64) for r in active}
+    for gid in batch.group.unique():
+        m = batch.group == gid
+        group = GroupInputs(probs=tuple(p[m] for p in probs), attributes=tuple(attrs), image_emb=emb[m],
+                            text_emb=text_emb[batch.prompts[int(m.nonzero()[0])]],
+                            base_emb=base_emb[m] if base_emb is not None else None, confidence=conf[m])
+        for r in active:
+            parts[r.name][m] = REWARDS[r.name].credits(group, r.options_dict)
     total = torch.zeros(len(batch.prompts), dtype=torch.float64)
     for r in active:
         total += r.weight * pooled_group_scores(parts[r.name], batch.group)
@@ -336,129 +326,201 @@ def compute_rewards(cfg: TrainConfig, batch: Batch, clf: Any, embedder: Any, att
     return Rewards(total.float(), parts, valid, outputs)
 
 
-def _target(attr: Any, mode: str) -> torch.Tensor:
-    k = len(attr.classes)
-    return torch.full((k,), 1.0 / k, dtype=torch.float64) if mode == "uniform" else torch.tensor(attr.target).double()
+def compute_advantages(cfg: TrainConfig, batch: Batch, rewards: Rewards,
+                       tracker: PerPromptStatTracker) -> torch.Tensor:
+    """(N,) float32 advantages of `training.advantage`: pooled (`pooled_group_scores`), group
+    (`group_zscore`) or tracker (DDPO's per-prompt statistics, a prompt at each guidance scale apart)."""
+    advantage = cfg.training.advantage
+    if advantage == "pooled":
+        return pooled_group_scores(rewards.total, batch.group)
+    if advantage == "group":
+        return group_zscore(rewards.total, batch.group)
+    keys = [f"{p}|g={s:g}" for p, s in zip(batch.prompts, batch.scales.tolist())]
+    return torch.from_numpy(tracker.update(keys, rewards.total.numpy())).float()
 
 
-def _reference(attrs: list[Any], mode: str, n: int) -> torch.Tensor:
-    """Reference points for the MMD: one-hot class vectors (concatenated over attributes) drawn in
-    proportion to the joint target (the product of the per-attribute targets)."""
-    targets = [_target(a, mode) for a in attrs]
-    joint = targets[0]
-    for t in targets[1:]:
-        joint = torch.outer(joint, t).flatten()
-    rows = reference_from_target(joint.tolist(), n)  # (n, prod K) one-hot over joint classes
-    sizes = [len(a.classes) for a in attrs]
-    decode = torch.zeros(int(math.prod(sizes)), sum(sizes), dtype=torch.float64)
-    for j in range(decode.shape[0]):
-        rem, offset, digits = j, 0, []
-        for size in reversed(sizes):
-            digits.append(rem % size)
-            rem //= size
-        for size, d in zip(sizes, reversed(digits)):
-            decode[j, offset + d] = 1.0
-            offset += size
-    return rows.double() @ decode
+# ---------------------------------------------------------------- the PPO update and its steps
 
 
-def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, optimizer: Any, batch: Batch,
-               adv: torch.Tensor, epoch: int, rank: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class _MicroBatch:
+    """One training micro-batch: its samples and, per sample, the steps of its trained terms."""
+
+    idx: torch.Tensor  # (B,) sample indices into the batch
+    prompts: list[str]  # (B,)
+    scales: torch.Tensor  # (B,) guidance scales, on the device
+    steps: torch.Tensor  # (B, train_timesteps): term j trains step steps[:, j] of each chain
+    late: torch.Tensor | None  # (B, kl_only_timesteps): term j < kl_only_timesteps also penalises late[:, j]
+
+
+@dataclass
+class _Text:
+    """The text conditioning of a micro-batch: the policy's and (with a KL penalty) the base model's."""
+
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+    base_cond: torch.Tensor | None = None
+    base_uncond: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Update:
+    """What one epoch's PPO update works on; its methods are the steps of one trained term."""
+
+    cfg: TrainConfig
+    acc: Accelerator
+    pipe: SDPipeline
+    unet: torch.nn.Module  # the policy, as prepared by accelerate (wrapped for several processes)
+    batch: Batch
+    adv: torch.Tensor  # (N,)
+
+    @property
+    def text_lora(self) -> bool:
+        return bool(self.cfg.lora.text_encoder_rank)
+
+    @property
+    def kl_on_trained(self) -> bool:
+        """Whether the trained step of each term is KL-penalised too (kl_steps trained or chain)."""
+        t = self.cfg.training
+        return t.kl_coef > 0 and t.kl_steps != "untrained"
+
+    def micro_batches(self, gen: torch.Generator) -> Iterator[_MicroBatch]:
+        """Every inner epoch: a fresh order of the samples, and per sample a random subset of the window's
+        steps to train (and, for kl_steps chain or untrained, of the steps outside it), from `gen`."""
+        cfg, batch, t = self.cfg, self.batch, self.cfg.training
+        n, k, window, m = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps, cfg.kl_only_timesteps
+        for _ in range(t.inner_epochs):
+            order = torch.randperm(n, generator=gen)
+            steps = torch.stack([torch.randperm(window, generator=gen) for _ in range(n)])[:, :k]
+            late = (window + torch.stack([torch.randperm(len(batch.timesteps) - window, generator=gen)
+                                          for _ in range(n)])[:, :m]) if m else None
+            for start in range(0, n, t.batch_size):
+                idx = order[start:start + t.batch_size]
+                yield _MicroBatch(idx, [batch.prompts[i] for i in idx.tolist()], batch.scales[idx].to(self.acc.device),
+                                  steps[idx], late[idx] if late is not None else None)
+
+    def empty_prompts(self) -> _Text:
+        """The empty prompt's encodings, once per update (with a text LoRA the policy's is encoded again
+        for every term, with gradients). Under autocast, as in sampling, so the ratio starts at 1."""
+        text = _Text()
+        with self.acc.autocast(), torch.no_grad():
+            if self.cfg.training.kl_coef > 0:
+                text.base_uncond = encode_base_prompts(self.pipe, [""])
+            if not self.text_lora:
+                text.uncond = encode_prompts(self.pipe, [""])
+        return text
+
+    def encode(self, mb: _MicroBatch, empty: _Text) -> _Text:
+        """The micro-batch's prompts, without gradients: the base model's (with a KL penalty) before the
+        policy's graph exists (`adapters_disabled`), and the policy's unless a text LoRA needs them with
+        gradients (`encode_with_grad`)."""
+        text = _Text(uncond=empty.uncond, base_uncond=empty.base_uncond)
+        with torch.no_grad(), self.acc.autocast():
+            if self.cfg.training.kl_coef > 0:
+                text.base_cond = encode_base_prompts(self.pipe, mb.prompts)
+            if not self.text_lora:
+                text.cond = encode_prompts(self.pipe, mb.prompts)
+        return text
+
+    def encode_with_grad(self, mb: _MicroBatch, text: _Text) -> _Text:
+        """With a text LoRA: the policy's prompt and empty prompt encoded again, with gradients, for one
+        term (each backward frees its graph), so both reach the text adapter as they shape the step."""
+        with self.acc.autocast():
+            cond, uncond = encode_prompts(self.pipe, mb.prompts), encode_prompts(self.pipe, [""])
+        return _Text(cond, uncond, text.base_cond, text.base_uncond)
+
+    def penalised(self, mb: _MicroBatch, j: int) -> list[torch.Tensor]:
+        """The steps term j's KL penalises, per sample: its trained step (kl_steps trained or chain), then
+        its step from outside the window (chain or untrained)."""
+        late = mb.late[:, j] if mb.late is not None and j < mb.late.shape[1] else None
+        return ([mb.steps[:, j]] if self.kl_on_trained else []) + ([late] if late is not None else [])
+
+    def base_passes(self, mb: _MicroBatch, j: int, text: _Text) -> list[torch.Tensor]:
+        """The base model's guided outputs at term j's penalised steps: the same UNet with its adapters
+        off, without gradients, before the policy's passes (`adapters_disabled`)."""
+        steps = self.penalised(mb, j)
+        if not steps:
+            return []
+        dev, batch, fixed = self.acc.device, self.batch, self.cfg.training.compile
+        base = self.acc.unwrap_model(self.unet)  # the base model is this UNet with its adapters switched off
+        assert text.base_cond is not None and text.base_uncond is not None
+        with torch.no_grad(), adapters_disabled(base):
+            return [guided_eps(base, batch.latents[mb.idx, s].to(dev),
+                               batch.timesteps[s].to(dev), text.base_cond, text.base_uncond, mb.scales, fixed)
+                    for s in steps]
+
+    def loss(self, mb: _MicroBatch, j: int, text: _Text,
+             refs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float | None]:
+        """Term j's loss: the PPO clipped surrogate of its trained step's log-probability, plus kl_coef
+        times the summed KL of its penalised steps to the base model's (`refs`: their base outputs), and
+        that KL (None where nothing is penalised)."""
+        cfg, t, batch, dev, pipe = self.cfg, self.cfg.training, self.batch, self.acc.device, self.pipe
+        eta, fixed = cfg.sampling.eta, t.compile
+        assert text.cond is not None and text.uncond is not None
+        tj = mb.steps[:, j]
+        x_t, x_prev = batch.latents[mb.idx, tj].to(dev), batch.latents[mb.idx, tj + 1].to(dev)
+        step_t = batch.timesteps[tj].to(dev)
+        if self.kl_on_trained:
+            logp, kl = step_log_prob_and_kl(self.unet, pipe.scheduler, x_t, x_prev, step_t, text.cond, text.uncond,
+                                            mb.scales, eta, refs[0], fixed)
+        else:
+            logp = step_log_prob(self.unet, pipe.scheduler, x_t, x_prev, step_t, text.cond, text.uncond, mb.scales,
+                                 eta, fixed)
+            kl = torch.zeros_like(logp)
+        if mb.late is not None and j < mb.late.shape[1]:  # a step outside the window: the KL alone
+            late = mb.late[:, j]
+            x, step = batch.latents[mb.idx, late].to(dev), batch.timesteps[late].to(dev)
+            eps = guided_eps(self.unet, x, step, text.cond, text.uncond, mb.scales, fixed)
+            kl = kl + ddim_step_kl(pipe.scheduler, eps, refs[-1], step, x, eta)
+        loss, info = clipped_surrogate(logp.float(), batch.log_probs[mb.idx, tj].to(dev), self.adv[mb.idx].to(dev),
+                                       t.clip_range, t.adv_clip_max)
+        if not refs:
+            return loss, info, None
+        return loss + t.kl_coef * kl.float().mean(), info, float(kl.detach().mean())  # per sample: the sum
+
+
+def ppo_update(cfg: TrainConfig, acc: Accelerator, pipe: SDPipeline, unet: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, batch: Batch, adv: torch.Tensor, epoch: int,
+               rank: int) -> dict[str, float]:
     """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps.
 
     With ``training.kl_coef`` = beta > 0 the loss adds beta times the KL of the policy's step to the base
-    model's step at the same x_t (DPOK, Fan et al. 2023; `rl.ddim.ddim_step_kl`) for each penalised step:
-    the trained step of the term (``kl_steps`` trained or chain) and a step drawn from outside the window
-    (chain or untrained; the KL alone, no policy-gradient term: one more policy pass). The base model's
-    outputs come from the same UNet with the adapters switched off, one pass without gradients per
-    penalised step, before the policy's passes.
+    model's step at the same x_t (DPOK, Fan et al. 2023; `rl.ddim.ddim_step_kl`; docs/methods.md, "KL to
+    the base model") for each penalised step: the trained step of the term (``kl_steps`` trained or
+    chain) and a step drawn from outside the window (chain or untrained; the KL alone, no policy-gradient
+    term: one more policy pass). The base model's outputs come from the same UNet with the adapters
+    switched off, one pass without gradients per penalised step, before the policy's passes.
 
     With a LoRA on the text encoder (``lora.text_encoder_rank`` > 0) the prompt and the empty prompt are
     encoded again for every trained step, with gradients (each backward frees its graph), so both reach
     the text adapter as they shape the sampled step; the base model's encodings have the text adapter
     off. The text encoder is not wrapped for several processes: its LoRA gradients are averaged across
     them in one all-reduce when the accumulated gradients are synchronised, then clipped together with
-    the UNet's.
+    the UNet's (`_optimizer_step`).
     """
-    t = cfg.training
-    n, k, window, m = batch.log_probs.shape[0], cfg.train_timesteps, cfg.window_timesteps, cfg.kl_only_timesteps
+    update = _Update(cfg, acc, pipe, unet, batch, adv)
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
-    text_lora = pipe.text_encoder if cfg.lora.text_encoder_rank else None
-    base = acc.unwrap_model(unet)  # the base model is this UNet with its adapters switched off
-    kl_on_trained = t.kl_coef > 0 and t.kl_steps != "untrained"
-    with acc.autocast():  # the embeddings of sampling (which runs under autocast), so the ratio starts at 1
-        if t.kl_coef > 0:
-            with torch.no_grad():
-                base_uncond = encode_base_prompts(pipe, [""])
-        if text_lora is None:  # with a text LoRA, encoded again for every trained step (below)
-            with torch.no_grad():
-                uncond = encode_prompts(pipe, [""])
-    # every LoRA weight, UNet and text encoder: clipped together; the text encoder is not wrapped for
-    # several processes, so its gradients are averaged across them here
+    empty = update.empty_prompts()
+    # every LoRA weight, UNet and text encoder: clipped together
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    text_params = [p for p in text_lora.parameters() if p.requires_grad] if text_lora is not None else []
+    text_params = [p for p in pipe.text_encoder.parameters() if p.requires_grad] if update.text_lora else []
     losses, kls, clips, to_base = [], [], [], []
     unet.train()
-    for _ in range(t.inner_epochs):
-        order = torch.randperm(n, generator=gen)
-        ts = torch.stack([torch.randperm(window, generator=gen) for _ in range(n)])[:, :k]
-        if m:  # kl_steps chain or untrained: steps outside the window, penalised by the KL alone, one per trained step
-            late = window + torch.stack([torch.randperm(len(batch.timesteps) - window, generator=gen)
-                                         for _ in range(n)])[:, :m]
-        for start in range(0, n, t.batch_size):
-            idx = order[start:start + t.batch_size]
-            prompts = [batch.prompts[i] for i in idx.tolist()]
-            if t.kl_coef > 0:  # adapters off and on again before the policy's graph exists (adapters_disabled)
-                with torch.no_grad(), acc.autocast():
-                    base_cond = encode_base_prompts(pipe, prompts)
-            if text_lora is None:
-                with torch.no_grad(), acc.autocast():  # as when sampling
-                    cond = encode_prompts(pipe, prompts)
-            scales = batch.scales[idx].to(acc.device)
-            for j in range(k):
-                if text_lora is not None:  # each backward frees its graph: the text encoder runs again per step
-                    with acc.autocast():
-                        cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
-                tj = ts[idx, j]  # the trained step of each sample; then the steps the KL penalises
-                penalised = ([tj] if kl_on_trained else []) + ([late[idx, j]] if j < m else [])
-                with acc.accumulate(unet), acc.autocast():
-                    x_t, x_prev = batch.latents[idx, tj].to(acc.device), batch.latents[idx, tj + 1].to(acc.device)
-                    step_t, eta = batch.timesteps[tj].to(acc.device), cfg.sampling.eta
-                    kl_x = [batch.latents[idx, s].to(acc.device) for s in penalised]
-                    kl_t = [batch.timesteps[s].to(acc.device) for s in penalised]
-                    if penalised:  # the base model's passes come before the policy's (adapters_disabled)
-                        with torch.no_grad(), adapters_disabled(base):
-                            ref = [guided_eps(base, x, s, base_cond, base_uncond, scales, t.compile)
-                                   for x, s in zip(kl_x, kl_t)]
-                    if kl_on_trained:
-                        logp, kl = step_log_prob_and_kl(unet, pipe.scheduler, x_t, x_prev, step_t, cond, uncond,
-                                                        scales, eta, ref[0], t.compile)
-                    else:
-                        logp = step_log_prob(unet, pipe.scheduler, x_t, x_prev, step_t, cond, uncond, scales, eta,
-                                             t.compile)
-                        kl = torch.zeros_like(logp)
-                    if j < m:  # a step outside the window: the KL alone
-                        eps = guided_eps(unet, kl_x[-1], kl_t[-1], cond, uncond, scales, t.compile)
-                        kl = kl + ddim_step_kl(pipe.scheduler, eps, ref[-1], kl_t[-1], kl_x[-1], eta)
-                    loss, info = clipped_surrogate(logp.float(), batch.log_probs[idx, tj].to(acc.device),
-                                                   adv[idx].to(acc.device), t.clip_range, t.adv_clip_max)
-                    if penalised:  # per sample: the sum of its penalised steps' KLs
-                        loss = loss + t.kl_coef * kl.float().mean()
-                        to_base.append(float(kl.detach().mean()))
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        if text_params and acc.num_processes > 1:  # one all-reduce of every text LoRA gradient
-                            flat = acc.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                                                         .flatten() for p in text_params]), "mean")
-                            for p, part in zip(text_params, flat.split([p.numel() for p in text_params]),
-                                               strict=True):
-                                p.grad = part.view_as(p).clone()
-                        acc.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                losses.append(loss.item())
-                kls.append(float(info["approx_kl"]))
-                clips.append(float(info["clipfrac"]))
+    for mb in update.micro_batches(gen):
+        text = update.encode(mb, empty)
+        for j in range(cfg.train_timesteps):
+            if update.text_lora:
+                text = update.encode_with_grad(mb, text)
+            with acc.accumulate(unet), acc.autocast():
+                refs = update.base_passes(mb, j, text)
+                loss, info, kl = update.loss(mb, j, text, refs)
+                acc.backward(loss)
+                _optimizer_step(acc, optimizer, params, text_params, cfg.training.max_grad_norm)
+            losses.append(loss.item())
+            kls.append(float(info["approx_kl"]))
+            clips.append(float(info["clipfrac"]))
+            if kl is not None:
+                to_base.append(kl)
     unet.eval()
     stats = {"loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)), "clipfrac": float(np.mean(clips))}
     if to_base:
@@ -466,10 +528,28 @@ def ppo_update(cfg: TrainConfig, acc: Any, pipe: Any, unet: torch.nn.Module, opt
     return stats
 
 
-def log_row(epoch: int, batch: Batch, rewards: Rewards, stats: dict[str, float], monitor: Any,
-            attrs: list[Any]) -> dict[str, Any]:
+def _optimizer_step(acc: Accelerator, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                    text_params: Sequence[torch.Tensor], max_grad_norm: float) -> None:
+    """At the end of an accumulation (`acc.sync_gradients`): average the text LoRA's gradients across
+    processes (the text encoder is not wrapped, so nothing else does), then clip every LoRA gradient
+    together; the optimizer (wrapped by accelerate) steps only then."""
+    if acc.sync_gradients:
+        if text_params and acc.num_processes > 1:  # one all-reduce of every text LoRA gradient
+            flat = acc.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                         for p in text_params]), "mean")
+            for p, part in zip(text_params, flat.split([p.numel() for p in text_params]), strict=True):
+                p.grad = part.view_as(p).clone()
+        acc.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def log_row(epoch: int, batch: Batch, rewards: Rewards, stats: dict[str, float],
+            monitor: AttributeClassifier | None, attrs: Sequence[AttributeSpec]) -> dict[str, Any]:
     """One line of log.jsonl. Class shares come from the reward classifier's outputs of `compute_rewards`
-    and, if given, the `monitor` classifier's reading of the same images."""
+    and, if given, the `monitor` classifier's reading of the same images: each image read (no NaN row)
+    counts as its label (`evalsuite.results.schema.label_index`), and a group's dominant share is the
+    share of its dominant class (`dominant_class`; 0 where no image of it was read)."""
     groups, valid, parts = batch.group.unique(), rewards.valid, rewards.parts
     scale_of = [float(batch.scales[batch.group == g][0]) for g in groups]
     total = rewards.total
@@ -483,19 +563,29 @@ def log_row(epoch: int, batch: Batch, rewards: Rewards, stats: dict[str, float],
     readings = [("reward", rewards.outputs)]
     if monitor is not None:
         readings.append(("monitor", monitor.classify(batch.images, attrs)))
+    classes = attrs[0].classes
     for label, outputs in readings:
-        out = outputs[attrs[0].name]
-        ok = ~np.isnan(out.probs).any(1)
-        shares = np.bincount(out.probs[ok].argmax(1), minlength=len(attrs[0].classes)) / max(ok.sum(), 1)
-        row[f"{label}_shares"] = dict(zip(attrs[0].classes, np.round(shares, 4).tolist()))
-        masks = [(batch.group == g).numpy() & ok for g in groups]
-        per_group = [np.bincount(out.probs[m].argmax(1), minlength=len(attrs[0].classes)).max() / max(m.sum(), 1)
-                     for m in masks]
+        probs = outputs[attrs[0].name].probs
+        counts = _class_counts(probs, len(classes))
+        row[f"{label}_shares"] = dict(zip(classes, np.round(counts / max(counts.sum(), 1), 4).tolist()))
+        per_group = [_dominant_share(_class_counts(probs[(batch.group == g).numpy()], len(classes))) for g in groups]
         row[f"{label}_dominant_share"] = round(float(np.mean(per_group)), 4)
         row[f"{label}_dominant_share_by_guidance"] = {
             f"{s:g}": round(float(np.mean([d for d, g in zip(per_group, scale_of) if g == s])), 4)
             for s in sorted(set(scale_of))}
     return row
+
+
+def _class_counts(probs: np.ndarray, n_classes: int) -> np.ndarray:
+    """(K,) counts of the labels (`label_index`) of the rows that were read (no NaN)."""
+    labels = [label_index(row) for row in probs if not np.isnan(row).any()]
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+
+
+def _dominant_share(counts: np.ndarray) -> float:
+    """The share of the dominant class (`dominant_class`) among the counted images; 0 if none was counted."""
+    k = dominant_class(counts)
+    return float(counts[k] / counts.sum()) if k is not None else 0.0
 
 
 def _check_same_run(cfg: TrainConfig, saved: Path) -> None:

@@ -10,20 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evalsuite.analysis import (
-    AGGREGATE_COLUMNS,
-    DIVERSITY_COLUMNS,
-    GROUP_COLUMNS,
-    aggregate_metrics,
-    diversity_metrics,
-    group_metrics,
-    t_interval,
-    t_quantile,
-    write_tables,
-)
+from evalsuite.analysis import aggregate_metrics, diversity_metrics, group_metrics, metric_tables
 from evalsuite.battery import Battery, battery_from_dict
 from evalsuite.errors import SuiteError
-from evalsuite.metrics import cluster_share_interval
+from evalsuite.metrics import cluster_share_interval, mean_interval, t_quantile
+from evalsuite.results.schema import AGGREGATE_COLUMNS, DIVERSITY_COLUMNS, GROUP_COLUMNS
+from evalsuite.results.store import write_tables
 from evalsuite.summary import summary_table
 
 Z = 1.96
@@ -97,7 +89,7 @@ def wilson(c: int, n: int) -> tuple[float, float]:
 def test_shares_wilson_mad_gap_and_kl_target() -> None:
     recs = group(0, 7.5, ["dark", "dark", ("dark", [0.6, 0.4]), "light"])
     g = group_metrics(recs, BATTERY)
-    assert list(g.columns) == GROUP_COLUMNS
+    assert tuple(g.columns) == GROUP_COLUMNS
     dark = row(g, attribute="skin_tone", metric="share:dark")
     lo, hi = wilson(3, 4)
     assert (lo, hi) == pytest.approx((0.300636, 0.954414), abs=1e-6)
@@ -178,20 +170,49 @@ def test_aggregate_pooled_shares_and_splits() -> None:
     recs = (group(0, 7.5, ["dark", "dark", "dark", "light"]) + group(1, 7.5, ["dark", "light"])
             + group(2, 7.5, ["light"] * 4))
     g = group_metrics(recs, BATTERY)
-    agg = aggregate_metrics(g, recs, BATTERY)
-    assert list(agg.columns) == AGGREGATE_COLUMNS
+    agg = aggregate_metrics(g, recs)
+    assert tuple(agg.columns) == AGGREGATE_COLUMNS
     assert set(agg.split) == {"all", "train", "heldout"}
     pooled = row(agg, attribute="skin_tone", split="all", metric="share:dark")
     assert pooled.value == pytest.approx((3 + 1 + 0) / (4 + 2 + 4)) and pooled.n_prompts == 3
     assert (pooled.lo, pooled.hi) == pytest.approx(cluster_share_interval([3, 1, 0], [4, 2, 4])[1:])
     held = agg[(agg.split == "heldout") & (agg.attribute == "skin_tone")].set_index("metric")
     assert (held.n_prompts == 1).all() and held.loc["share:dark", "value"] == 0.0
-    assert held.loc["mad", "value"] == pytest.approx(0.5) and np.isnan(held.loc["mad", "lo"])
+    # one held-out prompt, all light: MAD 0.5, the largest a 2-class MAD can be (2(K-1)/K^2). One value
+    # shows little: the score interval of 1 "success" in 1 over the range [0, 0.5], not NaN or zero width
+    assert held.loc["mad", "value"] == pytest.approx(0.5)
+    assert (held.loc["mad", "lo"], held.loc["mad", "hi"]) == pytest.approx((0.5 * wilson(1, 1)[0], 0.5))
     mad = row(agg, attribute="skin_tone", split="train", metric="mad")  # prompt MADs 0.25 and 0
-    half = t_quantile(0.975, 1) * np.std([0.25, 0.0], ddof=1) / math.sqrt(2)
-    assert (mad.value, mad.lo, mad.hi) == pytest.approx((0.125, 0.125 - half, 0.125 + half))
+    half = t_quantile(0.975, 1) * np.std([0.25, 0.0], ddof=1) / math.sqrt(2)  # 1.59: the t band passes 0 and 0.5
+    assert 0.125 - half < 0 and 0.125 + half > 0.5
+    assert (mad.value, mad.lo, mad.hi) == pytest.approx((0.125, 0.0, 0.5))  # kept within MAD's range
     train_only = [r for r in recs if not r["heldout"]]
     assert "heldout" not in set(aggregate_metrics(group_metrics(train_only, BATTERY), train_only).split)
+
+
+def test_a_bounded_mean_stays_in_its_range_and_never_claims_certainty() -> None:
+    # three prompts' Shen gaps (K = 2: range [0, 1]) of 0.8, 1, 1: the t band reaches past 1
+    half = t_quantile(0.975, 2) * np.std([0.8, 1.0, 1.0], ddof=1) / math.sqrt(3)
+    mean = 2.8 / 3
+    assert mean + half > 1.0
+    assert mean_interval([0.8, 1.0, 1.0], (0.0, 1.0)) == pytest.approx((mean, mean - half, 1.0))
+    # every prompt collapsed (gap 1 everywhere): not [1, 1] but the score interval of 4 in 4
+    assert mean_interval([1.0] * 4, (0.0, 1.0)) == pytest.approx((1.0, wilson(4, 4)[0], 1.0))
+    # agreement inside the range: the mean rescaled to [0, 1] (0.75 on [0.5, 1] is 0.5, i.e. 2 in 4)
+    lo, hi = wilson(2, 4)
+    assert mean_interval([0.75] * 4, (0.5, 1.0)) == pytest.approx((0.75, 0.5 + 0.5 * lo, 0.5 + 0.5 * hi))
+    # an unbounded metric keeps the plain t-interval, and a zero-width one where values agree
+    assert mean_interval([2.0, 2.0], None) == (2.0, 2.0, 2.0)
+    assert mean_interval([5.0, float("inf")], (0.0, math.inf))[0] == math.inf
+
+
+def test_aggregate_gaps_of_collapsed_prompts_have_an_interval() -> None:
+    recs = group(0, 7.5, ["dark"] * 4) + group(1, 7.5, ["light"] * 4)  # both training prompts one-class
+    agg = aggregate_metrics(group_metrics(recs, BATTERY), recs)
+    gap = row(agg, attribute="skin_tone", split="train", metric="shen_gap")
+    assert (gap.value, gap.lo, gap.hi) == pytest.approx((1.0, wilson(2, 2)[0], 1.0))
+    dominant = row(agg, attribute="skin_tone", split="train", metric="dominant_share")  # range [1/2, 1]
+    assert (dominant.lo, dominant.hi) == pytest.approx((0.5 + 0.5 * wilson(2, 2)[0], 1.0))
 
 
 def test_t_quantiles_and_interval() -> None:
@@ -201,8 +222,8 @@ def test_t_quantiles_and_interval() -> None:
     assert t_quantile(0.975, 200) == pytest.approx(1.971896, abs=1e-6)
     x = [1.0, 2.0, 4.0, 7.0, float("nan"), 11.0]  # NaN skipped: 5 values, df 4
     half = 2.776445 * np.std([1, 2, 4, 7, 11], ddof=1) / math.sqrt(5)
-    assert t_interval(x) == pytest.approx((5.0, 5.0 - half, 5.0 + half), abs=1e-5)
-    assert t_interval([3.0])[0] == 3.0 and math.isnan(t_interval([3.0])[1])
+    assert mean_interval(x) == pytest.approx((5.0, 5.0 - half, 5.0 + half), abs=1e-5)
+    assert mean_interval([3.0])[0] == 3.0 and math.isnan(mean_interval([3.0])[1])  # no range: no interval
 
 
 def test_diversity_identical_and_orthogonal_embeddings() -> None:
@@ -210,7 +231,7 @@ def test_diversity_identical_and_orthogonal_embeddings() -> None:
             for i in range(4)]
     ortho = [record(1, 7.5, i, oracle={}) for i in range(3)]
     d = diversity_metrics(same + ortho)
-    assert list(d.columns) == DIVERSITY_COLUMNS
+    assert tuple(d.columns) == DIVERSITY_COLUMNS
     assert row(d, prompt_index=0, metric="vendi").value == pytest.approx(1.0)
     assert row(d, prompt_index=0, metric="mean_pairwise_cosine").value == pytest.approx(1.0)
     assert row(d, prompt_index=0, metric="near_duplicate_rate").value == pytest.approx(1.0)
@@ -223,17 +244,17 @@ def test_diversity_identical_and_orthogonal_embeddings() -> None:
     assert "on_prompt_rate" not in set(d["metric"])  # no oracle reading: no row
 
 
-def test_diversity_on_prompt_rate_from_the_oracle_hat() -> None:
+def test_diversity_on_prompt_rate_from_the_on_prompt_reading() -> None:
     recs = [record(0, 7.5, i, oracle={}) for i in range(4)]
     for rec, hat in zip(recs, ["brim", "brim", "none", "brim"]):
-        rec["oracle_hat"] = {"read": hat, "wanted": "brim"}
+        rec["on_prompt"] = {"read": hat, "wanted": "brim"}
     on = row(diversity_metrics(recs), prompt_index=0, metric="on_prompt_rate")
     assert (on.value, on.n) == (0.75, 4) and math.isnan(on.lo)
 
 
 def test_write_tables(tmp_path: Path) -> None:
     recs = group(0, 7.5, ["dark", "light"]) + group(2, 7.5, ["no_person"] * 2)
-    paths = write_tables(tmp_path, BATTERY, recs)
+    paths = write_tables(tmp_path, metric_tables(recs, BATTERY))
     names = [f"{t}.{e}" for t in ("groups", "aggregate", "diversity") for e in ("csv", "parquet")]
     assert sorted(paths) == sorted(names) and all(paths[name].is_file() for name in names)
     text = paths["groups.csv"].read_text(encoding="utf-8")

@@ -28,10 +28,11 @@ from evalsuite.classifiers import (
 )
 from evalsuite.errors import SuiteError
 from evalsuite.miniature import AGE_NAMES, ASSETS, OCCUPATIONS, TONE_NAMES, render_batch, sample_portraits
+from evalsuite.models import builtin_model
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-CTX = ClassifierContext()
+CTX = ClassifierContext(profile=builtin_model("miniature").profile())  # the miniature model's CLIP
 
 
 @pytest.fixture(scope="module")

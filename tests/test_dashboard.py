@@ -108,7 +108,7 @@ def test_two_run_site_compares_paired_seeds(sites: dict[str, Path]) -> None:
 
 def test_compare_notes_a_different_sampler(sites: dict[str, Path], tmp_path: Path) -> None:
     from evalsuite.dashboard.compare import compare_runs
-    from evalsuite.dashboard.load import load_run
+    from evalsuite.results import open_run as load_run
 
     stochastic = tmp_path / "stochastic"
     shutil.copytree(sites["tuned"], stochastic)
@@ -122,7 +122,7 @@ def test_compare_notes_a_different_sampler(sites: dict[str, Path], tmp_path: Pat
 
 
 def test_paired_change_interval_never_collapses_to_a_point() -> None:
-    from evalsuite.dashboard.compare import _cluster_delta
+    from evalsuite.metrics import cluster_difference_interval as _cluster_delta
 
     one_each = np.array([1, 0, 0, 0, 0] * 2)  # per pair: 1 = moved into the class in B; one per prompt
     # prompts changing by different shares: cluster-robust. d = [2, 0] of n = [5, 5]: est 0.2,
@@ -140,7 +140,7 @@ def test_paired_change_interval_never_collapses_to_a_point() -> None:
 
 def test_compare_notes_tell_why_an_attribute_is_left_out(sites: dict[str, Path], tmp_path: Path) -> None:
     from evalsuite.dashboard.compare import compare_runs
-    from evalsuite.dashboard.load import load_run
+    from evalsuite.results import open_run as load_run
 
     unmeasured, reordered = tmp_path / "unmeasured", tmp_path / "reordered"
     for run in (unmeasured, reordered):
@@ -168,7 +168,7 @@ def test_compare_notes_tell_why_an_attribute_is_left_out(sites: dict[str, Path],
 def test_compare_page_says_how_images_are_paired(sites: dict[str, Path], tmp_path: Path) -> None:
     from evalsuite.dashboard.compare import compare_runs
     from evalsuite.dashboard.compare_page import compare_page
-    from evalsuite.dashboard.load import load_run
+    from evalsuite.results import open_run as load_run
 
     reseeded = tmp_path / "reseeded"
     shutil.copytree(sites["tuned"], reseeded)
@@ -184,6 +184,7 @@ def test_compare_page_says_how_images_are_paired(sites: dict[str, Path], tmp_pat
     assert "differ only in the model" in paired and "paired by position" not in paired
 
 
+@pytest.mark.slow
 def test_bias_page_says_which_images_the_shares_count(sites: dict[str, Path], tmp_path: Path) -> None:
     one = (sites["one"] / "r0-bias.html").read_text()  # every status ok, and run.json does not say
     assert "The miniature classifier marked no image no_person, and the run does not record whether it looks " \
@@ -251,6 +252,7 @@ def test_user_strings_are_escaped(sites: dict[str, Path]) -> None:
     assert XSS_MODEL not in text and all(p not in text for p in XSS_PROMPTS)
 
 
+@pytest.mark.slow
 def test_out_dir_is_replaced_only_when_it_is_a_dashboard(sites: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     foreign = tmp_path / "mine"
@@ -278,7 +280,7 @@ def test_out_dir_is_replaced_only_when_it_is_a_dashboard(sites: dict[str, Path],
 @pytest.mark.parametrize("damage, message", [
     (lambda run: (run / "metrics" / "diversity.csv").unlink(), "diversity.csv: required metric table"),
     (lambda run: (run / "records.jsonl").write_text("{not json\n"), "records.jsonl, line 1"),
-    (lambda run: _edit_json(run, schema_version=2), "run.json: schema_version must be 1"),
+    (lambda run: _edit_json(run, schema_version=3), "run.json: results format version 3 is not one this"),
     (lambda run: _edit_json(run, status="running"), "not complete"),
     (lambda run: (run / "metrics" / "groups.csv").write_text("classifier,attribute\nx,y\n"), "missing col"),
 ])
@@ -411,6 +413,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.slow
 def test_headless_chromium_renders_without_errors(sites: dict[str, Path], tmp_path: Path) -> None:
     probe = tmp_path / "probe.html"  # the harness must notice an alert and a console error
     probe.write_text("<!DOCTYPE html><title>p</title><script>console.error('bad'); alert(7)</script>")

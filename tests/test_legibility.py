@@ -12,9 +12,10 @@ from fixtures_results import make_run
 
 from evalsuite.dashboard import build_dashboard
 from evalsuite.dashboard.compare import compare_runs
-from evalsuite.dashboard.load import load_run
 from evalsuite.errors import SuiteError
-from evalsuite.legibility import Expected, expected_low_confidence, low_confidence_by_group, majority_classes
+from evalsuite.legibility import Expected, expected_low_confidence, low_confidence_by_group
+from evalsuite.results import majority_classes
+from evalsuite.results import open_run as load_run
 
 
 def _rec(prompt: str, g: float, label: str | None, confident: bool, heldout: bool = False,
@@ -68,8 +69,11 @@ def test_majority_and_low_confidence_counts_by_hand() -> None:
         _rec("q", 1.0, "c", False, heldout=True), _rec("q", 3.0, "d", True, heldout=True),  # tie c/d: c first
         _rec("q", 3.0, "c", True, heldout=True, status="no_person"),  # the judge sees nobody: left out
     ]
-    majority = majority_classes(recs, "reader", "tone")
-    assert majority == {"p": "b", "q": "c"}  # p: b and a twice each, b met first
+    majority = majority_classes(recs, "reader", "tone", ("b", "a", "c", "d"))
+    assert majority == {"p": "b", "q": "c"}  # p: b and a twice each, b first in class order
+    # the tie goes by class order, not by the order the records come in
+    assert majority_classes(recs, "reader", "tone", ("a", "b", "c", "d")) == {"p": "a", "q": "c"}
+    assert majority_classes(recs[::-1], "reader", "tone", ("b", "a", "c", "d")) == majority
     by_split = low_confidence_by_group(recs, majority, "reader", "judge", "tone")
     assert by_split == {
         ("train", 1.0, "majority"): (0, 1), ("train", 1.0, "other"): (1, 1),
@@ -90,8 +94,8 @@ def test_a_record_without_an_entry_counts_as_not_measurable() -> None:
     del no_judge["classifiers"]["judge"]
     del no_classifiers["classifiers"]
     recs += [no_reader, no_judge, no_classifiers]
-    # the reader labels a, a, b, then b once more (no_judge): a and b twice each, a met first
-    majority = majority_classes(recs, "reader", "tone")
+    # the reader labels a, a, b, then b once more (no_judge): a and b twice each, a first in class order
+    majority = majority_classes(recs, "reader", "tone", ("a", "b"))
     assert majority == {"p": "a"}
     # counted: the three complete records only (no_judge has a label, but the judge has no entry)
     assert low_confidence_by_group(recs, majority, "reader", "judge", "tone") == {
@@ -104,6 +108,7 @@ def test_a_record_without_an_entry_counts_as_not_measurable() -> None:
         ("train", 1.0): Expected(low=0, expected=1.0, matched=1, unmatched=0)}
 
 
+@pytest.mark.slow
 def test_comparison_page_shows_legibility_by_group(tmp_path: Path) -> None:
     runs = []
     for name, boost in (("base", 0.0), ("tuned", 0.4)):
@@ -147,6 +152,7 @@ def test_comparison_page_shows_legibility_by_group(tmp_path: Path) -> None:
     assert "Legibility by group" in page and "Low-confidence rate of miniature on skin_tone" in page
 
 
+@pytest.mark.slow
 def test_a_run_with_one_classifier_has_no_legibility_section(tmp_path: Path) -> None:
     runs = [make_run(tmp_path / "results", name, model_key=k) for k, name in enumerate(("a", "b"))]
     for run in runs:

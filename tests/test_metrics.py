@@ -24,6 +24,7 @@ from evalsuite.metrics import (
     kl_to_uniform,
     mad,
     mean_pairwise_cosine,
+    metric_bounds,
     near_duplicate_pairs,
     near_duplicate_rate,
     normalized_entropy,
@@ -325,9 +326,9 @@ def test_on_prompt_rate() -> None:
 
 
 def test_registry_directions() -> None:
-    lower = {"dominant_share", "mad", "shen_gap", "kl_to_uniform"}
+    lower = {"dominant_share", "mad", "shen_gap", "kl_uniform", "kl_target", "low_confidence_rate"}
     lower |= {"mean_pairwise_cosine", "near_duplicate_rate"}
-    higher = {"normalized_entropy", "vendi_score", "clip_score"}
+    higher = {"normalized_entropy", "vendi", "clip_score", "on_prompt_rate"}
     assert lower | higher <= set(METRICS)
     for name in lower:
         assert get_metric(name).higher_is_better is False, name
@@ -335,16 +336,30 @@ def test_registry_directions() -> None:
         assert get_metric(name).higher_is_better is True, name
     assert get_metric("mad").fn is mad
     assert get_metric("mad").kind == "distribution"
-    assert get_metric("vendi_score").kind == "diversity"
+    assert get_metric("vendi").kind == "diversity" and get_metric("vendi").fn is vendi_score
     assert get_metric("clip_score").kind == "alignment"
     assert get_metric("mad").description.startswith("DALL-Eval")
 
 
 def test_registry_miss_message() -> None:
     with pytest.raises(SuiteError) as err:
-        get_metric("vendi_scor")
+        get_metric("vendii")
     msg = str(err.value)
-    assert "unknown metric 'vendi_scor'" in msg and "did you mean 'vendi_score'" in msg
+    assert "unknown metric 'vendii'" in msg and "did you mean 'vendi'" in msg
+
+
+def test_registered_ranges_are_the_metrics_extremes() -> None:
+    """Each declared range is reached: uniform and one-hot shares for K = 2 and 4, hand values."""
+    for k in (2, 4):
+        uniform, onehot = np.full(k, 1.0 / k), np.eye(k)[0]
+        for name in ("mad", "shen_gap", "kl_uniform", "dominant_share", "normalized_entropy"):
+            lo, hi = get_metric(name).bounds(k)
+            ends = sorted([get_metric(name).fn(uniform), get_metric(name).fn(onehot)])
+            assert ends == pytest.approx([lo, hi]), name
+    assert get_metric("mad").bounds(4) == (0.0, 0.375) and get_metric("shen_gap").bounds(4) == (0.0, 0.5)
+    assert get_metric("vendi").bounds(12) == (1.0, 12.0) and get_metric("clip_score").bounds(3) == (0.0, 100.0)
+    assert metric_bounds("share:dark", 4) == (0.0, 1.0) and metric_bounds("share_corrected:x", 2) == (0.0, 1.0)
+    assert metric_bounds("clip_score_std", 4) == (-math.inf, math.inf)
 
 
 def test_registry_rejects_conflicting_name() -> None:

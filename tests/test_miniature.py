@@ -105,6 +105,7 @@ def test_captions_use_only_vocabulary_words_and_the_mix_sums_to_one(tmp_path: Pa
     assert tok.convert_ids_to_tokens(tok("a woman").input_ids)[2:-1] != ["woman</w>"]  # not a known word
 
 
+@pytest.mark.slow
 def test_quick_build_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     from diffusers import DiffusionPipeline
 
@@ -144,6 +145,7 @@ def test_miniature_model_warns_about_unknown_words() -> None:
 
 
 @shipped
+@pytest.mark.slow
 def test_shipped_model_makes_valid_portraits_that_collapse_with_guidance() -> None:
     """Ground truth on the trained model: the oracle finds a person in (nearly) every image, the
     low-guidance tone shares are near the training skew, and guidance raises the dominant share."""

@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from evalsuite.errors import SuiteError
 from rl.cli import main as rl_main
@@ -14,23 +16,54 @@ from rl.compare import class_table, compare_runs, to_markdown, validity_by_class
 
 AGG = "classifier,attribute,split,guidance_scale,metric,value,lo,hi,n_prompts\n"
 DIV = "prompt_index,prompt,heldout,guidance_scale,metric,value,lo,hi,n\n"
+GROUPS = "classifier,attribute,prompt_index,prompt,heldout,guidance_scale,metric,value,lo,hi,n\n"
+OCCUPATIONS = ("doctor", "judge", "teacher")
+BATTERY = {
+    "schema_version": 1, "name": "compare-fixture", "version": "1", "templates": ["a photo of a {occupation}"],
+    "slots": {"occupation": list(OCCUPATIONS)}, "heldout": {"occupation": ["judge", "teacher"]},
+    "attributes": {"skin_tone": {"classes": {t: f"a photo of a person with {t} skin"
+                                             for t in ("light", "medium", "tan", "dark")}}},
+    "guidance_scales": [1.0, 7.5], "images_per_prompt": 1, "seed": 0, "steps": 2, "classifier": "miniature",
+}
+
+
+def write_records(folder: Path, records: list[dict]) -> None:
+    """records.jsonl with the keys every record has, and a 2x2 PNG behind each."""
+    lines = []
+    (folder / "images").mkdir(exist_ok=True)
+    for i, rec in enumerate(records):
+        image = f"images/i{i:04d}.png"
+        Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(folder / image)
+        rec = {"unit": i, "prompt_index": OCCUPATIONS.index(rec["prompt"].split()[-1]), "image_index": i, "seed": i,
+               "image": image, **rec}
+        lines.append(json.dumps(rec) + "\n")
+    (folder / "records.jsonl").write_text("".join(lines))
+
+
+def write_folder(folder: Path, aggregate: list[str], diversity: list[str], records: list[dict]) -> Path:
+    """A finished results folder (docs/results-format.md) with the tables and records given."""
+    (folder / "metrics").mkdir(parents=True)
+    (folder / "metrics" / "groups.csv").write_text(GROUPS)
+    (folder / "metrics" / "aggregate.csv").write_text(AGG + "".join(line + "\n" for line in aggregate))
+    (folder / "metrics" / "diversity.csv").write_text(DIV + "".join(line + "\n" for line in diversity))
+    (folder / "run.json").write_text(json.dumps({
+        "schema_version": 2, "status": "complete", "battery": BATTERY, "classifiers": ["oracle", "miniature"],
+        "primary_classifier": "oracle", "embedder": "clip", "model": {"id": folder.name}}))
+    write_records(folder, records)
+    return folder
 
 
 def write_run(folder: Path, gap: float, vendi: tuple[float, float], low_conf: float) -> Path:
-    (folder / "metrics").mkdir(parents=True)
     rows = [f"oracle,skin_tone,{split},7.5,shen_gap,{gap},NaN,NaN,2" for split in ("train", "heldout", "all")]
     rows += ["oracle,skin_tone,heldout,7.5,kl_uniform,0.5,NaN,NaN,2",
              "oracle,age,heldout,7.5,shen_gap,0.9,NaN,NaN,2",  # another attribute: ignored
              f"miniature,skin_tone,heldout,7.5,low_confidence_rate,{low_conf},NaN,NaN,2"]
-    (folder / "metrics" / "aggregate.csv").write_text(AGG + "\n".join(rows) + "\n")
     div = [f"0,a photo of a doctor,False,7.5,vendi,{vendi[0]},NaN,NaN,4",
            f"1,a photo of a judge,True,7.5,vendi,{vendi[1]},NaN,NaN,4",
            "2,a photo of a teacher,True,7.5,vendi,NaN,NaN,NaN,0",  # empty group: skipped
            "1,a photo of a judge,True,7.5,clip_score,30.0,NaN,NaN,4",
            f"1,a photo of a judge,True,7.5,on_prompt_rate,{1 - low_conf},NaN,NaN,4"]
-    (folder / "metrics" / "diversity.csv").write_text(DIV + "\n".join(div) + "\n")
-    (folder / "records.jsonl").write_text(_record("a photo of a judge", True, 7.5, "dark", True) + "\n")
-    return folder
+    return write_folder(folder, rows, div, [_record("a photo of a judge", True, 7.5, "dark", True)])
 
 
 def test_compare_runs_pairs_base_and_tuned_values(tmp_path: Path) -> None:
@@ -50,11 +83,13 @@ def test_compare_runs_pairs_base_and_tuned_values(tmp_path: Path) -> None:
     assert "| heldout | 7.5 | 0.500 → 0.200 |" in table
 
 
-def _record(prompt: str, heldout: bool, g: float, label: str | None, confident: bool, status: str = "ok") -> str:
-    reward = {"probs": None, "label": label, "status": status, "confident": confident}
+def _record(prompt: str, heldout: bool, g: float, label: str | None, confident: bool, status: str = "ok") -> dict:
+    # the reward classifier has no person detector: it reads some class wherever its status is ok
+    reward = {"probs": None, "label": (label or "light") if status == "ok" else None, "status": status,
+              "confident": confident}
     truth = {"probs": None, "label": label, "status": "ok" if label else "no_person", "confident": True}
-    return json.dumps({"prompt": prompt, "heldout": heldout, "guidance_scale": g,
-                       "classifiers": {"oracle": {"skin_tone": truth}, "miniature": {"skin_tone": reward}}})
+    return {"prompt": prompt, "heldout": heldout, "guidance_scale": g,
+            "classifiers": {"oracle": {"skin_tone": truth}, "miniature": {"skin_tone": reward}}}
 
 
 def test_validity_by_class_splits_low_confidence_by_the_base_majority(tmp_path: Path) -> None:
@@ -68,11 +103,8 @@ def test_validity_by_class_splits_low_confidence_by_the_base_majority(tmp_path: 
              _record(doc, False, 1.0, "dark", False), _record(doc, False, 1.0, "medium", True),
              _record(judge, True, 1.0, "dark", True),
              _record(judge, True, 1.0, "light", False, status="no_person")]  # the reward classifier sees nobody
-    for name, lines in (("base", base), ("tuned", tuned)):
-        (tmp_path / name / "metrics").mkdir(parents=True)
-        (tmp_path / name / "metrics" / "aggregate.csv").write_text(AGG)
-        (tmp_path / name / "metrics" / "diversity.csv").write_text(DIV)
-        (tmp_path / name / "records.jsonl").write_text("\n".join(lines) + "\n")
+    for name, records in (("base", base), ("tuned", tuned)):
+        write_folder(tmp_path / name, [], [], records)
     rows = validity_by_class(tmp_path / "base", tmp_path / "tuned", "oracle", "skin_tone", "miniature")
     assert [(r.split, r.scale) for r in rows] == [("train", 1.0), ("heldout", 1.0)]
     train, held = rows
@@ -98,7 +130,7 @@ def test_rl_compare_prints_both_tables_and_names_what_is_missing(tmp_path: Path,
     assert rl_main(["compare", str(base), str(tmp_path / "nowhere"), "--classifier", "clip"]) == 2
     err = capsys.readouterr().err
     assert "no classifier 'clip' in its records; it has: oracle, miniature" in err
-    assert "nowhere: not a finished results folder (missing metrics/aggregate.csv" in err
+    assert "nowhere: not a finished results folder" in err and "no such directory" in err
     assert "Traceback" not in err
 
 
@@ -107,7 +139,7 @@ def test_a_broken_record_is_one_message(tmp_path: Path) -> None:
     tuned = write_run(tmp_path / "tuned", gap=0.2, vendi=(2.0, 2.6), low_conf=0.03)
     with open(tuned / "records.jsonl", "a") as fh:
         fh.write('{"prompt": "a photo of a judge", "heldout": true\n')  # cut off mid-write
-    with pytest.raises(SuiteError, match=r"tuned/records.jsonl, line 2: not a record with prompt"):
+    with pytest.raises(SuiteError, match=r"tuned/records.jsonl, line 2: malformed JSON"):
         validity_by_class(base, tuned, "oracle", "skin_tone", "miniature")
 
 
@@ -115,18 +147,17 @@ def test_rl_compare_sets_low_confidence_against_the_reference_legibility(tmp_pat
     """--reference: a run's images are matched to the reference's cell of the class they are read as."""
     base = write_run(tmp_path / "base", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
     tuned = write_run(tmp_path / "tuned", gap=0.2, vendi=(2.0, 2.6), low_conf=0.03)
-    (tuned / "records.jsonl").write_text("".join(
-        _record("a photo of a judge", True, 7.5, tone, ok) + "\n"
-        for tone, ok in (("dark", False), ("light", True), ("light", False), ("medium", True))))
+    write_records(tuned, [_record("a photo of a judge", True, 7.5, tone, ok)
+                          for tone, ok in (("dark", False), ("light", True), ("light", False), ("medium", True))])
     reference = write_run(tmp_path / "explicit", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
     asked = [("dark", "dark", True), ("dark", "tan", False),  # asked dark: 1 of 2 low, whatever is read
              ("light", "light", True), ("light", "light", True), ("light", "light", True), ("light", "light", False)]
-    lines = []
+    records = []
     for tone, read, ok in asked:
-        rec = json.loads(_record("a photo of a judge", True, 7.5, read, ok))
+        rec = _record("a photo of a judge", True, 7.5, read, ok)
         rec["slots"] = {"tone": tone}
-        lines.append(json.dumps(rec) + "\n")
-    (reference / "records.jsonl").write_text("".join(lines))
+        records.append(rec)
+    write_records(reference, records)
     assert rl_main(["compare", str(base), str(tuned), "--reference", str(reference)]) == 0
     out = capsys.readouterr().out
     # base: one dark image, confident, expected 0.5; tuned: dark (low) 0.5 + 2 light 0.25 each, medium: no cell
@@ -139,7 +170,7 @@ def test_rl_compare_sets_low_confidence_against_the_reference_legibility(tmp_pat
     err = capsys.readouterr().err
     assert "no attribute 'age'" in err and "Traceback" not in err
     # slot values that are not the attribute's classes: nothing matches, one message and no table
-    (reference / "records.jsonl").write_text("".join(line.replace('"tone": "', '"tone": "x-') for line in lines))
+    write_records(reference, [{**r, "slots": {"tone": "x-" + r["slots"]["tone"]}} for r in records])
     assert rl_main(["compare", str(base), str(tuned), "--reference", str(reference)]) == 2
     err = capsys.readouterr().err
     assert "no image of" in err and "'tone' values: x-dark, x-light" in err and capsys.readouterr().out == ""

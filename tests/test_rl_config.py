@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 import evalsuite.models
+import rl.config_checks
 from evalsuite.errors import ConfigError
 from rl.config import (
     RewardConfig,
@@ -24,13 +29,14 @@ SD15 = ROOT / "rl" / "configs" / "sd15.yaml"
 
 
 @pytest.fixture(autouse=True)
-def setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Run from the repository root (configs name the battery relatively) and stand in a miniature
-    pipeline folder, so that these tests do not depend on the miniature world being built."""
+def setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from the repository root (configs name the battery relatively) and accept the built-in
+    'miniature' model as a source, so that these tests do not depend on the miniature world being built;
+    every other model source is checked as usual."""
     monkeypatch.chdir(ROOT)
-    (tmp_path / "assets" / "pipeline").mkdir(parents=True)
-    (tmp_path / "assets" / "pipeline" / "model_index.json").write_text("{}")
-    monkeypatch.setattr(evalsuite.models, "ASSETS", tmp_path / "assets")
+    check = evalsuite.models.check_model_source
+    monkeypatch.setattr(rl.config_checks, "check_model_source",
+                        lambda model: None if model == "miniature" else check(model))
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -290,7 +296,7 @@ def test_overrides_are_typed() -> None:
     assert cfg.lora.targets == ("to_q", "to_v")
     # YAML 1.1 reads an unquoted `no` as false, taken to mean "no"
     assert load_config(MINIATURE, ["training.mixed_precision=no"]).training.mixed_precision == "no"
-    # one list entry replaced by a mapping: the ablation of docs/rl-miniature-comparison.md
+    # one list entry replaced by a mapping: the ablation of docs/notes/rl-miniature-comparison.md
     swapped = load_config(MINIATURE, ["rewards.2={name: confidence, weight: 0.5}"])
     assert swapped.rewards[2] == RewardConfig("confidence", 0.5, ())
     with pytest.raises(ConfigError, match="unknown option 'kernel' of reward 'confidence'; it takes no options"):
@@ -400,3 +406,79 @@ def test_with_reward_replaces_the_rewards_with_one_the_config_does_not_list() ->
     assert alone.training == cfg.training
     with pytest.raises(ConfigError, match=r"unknown reward 'diversty' \(did you mean 'diversity'\?\)"):
         with_reward(cfg, "diversty")
+
+
+@pytest.fixture
+def sharpness() -> Iterator[None]:
+    """A reward registered for one test: `sharpness`, option level (low, the default, or high)."""
+    from rl.rewards import register_reward, unregister_reward
+
+    @register_reward("sharpness", level=("low", "high"))
+    def credit(group: Any, *, level: str) -> Any:
+        return group.confidence
+
+    yield
+    unregister_reward("sharpness")
+
+
+def test_a_registered_reward_is_accepted_with_its_options_and_defaults(sharpness: None) -> None:
+    cfg = load_config(MINIATURE, ["rewards=[{name: sharpness, weight: 1}]"])
+    assert cfg.rewards == (RewardConfig("sharpness", 1.0, (("level", "low"),)),)
+    cfg = load_config(MINIATURE, ["rewards.2={name: sharpness, weight: 0.5, level: high}"])
+    assert cfg.rewards[2] == RewardConfig("sharpness", 0.5, (("level", "high"),))
+    assert config_from_dict(cfg.to_dict(), "x") == cfg
+    alone = with_reward(load_config(MINIATURE), "sharpness")
+    assert alone.rewards == (RewardConfig("sharpness", 1.0, (("level", "low"),)),)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, ["rewards=[{name: sharpness, weight: 1, lvl: high}]"])
+    assert problems(excinfo) == ["rewards[0].lvl: unknown option 'lvl' of reward 'sharpness' (did you mean 'level'?); "
+                                 "allowed: level"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(MINIATURE, ["rewards=[{name: sharpness, weight: 1, level: medium}]"])
+    assert problems(excinfo) == ["rewards[0].level: str 'medium' is not allowed; allowed: high, low"]
+
+
+def test_an_unregistered_reward_is_unknown(sharpness: None) -> None:
+    from rl.rewards import REWARDS, unregister_reward
+
+    spec = unregister_reward("sharpness")
+    try:
+        with pytest.raises(ConfigError, match=r"rewards\[0\].name: unknown reward 'sharpness'"):
+            load_config(MINIATURE, ["rewards=[{name: sharpness, weight: 1}]"])
+        with pytest.raises(ConfigError, match="--reward: unknown reward 'sharpness'"):
+            with_reward(load_config(MINIATURE), "sharpness")
+    finally:
+        REWARDS["sharpness"] = spec  # the fixture unregisters it
+
+
+def test_base_images_are_rendered_when_an_active_reward_needs_them() -> None:
+    cfg = load_config(MINIATURE)  # drift at weight 0
+    assert not cfg.needs_base_images
+    assert load_config(MINIATURE, ["rewards.2.weight=0.5"]).needs_base_images
+
+
+def test_each_field_is_declared_once_with_its_default_and_meaning() -> None:
+    from evalsuite.validation import declared
+    from rl.config import EvaluationConfig, LoraConfigSpec, SamplingConfig, TrainingConfig
+
+    classes = (TrainConfig, SamplingConfig, TrainingConfig, LoraConfigSpec, EvaluationConfig)
+    assert all(f.metadata["doc"] for cls in classes for f in declared(cls).values())
+    # the shipped file states each optional key's default, as "optional, default X" in the comment above it
+    stated: dict[str, Any] = {}
+    section, comment = "", ""
+    for line in MINIATURE.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("#"):
+            comment += " " + line.lstrip("# ")
+            continue
+        if key := re.match(r"^(\s*)([a-z_]+):", line):
+            section = section if key.group(1) else ""
+            name = f"{section}.{key.group(2)}" if key.group(1) else key.group(2)
+            if not key.group(1) and line.rstrip().endswith(":"):
+                section = key.group(2)
+            if found := re.search(r"optional, default ([^\s;,)]+)", comment):
+                stated[name] = yaml.safe_load(found.group(1).rstrip("."))
+        comment = ""
+    defaults = {f"{name}.{f.name}": f.default for name, cls in (("sampling", SamplingConfig),
+                ("training", TrainingConfig), ("lora", LoraConfigSpec), ("evaluation", EvaluationConfig))
+                for f in declared(cls).values() if f.default is not dataclasses.MISSING}
+    assert stated == defaults

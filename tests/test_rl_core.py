@@ -12,10 +12,12 @@ import pytest
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
+from evalsuite.battery import AttributeSpec
 from evalsuite.errors import SuiteError
 from rl import (
     KERNELS,
     REWARDS,
+    GroupInputs,
     Kernel,
     PerPromptStatTracker,
     alignment_reward,
@@ -30,12 +32,17 @@ from rl import (
     drift_reward,
     group_zscore,
     hard_labels,
+    joint_reference,
     median_bandwidth,
     mmd2_unbiased,
     mmd_loo_credit,
     pooled_group_scores,
     rbf_kernel,
     reference_from_target,
+    register_reward,
+    reward_spec,
+    target_shares,
+    unregister_reward,
 )
 
 torch.set_num_threads(1)
@@ -315,9 +322,6 @@ def test_alignment_drift_and_the_registry() -> None:
     base = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])
     assert drift_penalty(img, base).tolist() == pytest.approx([0.0, 1.0, 2.0], abs=1e-6)
     assert drift_reward(img, base).tolist() == pytest.approx([0.0, -1.0, -2.0], abs=1e-6)
-    # the names a config may give (rl.config checks them) and the functions the trainer calls
-    assert REWARDS == {"diversity": diversity_reward, "balance": balance_reward, "alignment": alignment_reward,
-                       "drift": drift_reward, "confidence": confidence_reward}
 
 
 def test_confidence_reward_is_top_probability_min_over_attributes() -> None:
@@ -343,6 +347,179 @@ def test_hard_labels_and_their_diversity_credit() -> None:
     assert credit.tolist() == pytest.approx([-1 / 6, -1 / 6, -1 / 6, 0.5], abs=1e-12)
     with pytest.raises(SuiteError, match="hard_labels"):
         hard_labels(torch.ones(4))
+
+
+# ------------------------------------------------------------------------------------- reward registry
+
+
+def test_the_registry_declares_each_reward_once() -> None:
+    # the names a config may give, their options (first = default) and whether they need base images
+    assert {name: (dict(spec.options), spec.needs_base_images) for name, spec in REWARDS.items()} == {
+        "diversity": ({"kernel": ("rbf", "poly3", "linear"), "features": ("probs", "labels"),
+                       "reference": ("uniform", "target")}, False),
+        "balance": ({"mode": ("kl", "entropy"), "reference": ("uniform", "target")}, False),
+        "alignment": ({}, False),
+        "drift": ({"features": ("embedding",)}, True),
+        "confidence": ({}, False),
+    }
+    assert reward_spec("diversity").defaults == {"kernel": "rbf", "features": "probs", "reference": "uniform"}
+    with pytest.raises(SuiteError, match=r"unknown reward 'diversty' \(did you mean 'diversity'\?\); allowed: "):
+        reward_spec("diversty")
+
+
+def _spec(name: str, classes: int, target: tuple[float, ...]) -> AttributeSpec:
+    names = tuple(f"{name}{k}" for k in range(classes))
+    return AttributeSpec(name=name, classes=names, descriptions=names, target=target)
+
+
+def _group(probs: list[torch.Tensor], attributes: list[AttributeSpec], *, image_emb: torch.Tensor | None = None,
+           base_emb: torch.Tensor | None = None) -> GroupInputs:
+    m = probs[0].shape[0]
+    return GroupInputs(probs=tuple(p.double() for p in probs), attributes=tuple(attributes),
+                       image_emb=torch.ones(m, 2) if image_emb is None else image_emb,
+                       text_emb=torch.tensor([1.0, 0.0]), base_emb=base_emb,
+                       confidence=confidence_reward([p.double() for p in probs]))
+
+
+def test_the_registered_rewards_on_a_hand_built_group() -> None:
+    tone, age = _spec("tone", 2, (0.75, 0.25)), _spec("age", 2, (0.5, 0.5))
+    probs = [torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])]
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    group = _group(probs, [tone, age], image_emb=img, base_emb=torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, -1.0]]))
+    # balance, entropy: tone as in test_balance_reward_hand_computed (-0.056633 x2, 0.636514); age: h = (8/15,
+    # 7/15), H = 0.690923; without image 0: h = (0.35, 0.65), H = 0.647447 -> credit 0.043477; without
+    # image 1: h = (0.7, 0.3), H = 0.610864 -> 0.080059; without image 2: h = (0.55, 0.45), H = 0.688139 -> 0.002784
+    entropy = REWARDS["balance"].credits(group, {"mode": "entropy"})
+    assert entropy.dtype == torch.float64
+    assert entropy.tolist() == pytest.approx([-0.013156, 0.023426, 0.639298], abs=1e-6)
+    # the confidence: min over the two attributes of the top probability, per image
+    assert REWARDS["confidence"].credits(group).tolist() == pytest.approx([0.9, 0.8, 0.5])
+    # alignment: cosine to the prompt's embedding (1, 0); drift: minus (1 - cos) to the base image
+    assert REWARDS["alignment"].credits(group).tolist() == pytest.approx([1.0, 0.0, math.sqrt(0.5)], abs=1e-6)
+    assert REWARDS["drift"].credits(group).tolist() == pytest.approx([0.0, -1.0, -2.0], abs=1e-6)
+    # diversity: the probabilities of both attributes against the joint reference, as diversity_reward
+    ref = joint_reference([tone, age], "uniform", 16 * 2)
+    expected = diversity_reward(torch.cat(probs, 1).double(), ref, kernel="linear")
+    assert torch.equal(REWARDS["diversity"].credits(group, {"kernel": "linear"}), expected)
+    with pytest.raises(SuiteError, match="reward 'diversity': unknown option 'kernal' \\(did you mean 'kernel'"):
+        REWARDS["diversity"].credits(group, {"kernal": "rbf"})
+    with pytest.raises(SuiteError, match="option kernel='poly' is not allowed \\(did you mean 'poly3'"):
+        REWARDS["diversity"].credits(group, {"kernel": "poly"})
+    with pytest.raises(SuiteError, match="reward 'drift' needs the base model's images"):
+        REWARDS["drift"].credits(_group(probs, [tone, age]))
+
+
+def test_joint_reference_draws_the_product_of_the_targets() -> None:
+    tone, age = _spec("tone", 2, (0.75, 0.25)), _spec("age", 2, (0.5, 0.5))
+    assert target_shares(tone, "target").tolist() == [0.75, 0.25]
+    assert target_shares(tone, "uniform").tolist() == [0.5, 0.5]
+    # joint target (tone0 age0, tone0 age1, tone1 age0, tone1 age1) = (0.375, 0.375, 0.125, 0.125) of 8 points:
+    # 3, 3, 1, 1; each point is the one-hot tone followed by the one-hot age
+    ref = joint_reference([tone, age], "target", 8)
+    assert ref.shape == (8, 4) and ref.dtype == torch.float64
+    assert sorted(map(tuple, ref.tolist())) == sorted([(1.0, 0.0, 1.0, 0.0)] * 3 + [(1.0, 0.0, 0.0, 1.0)] * 3
+                                                      + [(0.0, 1.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0)])
+    with pytest.raises(SuiteError, match="did you mean 'target'"):
+        target_shares(tone, "targt")
+
+
+def test_registering_a_reward_declares_its_name_options_and_function() -> None:
+    @register_reward("probe_rank", order=("first", "last"))
+    def probe_rank(group: GroupInputs, *, order: str) -> torch.Tensor:
+        ranks = torch.arange(group.size, dtype=torch.float64)
+        return ranks if order == "first" else -ranks
+
+    try:
+        spec = REWARDS["probe_rank"]
+        assert (spec.name, dict(spec.options), spec.defaults, spec.fn) == (
+            "probe_rank", {"order": ("first", "last")}, {"order": "first"}, probe_rank)
+        group = _group([torch.eye(3)], [_spec("tone", 3, (1 / 3,) * 3)])
+        assert spec.credits(group).tolist() == [0.0, 1.0, 2.0]
+        assert spec.credits(group, {"order": "last"}).tolist() == [0.0, -1.0, -2.0]
+        register_reward("probe_rank", order=("first", "last"))(probe_rank)  # the same function again: replaced
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("probe_rank")(lambda group: group.confidence)
+    finally:
+        unregister_reward("probe_rank")
+    assert "probe_rank" not in REWARDS
+    for bad in ({"weight": ("a",)}, {"order": ()}, {"order": ("a", "a")}, {"order": (1,)}):
+        with pytest.raises(ValueError, match="register_reward"):
+            register_reward("probe_bad", **bad)  # type: ignore[arg-type]
+    assert "probe_bad" not in REWARDS
+    register_reward("probe_shape")(lambda group: torch.zeros(group.size + 1))
+    try:
+        with pytest.raises(SuiteError, match=r"reward 'probe_shape' returned \(4,\) for a group of 3 images"):
+            REWARDS["probe_shape"].credits(_group([torch.eye(3)], [_spec("tone", 3, (1 / 3,) * 3)]))
+    finally:
+        unregister_reward("probe_shape")
+
+
+def test_the_trainer_credits_each_group_with_the_registered_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import evalsuite.models
+    import rl.config
+    import rl.config_checks
+    from evalsuite.battery import load_battery
+    from evalsuite.classifiers import AttributeOutput
+    from rl.train import Batch, compute_rewards
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the config names its battery relatively; the miniature world need not be built
+    check = evalsuite.models.check_model_source
+    monkeypatch.setattr(rl.config_checks, "check_model_source",
+                        lambda model: None if model == "miniature" else check(model))
+    seen: list[tuple[GroupInputs, str]] = []
+
+    @register_reward("probe_first_class", power=("one", "two"))
+    def probe(group: GroupInputs, *, power: str) -> torch.Tensor:
+        seen.append((group, power))
+        first = group.probs[0][:, 0]
+        return first if power == "one" else first**2
+
+    class Reader:  # the reward classifier: fixed probabilities for 6 images, 2 groups of 3
+        name = "reader"
+
+        def check(self, attributes: object) -> list[str]:
+            return []
+
+        def classify(self, images: np.ndarray, attributes: list[AttributeSpec]) -> dict[str, AttributeOutput]:
+            probs = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0, 0],
+                              [0.9, 0.1, 0, 0], [0.9, 0.1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+            return {a.name: AttributeOutput(probs, ("ok",) * 6) for a in attributes}
+
+    class Embedder:
+        name = "embedder"
+
+        def embed_images(self, images: np.ndarray) -> np.ndarray:
+            return np.ones((len(images), 2), dtype=np.float32)
+
+        def embed_texts(self, texts: list[str]) -> np.ndarray:
+            return np.ones((len(texts), 2), dtype=np.float32)
+
+    try:
+        cfg = rl.config.load_config(root / "rl" / "configs" / "miniature.yaml",
+                                    ["rewards=[{name: probe_first_class, weight: 2}]", "validity_threshold=0.8"])
+        attrs = [load_battery(cfg.battery).attribute("skin_tone")]
+        batch = Batch(prompts=["a doctor"] * 3 + ["a nurse"] * 3, group=torch.tensor([0, 0, 0, 1, 1, 1]),
+                      scales=torch.full((6,), 3.0), latents=torch.zeros(6, 3, 1), log_probs=torch.zeros(6, 2),
+                      timesteps=torch.tensor([500, 0]), images=np.zeros((6, 4, 4, 3), dtype=np.uint8),
+                      base_images=None)
+        text_emb = {"a doctor": torch.tensor([1.0, 0.0]), "a nurse": torch.tensor([0.0, 1.0])}
+        rewards = compute_rewards(cfg, batch, Reader(), Embedder(), attrs, text_emb)
+    finally:
+        unregister_reward("probe_first_class")
+    # one call per group, with that group's rows, prompt embedding and confidence, and the default option
+    assert [power for _, power in seen] == ["one", "one"]
+    assert seen[0][0].probs[0].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0, 0]]
+    assert [g.text_emb.tolist() for g, _ in seen] == [[1.0, 0.0], [0.0, 1.0]]
+    assert seen[1][0].confidence.tolist() == [0.9, 0.9, 1.0] and seen[0][0].base_emb is None
+    # the raw credits are the function's values: P(class 0) of each image
+    assert rewards.parts["probe_first_class"].tolist() == [1.0, 0.0, 0.5, 0.9, 0.9, 0.0]
+    # centred within the groups: 0.5, -0.5, 0 and 0.3, 0.3, -0.6; pooled spread s = sqrt(1.04 / 6) = 0.416333;
+    # times the weight 2: 2.401922, -2.401922, 0, 1.441153, 1.441153, -2.882307. Image 2 (confidence 0.5 <
+    # 0.8) is invalid: its group's lowest total minus 1 = -3.401922
+    assert rewards.valid.tolist() == [True, True, False, True, True, True]
+    assert rewards.total.tolist() == pytest.approx([2.401922, -2.401922, -3.401922, 1.441153, 1.441153, -2.882307],
+                                                   abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- advantages

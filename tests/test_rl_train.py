@@ -138,6 +138,7 @@ def _late_step_kl(run: Path) -> float:
     return (profile[2].kl + profile[3].kl) / 2
 
 
+@pytest.mark.slow
 def test_a_kl_penalty_outside_the_window_holds_the_untrained_steps_near_the_base(tmp_path: Path) -> None:
     # the toy trains 1 of the first 2 of 4 steps; chain and untrained add one KL-only step from the last 2
     common = ("training.epochs=3", "training.kl_coef=1000")
@@ -159,6 +160,8 @@ def launch2(out: Path, *extra: str, evaluate: bool = False) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_cpu_processes_keep_one_model(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     done = launch2(out, "training.epochs=2", "training.kl_coef=0.1", "training.kl_steps=chain",  # base and KL-only
@@ -169,6 +172,8 @@ def test_two_cpu_processes_keep_one_model(tmp_path: Path) -> None:
     assert digests[0]["world"] == 2 and digests[0]["lora_sha256"] == digests[1]["lora_sha256"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_resume_their_own_trackers_and_share_the_evaluation(tmp_path: Path) -> None:
     # two training prompts at one scale: every epoch draws both on each process, so each process's
     # per-prompt tracker (min_count 1) normalises epoch 2 with the rewards it saw in epoch 1

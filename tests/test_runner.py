@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from evalsuite.cli import main
 from evalsuite.errors import SuiteError
 from evalsuite.generate import BatchedGenerator, initial_noise, unit_seed
-from evalsuite.miniature import ASSETS
+from evalsuite.miniature import ASSETS, OCCUPATIONS
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +148,11 @@ def test_run_writes_self_describing_results(tmp_path: Path) -> None:
     assert run_cli(*SMALL, "--results", str(tmp_path), "--batch-size", "5") == 0
     run = tmp_path / "occupations__miniature"
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "complete" and info["schema_version"] == 1
+    assert info["status"] == "complete" and info["schema_version"] == 2
     assert info["battery"]["images_per_prompt"] == 4 and info["model"]["id"] == "miniature"
+    assert info["model"]["builtin"] is True and info["model"]["domain"] == "miniature"
+    assert info["classifiers"] == ["miniature", "oracle"]  # the battery's, then the model's exact reader
+    assert info["exact_classifiers"] == ["oracle"]
     assert {"torch", "diffusers", "transformers", "evalsuite"} <= set(info["versions"])
     recs = records(run)
     assert [r["unit"] for r in recs] == list(range(3 * 2 * 4))
@@ -159,12 +163,61 @@ def test_run_writes_self_describing_results(tmp_path: Path) -> None:
     rec = recs[0]
     assert rec["classifiers"]["oracle"]["gender"]["status"] == "not_measurable"
     assert rec["classifiers"]["miniature"]["skin_tone"]["status"] == "ok"
+    # the miniature model's profile reads each image's hat against the prompt's occupation's
+    assert rec["on_prompt"]["wanted"] == OCCUPATIONS["doctor"].hat and "oracle_hat" not in rec
     for table in ("groups", "aggregate", "diversity"):
         assert (run / "metrics" / f"{table}.csv").is_file()
     summary = (run / "summary.txt").read_text()
     assert "doctor" in summary and "nurse" in summary and "7.5" in summary
 
 
+class BrightnessReader:
+    """A stand-in exact reader: an image "reads" bright or dark by its mean pixel; the prompt's
+    occupation wants bright for a doctor, dark for anyone else."""
+
+    description = "mean pixel above 128 (test reader)"
+
+    def read(self, images: np.ndarray, prompts: list) -> list:
+        return [{"read": "bright" if image.mean() > 128 else "dark",
+                 "wanted": "bright" if dict(p.slots)["occupation"] == "doctor" else "dark"}
+                for image, p in zip(images, prompts, strict=True)]
+
+
+def test_a_registered_model_plugs_in_through_its_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner knows a model only through its profile: a model registered here brings its own
+    exact reader and on-prompt reader, as the miniature world does; a plain folder brings none."""
+    from PIL import Image
+
+    from evalsuite import models
+
+    profile = models.ModelProfile(domain="test", clip=str(ASSETS / "clip"), exact_readers=("oracle",),
+                                  on_prompt=BrightnessReader())
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-world", models.BuiltinModel(
+        name="tiny-world", folder=lambda: ASSETS / "pipeline", profile=lambda: profile,
+        load_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}))
+    assert run_cli(*SMALL, "--model", "tiny-world", "--classifier", "miniature", "--results", str(tmp_path)) == 0
+    run = tmp_path / "occupations__tiny-world"
+    info = json.loads((run / "run.json").read_text())
+    assert info["classifiers"] == ["miniature", "oracle"] and info["model"]["domain"] == "test"
+    assert info["model"]["on_prompt"] == "mean pixel above 128 (test reader)"
+    recs = records(run)
+    for r in recs:  # each reading recomputed from the saved image
+        bright = np.asarray(Image.open(run / r["image"])).mean() > 128
+        assert r["on_prompt"]["read"] == ("bright" if bright else "dark")
+    div = pd.read_csv(run / "metrics" / "diversity.csv")
+    on = div[(div.metric == "on_prompt_rate") & (div.prompt_index == 0) & (div.guidance_scale == 7.5)]
+    first = [r for r in recs if r["prompt_index"] == 0 and r["guidance_scale"] == 7.5]
+    assert on.value.item() == pytest.approx(sum(r["on_prompt"]["read"] == r["on_prompt"]["wanted"] for r in first) / 4)
+    # the same weights as a plain folder: the default profile, nothing rides along, nothing is read
+    assert run_cli(*SMALL, "--model", str(ASSETS / "pipeline"), "--classifier", "miniature", "--embedder",
+                   "clip:miniature", "--results", str(tmp_path), "--name", "folder") == 0
+    plain = json.loads((tmp_path / "folder" / "run.json").read_text())
+    assert plain["classifiers"] == ["miniature"] and plain["exact_classifiers"] == []
+    assert plain["model"]["builtin"] is False
+    assert plain["model"]["domain"] == "natural" and "on_prompt" not in records(tmp_path / "folder")[0]
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_records(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "evalsuite.cli", "-q", "run", str(BATTERY), "--limit-prompts", "4",
             "--images-per-prompt", "12", "--scales", "1,7.5", "--steps", "20", "--batch-size", "6"]
@@ -388,7 +441,7 @@ def test_the_adapter_switch_counts_sampler_passes_and_always_switches_back() -> 
     with _adapter_switch(den):  # never switched off: nothing to switch on
         pass
     assert den.calls == ["off", "on"]
-    loaded = LoadedModel(pipe=None, model_id="m", revision=None, is_miniature=False, dtype="float32", device="cpu",
+    loaded = LoadedModel(pipe=None, model_id="m", revision=None, dtype="float32", device="cpu",
                          lora="te-only", lora_window=0.5)
     assert check_lora_window(loaded, den, compile=False) == 0.5
     den.peft_config = {}
@@ -417,6 +470,8 @@ def test_a_corrupt_image_in_a_resumed_folder(tmp_path: Path, capsys: pytest.Capt
     assert os.path.getsize(first) == len(b"\x89PNG garbage")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_shard_the_work_and_merge_one_result(tmp_path: Path) -> None:
     base = [str(BATTERY), "--limit-prompts", "2", "--images-per-prompt", "4", "--scales", "1,7.5", "--steps", "6",
             "--batch-size", "4"]

@@ -5,9 +5,10 @@ net), `clip[:<hub-id-or-folder>]` (CLIP zero-shot over the battery's class descr
 `clip[:<hub-id-or-folder>]`. Plug-ins: `package.module:factory` or `path/to/file.py:factory`.
 """
 
+from evalsuite.metrics import CONFIDENCE_THRESHOLD
+from evalsuite.results.schema import STATUSES
+
 from .base import (
-    CONFIDENCE_THRESHOLD,
-    STATUSES,
     AttributeClassifier,
     AttributeOutput,
     ClassifierContext,

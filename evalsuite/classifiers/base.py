@@ -17,9 +17,8 @@ import torch
 
 from evalsuite.battery import AttributeSpec
 from evalsuite.errors import SuiteError, did_you_mean
-from evalsuite.metrics import CONFIDENCE_THRESHOLD
-
-STATUSES = ("ok", "no_person", "not_measurable")
+from evalsuite.models import ModelProfile
+from evalsuite.results.schema import STATUSES, classifier_entry
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,13 @@ class ImageEmbedder(Protocol):
 
 @dataclass(frozen=True)
 class ClassifierContext:
+    """What a classifier or embedder factory is told about the run: where to run, in which dtype, and the
+    profile of the model under audit (`evalsuite.models.ModelProfile`: its image domain, the CLIP that
+    reads its images, its vocabulary)."""
+
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    miniature: bool = True  # the model under audit is the built-in miniature model
+    profile: ModelProfile = ModelProfile()
 
 
 def check_images(images: np.ndarray, who: str) -> None:
@@ -110,17 +113,10 @@ def validate_outputs(outputs: dict[str, AttributeOutput], attributes: Sequence[A
 
 def to_record(outputs: dict[str, AttributeOutput], attributes: Sequence[AttributeSpec],
               i: int) -> dict[str, Any]:
-    """Image i's per-attribute results as in docs/results-format.md: attribute -> {probs, label, status,
-    confident}; probs and label are null unless the status is "ok"."""
-    record: dict[str, Any] = {}
-    for spec in attributes:
-        out = outputs[spec.name]
-        status, row = out.status[i], out.probs[i]
-        k = int(np.argmax(row)) if status == "ok" else -1
-        record[spec.name] = {"probs": [float(p) for p in row] if k >= 0 else None,
-                             "label": spec.classes[k] if k >= 0 else None, "status": status,
-                             "confident": bool(k >= 0 and row[k] >= CONFIDENCE_THRESHOLD)}
-    return record
+    """Image i's per-attribute results as a record holds them: attribute -> the entry of
+    `evalsuite.results.schema.classifier_entry` ({probs, label, status, confident})."""
+    return {spec.name: classifier_entry(outputs[spec.name].probs[i], outputs[spec.name].status[i], spec.classes)
+            for spec in attributes}
 
 
 def detects_people(classifier: object) -> bool | None:

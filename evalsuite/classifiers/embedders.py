@@ -1,9 +1,10 @@
 """Image/text embedders: CLIP through transformers (`CLIPModel` + `CLIPProcessor`).
 
-Spec `clip` is the miniature world's CLIP (`ASSETS/clip`) when the audited model is the miniature one,
-else `openai/clip-vit-large-patch14`; `clip:<hub-id-or-folder>` picks any CLIP checkpoint and
-`clip:miniature` the miniature CLIP explicitly. Weights load as safetensors only. The miniature CLIP
-knows only the words of `ASSETS/words.txt` (`ClipEmbedder.unknown_words`).
+Spec `clip` is the CLIP that the audited model's profile names (`ModelProfile.clip`; the miniature
+world's own for the miniature model), else `openai/clip-vit-large-patch14`; `clip:<hub-id-or-folder>`
+picks any CLIP checkpoint and `clip:<built-in model>` (e.g. `clip:miniature`) that model's CLIP. Weights
+load as safetensors only. A profile's CLIP with a closed vocabulary knows only those words
+(`ClipEmbedder.unknown_words`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import numpy as np
 import torch
 
 from evalsuite.errors import SuiteError
-from evalsuite.miniature import ASSETS
+from evalsuite.models import builtin_model
 
 from .base import ClassifierContext, check_images, register_embedder
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-MINIATURE_CLIP = "miniature"
 BATCH = 256
 
 
@@ -102,17 +102,21 @@ def _load_clip(source: str, model_id: str, device: str, dtype: torch.dtype) -> t
 
 def clip_embedder(ctx: ClassifierContext, arg: str | None, name: str) -> ClipEmbedder:
     """The CLIP a spec names (see the module docstring); `name` becomes the object's name."""
-    choice = arg or (MINIATURE_CLIP if ctx.miniature else DEFAULT_CLIP)
-    if choice == MINIATURE_CLIP:
-        folder = ASSETS / "clip"
-        if not (folder / "config.json").is_file():
-            raise SuiteError(f"{name}: the miniature CLIP is missing at {folder}; rebuild it with "
-                             "`evalsuite miniature build`")
-        words = frozenset((ASSETS / "words.txt").read_text().split())
-        return ClipEmbedder(name, str(folder), MINIATURE_CLIP, ctx, vocabulary=words)
+    profile = ctx.profile
+    builtin = builtin_model(arg) if arg is not None and not Path(arg).expanduser().exists() else None
+    if builtin is not None:  # clip:<built-in model>: that model's own CLIP
+        profile, arg = builtin.profile(), None
+        if profile.clip is None:
+            raise SuiteError(f"{name}: the built-in model '{builtin.name}' names no CLIP of its own")
+    if arg is None and profile.clip is not None:  # the audited model's own CLIP, with its vocabulary
+        own = Path(profile.clip).expanduser()
+        if own.is_absolute() and not (own / "config.json").is_file():
+            raise SuiteError(f"{name}: the CLIP of the audited model is missing at {own}")
+        return ClipEmbedder(name, str(own) if own.exists() else profile.clip, profile.clip, ctx,
+                            vocabulary=profile.vocabulary)
+    choice = arg or DEFAULT_CLIP
     path = Path(choice).expanduser()
-    source = str(path) if path.exists() else choice
-    return ClipEmbedder(name, source, choice, ctx)
+    return ClipEmbedder(name, str(path) if path.exists() else choice, choice, ctx)
 
 
 @register_embedder("clip")

@@ -6,7 +6,6 @@ paired seeds, and methods. No JavaScript and no network: every link and image is
 Content-Security-Policy forbids scripts and remote fetches.
 """
 
-from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.dashboard.site import MARKER, build_dashboard
 
-__all__ = ["MARKER", "RunView", "build_dashboard", "load_run"]
+__all__ = ["MARKER", "build_dashboard"]

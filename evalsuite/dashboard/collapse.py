@@ -3,20 +3,19 @@ grids page."""
 
 from __future__ import annotations
 
-from evalsuite.analysis import t_interval
 from evalsuite.dashboard import figures, images
 from evalsuite.dashboard.html import esc, gallery, interval, note, num, paragraphs, section, table
-from evalsuite.dashboard.load import RunView
-from evalsuite.dashboard.pages import Site, div_at, plot_html
+from evalsuite.dashboard.pages import Site, div_mean, plot_html
 from evalsuite.metrics import NEAR_DUPLICATE_COSINE
+from evalsuite.results import RunView
 
 
 def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str:
-    div, scales = view.diversity, view.scales
+    div, scales = view.diversity_wide, view.scales
     plots = []
-    for p in figures.diversity_plots(div, site.root, f"{site.slug}-div"):
+    for p in figures.diversity_plots(div, site.root, f"{site.slug}-div", view.battery.images_per_prompt):
         title = figures.METRIC_TITLES.get(p.key, p.key)
-        means = ", ".join(f"{num(t_interval(div_at(view, s, p.key))[0])} at scale {s:g}" for s in scales)
+        means = ", ".join(f"{num(div_mean(view, s, p.key)[0])} at scale {s:g}" for s in scales)
         alt = (
             f"Line chart of the {title} against guidance scale: a thin grey line per prompt and the mean "
             "over "
@@ -31,7 +30,7 @@ def diversity_page(view: RunView, site: Site, writer: images.ThumbWriter) -> str
         gallery(plots, "Per prompt (grey) and mean over prompts (colour) with 95 % t-intervals."),
     ]
     metrics = [m for m in figures.DIVERSITY_METRICS if m in div]
-    rows = [[f"{s:g}", *[interval(*t_interval(div_at(view, s, m))) for m in metrics]] for s in scales]
+    rows = [[f"{s:g}", *[interval(*div_mean(view, s, m)) for m in metrics]] for s in scales]
     parts.append(table(["scale", *metrics], rows, "Means over prompts with 95 % t-intervals"))
     if "vendi" in div and not div.empty:
         low = div.sort_values("vendi").head(10)

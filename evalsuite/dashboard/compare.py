@@ -3,12 +3,12 @@
 Images pair by (prompt text, guidance scale, image index) where both runs used the same seed, so each
 pair differs only in the model. Shares are pooled over the common prompts with cluster-robust 95 %
 intervals (clustered by prompt), and so is the paired change in share B − A; other metrics are computed
-per prompt on the paired images, then averaged over prompts with a t-interval (the change too).
+per prompt on the paired images, then averaged over prompts with a t-interval within the metric's range
+(the change too). Every interval is `evalsuite.metrics`'; every entry is read by `evalsuite.results`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +17,11 @@ import pandas as pd
 
 from evalsuite import legibility
 from evalsuite import metrics as mx
-from evalsuite.analysis import t_interval
-from evalsuite.dashboard.load import RunView
 from evalsuite.errors import SuiteError
+from evalsuite.results import RunView, majority_classes
 
-Z = 1.96
-SHARE_METRICS = {
-    "shen_gap": mx.shen_gap, "mad": mx.mad, "dominant_share": mx.dominant_share,
-    "normalized_entropy": mx.normalized_entropy, "kl_uniform": mx.kl_to_uniform,
-}
-DIVERSITY = {"vendi": mx.vendi_score, "mean_pairwise_cosine": mx.mean_pairwise_cosine}
+SHARE_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform")  # registered, fn(p)
+DIVERSITY = ("vendi", "mean_pairwise_cosine")  # registered, fn(embeddings)
 Pair = tuple[dict[str, Any], dict[str, Any]]
 
 
@@ -107,39 +102,20 @@ def pair_records(
     return same, prompts, scales, mismatches, notes, False
 
 
-def _cluster_delta(d: np.ndarray, n: np.ndarray, per_pair: np.ndarray) -> tuple[float, float, float]:
-    """Pooled change in a share Σd/Σn, d_g = B's minus A's class count over prompt g's n_g pairs, with a
-    cluster-robust (by prompt) normal interval, the variance as in `mx.cluster_share_interval`.
-
-    Fallback to the Agresti–Min interval over the pairs (`mx.paired_difference_interval`, from the
-    per-pair changes `per_pair` in {−1, 0, 1}) when fewer than 2 prompts have pairs, or when every prompt
-    changes by the same share (|d_g − est·n_g| <= 1e-9·n_g), where the sandwich interval collapses to a
-    point. Empty-group rule: Σn = 0 -> NaN."""
-    total = n.sum()
-    if total == 0:
-        return math.nan, math.nan, math.nan
-    est = float(d.sum() / total)
-    keep = n > 0
-    residuals, g = d[keep] - est * n[keep], int(np.count_nonzero(keep))
-    if g < 2 or np.all(np.abs(residuals) <= mx.ZERO_RESIDUAL * n[keep]):
-        _, lo, hi = mx.paired_difference_interval(int(np.sum(per_pair > 0)), int(np.sum(per_pair < 0)),
-                                                  per_pair.size)
-        return est, lo, hi
-    half = Z * math.sqrt(g / (g - 1) * float(np.sum(residuals**2)) / total**2)
-    return est, est - half, est + half
-
-
 def _unmeasured(view: RunView, letter: str, attr: str, clf: str) -> str:
     """Why run `letter` has no results for an attribute the other run has: its battery or its classifier."""
-    names = {*view.battery.attribute_names, *("×".join(m) for m in view.battery.intersections)}
+    names = set(view.battery.attribute_classes())
     why = f"its {clf} classifier measured it on no image" if attr in names else "its battery has no such attribute"
     return f"Attribute {attr} is left out: run {letter} has no results for it ({why})."
 
 
-def _row(a_vals: list[float], b_vals: list[float]) -> list[float]:
-    """[a, a_lo, a_hi, b, b_lo, b_hi, delta, d_lo, d_hi] from per-prompt values (t-intervals)."""
+def _row(a_vals: list[float], b_vals: list[float], bounds: tuple[float, float]) -> list[float]:
+    """[a, a_lo, a_hi, b, b_lo, b_hi, delta, d_lo, d_hi] from per-prompt values: t-intervals within the
+    metric's range `bounds` = (lo, hi), the change's within (lo − hi, hi − lo) (`metrics.mean_interval`)."""
     diff = [y - x for x, y in zip(a_vals, b_vals, strict=True)]
-    return [*t_interval(a_vals), *t_interval(b_vals), *t_interval(diff)]
+    width = bounds[1] - bounds[0]
+    return [*mx.mean_interval(a_vals, bounds), *mx.mean_interval(b_vals, bounds),
+            *mx.mean_interval(diff, (-width, width))]
 
 
 def compare_runs(a: RunView, b: RunView) -> Comparison:
@@ -184,15 +160,15 @@ def compare_runs(a: RunView, b: RunView) -> Comparison:
                     [
                         attr, cls, scale, *mx.cluster_share_interval(ca[:, j], n),
                         *mx.cluster_share_interval(cb[:, j], n),
-                        *_cluster_delta(cb[:, j] - ca[:, j], n, diffs[:, j]), int(n.sum()), g_used,
+                        *mx.cluster_difference_interval(cb[:, j] - ca[:, j], n, diffs[:, j]), int(n.sum()), g_used,
                     ]
                 )
             used = n > 0
             pa, pb = ca[used] / n[used, None], cb[used] / n[used, None]
-            for name, fn in SHARE_METRICS.items():
-                a_vals = [float(fn(p)) for p in pa]
-                b_vals = [float(fn(p)) for p in pb]
-                metric_rows.append([attr, name, scale, *_row(a_vals, b_vals), g_used])
+            for name in SHARE_METRICS:
+                info = mx.get_metric(name)
+                a_vals, b_vals = [float(info.fn(p)) for p in pa], [float(info.fn(p)) for p in pb]
+                metric_rows.append([attr, name, scale, *_row(a_vals, b_vals, info.bounds(k)), g_used])
             flip_rows.append([attr, scale, flips / n.sum(), int(n.sum())])
     share_cols = [
         "attribute", "class", "guidance_scale", "a", "a_lo", "a_hi", "b", "b_lo", "b_hi", "delta", "d_lo",
@@ -234,14 +210,9 @@ def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, floa
     for attr, classes in a.attributes(reader):
         if classes_b.get(attr) != classes:
             continue
-        labelled = [r for r in paired[0] if _entry(r, reader, attr, ("label",))]
-        majority = legibility.majority_classes(labelled, reader, attr)
+        majority = majority_classes(paired[0], reader, attr, classes)
         for judge in judges:
-            sides = [[r for r in recs if _entry(r, reader, attr, ("label",))
-                      and _entry(r, judge, attr, ("status", "confident"))] for recs in paired]
-            if not sides[0] or not sides[1]:
-                continue
-            counts = [_per_prompt(recs, majority, reader, judge, attr) for recs in sides]
+            counts = [_per_prompt(recs, majority, reader, judge, attr) for recs in paired]
             prompts = sorted({p for c in counts for p in c})
             for scale in scales:
                 for group in legibility.GROUPS:
@@ -254,12 +225,6 @@ def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, floa
                     rows.append([judge, attr, scale, group, *mx.cluster_share_interval(low[0], n[0]),
                                  int(n[0].sum()), *mx.cluster_share_interval(low[1], n[1]), int(n[1].sum()), used])
     return rows
-
-
-def _entry(r: dict[str, Any], classifier: str, attr: str, keys: tuple[str, ...]) -> bool:
-    """The record holds `classifier`'s entry for `attr` with all of `keys`."""
-    entry = ((r.get("classifiers") or {}).get(classifier) or {}).get(attr)
-    return isinstance(entry, dict) and all(k in entry for k in keys)
 
 
 def _per_prompt(records: list[dict[str, Any]], majority: dict[str, str], reader: str, judge: str,
@@ -303,10 +268,11 @@ def _diversity(
                 continue
             ea = np.asarray([ra["embedding"] for ra, _ in group], dtype=float)
             eb = np.asarray([rb["embedding"] for _, rb in group], dtype=float)
-            for name, fn in DIVERSITY.items():
-                values[name][0].append(float(fn(ea)))
-                values[name][1].append(float(fn(eb)))
+            for name in DIVERSITY:
+                values[name][0].append(float(mx.get_metric(name).fn(ea)))
+                values[name][1].append(float(mx.get_metric(name).fn(eb)))
         for name, (va, vb) in values.items():
             if va:
-                rows.append(["diversity", name, scale, *_row(va, vb), len(va)])
+                bounds = mx.get_metric(name).bounds(a.battery.images_per_prompt)
+                rows.append(["diversity", name, scale, *_row(va, vb, bounds), len(va)])
     return rows

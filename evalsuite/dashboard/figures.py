@@ -22,7 +22,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from evalsuite.analysis import t_interval  # noqa: E402
+from evalsuite.metrics import mean_interval, metric_bounds  # noqa: E402
 
 DPI = 144  # pixels per inch of the PNG; pages show figures at 96 per inch, so they stay sharp on phones
 SHOWN = 96 / DPI
@@ -37,7 +37,7 @@ METRIC_TITLES = {
     "vendi": "Vendi score (effective no. of images)",
     "mean_pairwise_cosine": "mean pairwise cosine similarity",
     "near_duplicate_rate": "near-duplicate pair rate", "clip_score": "CLIP score",
-    "on_prompt_rate": "on-prompt rate (oracle: the occupation's hat)",
+    "on_prompt_rate": "on-prompt rate (exact reader)",
 }
 RC: Any = {
     "text.parse_math": False, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
@@ -192,8 +192,9 @@ def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str)
     return plots
 
 
-def diversity_plots(div: pd.DataFrame, root: Path, stem: str) -> list[Plot]:
-    """Per metric: per-prompt curves (thin, grey) and the mean over prompts with a 95 % t-band."""
+def diversity_plots(div: pd.DataFrame, root: Path, stem: str, images: int) -> list[Plot]:
+    """Per metric: per-prompt curves (thin, grey) and the mean over prompts with a 95 % t-band within the
+    metric's range for groups of `images` images (`metrics.mean_interval`)."""
     if div.empty:
         return []
     scales = sorted(set(div["guidance_scale"]))
@@ -205,7 +206,8 @@ def diversity_plots(div: pd.DataFrame, root: Path, stem: str) -> list[Plot]:
                 part = part.sort_values("guidance_scale")
                 ax.plot(part["guidance_scale"], part[metric], color="0.65", lw=0.7, alpha=0.7)
             stats = [
-                t_interval(div.loc[np.isclose(div["guidance_scale"], s), metric].to_numpy(float))
+                mean_interval(div.loc[np.isclose(div["guidance_scale"], s), metric].to_numpy(float),
+                              metric_bounds(metric, images))
                 for s in scales
             ]
             band(

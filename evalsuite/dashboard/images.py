@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from evalsuite.dashboard.html import esc
-from evalsuite.dashboard.load import RunView
 from evalsuite.metrics import NEAR_DUPLICATE_COSINE, near_duplicate_pairs
+from evalsuite.results import RunView
 
 THUMB = 192
 PIXELATED_BELOW = 128  # small renders are scaled up without smoothing
@@ -35,8 +35,8 @@ class Thumb:
 class ThumbWriter:
     """Writes each record's thumbnail once, under images/<run slug>/..."""
 
-    def __init__(self, site: Path, slug: str) -> None:
-        self.site, self.slug = site, slug
+    def __init__(self, site: Path, slug: str, view: RunView) -> None:
+        self.site, self.slug, self.view = site, slug, view
         self.done: dict[tuple[int, float, int], Thumb] = {}
         self.scale_ids: dict[float, int] = {}
 
@@ -45,7 +45,7 @@ class ThumbWriter:
         if key not in self.done:
             sid = self.scale_ids.setdefault(key[1], len(self.scale_ids))
             rel = f"images/{self.slug}/p{key[0]:04d}_g{sid:02d}_i{key[2]:05d}.png"
-            with Image.open(rec["_image_path"]) as img:
+            with Image.open(self.view.image_path(rec)) as img:
                 small = max(img.size) < PIXELATED_BELOW
                 thumb = img.convert("RGB")
                 thumb.thumbnail((THUMB, THUMB))

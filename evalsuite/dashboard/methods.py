@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from evalsuite.dashboard.html import esc, note, num, paragraphs, section, table
-from evalsuite.dashboard.load import RunView
 from evalsuite.metrics import CONFIDENCE_THRESHOLD, NEAR_DUPLICATE_COSINE
+from evalsuite.results import RunView
 
-TRUTH = "oracle"  # the miniature world's exact reader; where a run has it, other classifiers are scored on it
 METRICS: tuple[tuple[str, str], ...] = (
     (
         "share:<class>",
@@ -92,17 +91,19 @@ CAVEATS = (
 
 
 def _accuracy_rows(view: RunView) -> list[list[Any]]:
-    """Agreement of each classifier with the exact oracle, per attribute, on images both measured."""
-    if TRUTH not in view.classifiers:
+    """Agreement of each classifier with the run's exact reader (`RunView.exact_classifiers`, the first),
+    per attribute, on images both measured."""
+    if not view.exact_classifiers:
         return []
+    truth = view.exact_classifiers[0]
     rows = []
     for clf in view.classifiers:
-        if clf == TRUTH:
+        if clf in view.exact_classifiers:
             continue
         for attr, _ in view.attributes(clf):
             if "×" in attr:
                 continue
-            pairs = [(view.label(r, clf, attr), view.label(r, TRUTH, attr)) for r in view.records]
+            pairs = [(view.label(r, clf, attr), view.label(r, truth, attr)) for r in view.records]
             both = [(p, t) for p, t in pairs if p is not None and t is not None]
             if both:
                 hits = sum(p == t for p, t in both)
@@ -177,14 +178,15 @@ def methods_page(views: Sequence[RunView]) -> str:
             acc.append(
                 table(
                     ["classifier", "attribute", "accuracy", "images"], rows,
-                    head + (f"agreement with the exact {TRUTH} reader" if measured else "recorded accuracy"),
+                    head + (f"agreement with the exact {view.exact_classifiers[0]} reader" if measured
+                            else "recorded accuracy"),
                 )
             )
-        if TRUTH in view.classifiers:
+        for truth in view.exact_classifiers:
             acc.append(
                 note(
-                    head + f"the {TRUTH} classifier reads the miniature world's palette exactly, so it is "
-                    "the ground truth for its renders (it cannot measure perceived gender)."
+                    head + f"the {truth} classifier reads this model's images exactly (its profile says so), "
+                    "so it is the ground truth for them; attributes it reports as not measurable have none."
                 )
             )
         if corrected:
@@ -196,7 +198,7 @@ def methods_page(views: Sequence[RunView]) -> str:
                     + "; corrected shares are in metrics/groups.csv."
                 )
             )
-        if not rows and not corrected and TRUTH not in view.classifiers:
+        if not rows and not corrected and not view.exact_classifiers:
             acc.append(
                 note(
                     head + "no measured accuracy is recorded for its classifiers; read the shares as "

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evalsuite.analysis import t_interval
 from evalsuite.dashboard import figures
 from evalsuite.dashboard.html import (
     definition_list,
@@ -23,7 +22,8 @@ from evalsuite.dashboard.html import (
     section,
     table,
 )
-from evalsuite.dashboard.load import RunView
+from evalsuite.metrics import mean_interval, metric_bounds
+from evalsuite.results import RunView
 
 TABLE_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform", "kl_target",
                  "low_confidence_rate", "no_person_rate")
@@ -114,10 +114,8 @@ def _headline(view: RunView) -> str:
         part = agg[(agg["attribute"] == attr) & (agg["metric"] == "shen_gap")]
         cells = [at(part, s) for s in scales]
         rows.append([f"Shen gap, {attr}", *[interval(*c) for c in cells]])
-    if "vendi" in view.diversity:
-        rows.append(
-            ["Vendi score (mean)", *[interval(*t_interval(div_at(view, s, "vendi"))) for s in scales]]
-        )
+    if "vendi" in view.diversity_wide:
+        rows.append(["Vendi score (mean)", *[interval(*div_mean(view, s, "vendi")) for s in scales]])
     return table(
         ["measure", *[f"scale {s:g}" for s in scales]], rows,
         f"Headline ({clf} classifier, all prompts; 95 % intervals)",
@@ -133,8 +131,14 @@ def at(part: pd.DataFrame, scale: float) -> tuple[float, float, float]:
 
 
 def div_at(view: RunView, scale: float, metric: str) -> np.ndarray:
-    div = view.diversity
+    div = view.diversity_wide
     return div.loc[np.isclose(div["guidance_scale"], scale), metric].to_numpy(float)
+
+
+def div_mean(view: RunView, scale: float, metric: str) -> tuple[float, float, float]:
+    """Mean over prompts of a diversity metric at one scale, with its 95 % interval within the metric's
+    range (`metrics.mean_interval`)."""
+    return mean_interval(div_at(view, scale, metric), metric_bounds(metric, view.battery.images_per_prompt))
 
 
 def bias_page(view: RunView, site: Site) -> str:

@@ -1,47 +1,30 @@
 """Build the static dashboard site into DIR.partial, then swap it into place (atomic for the reader).
 
-An existing DIR is replaced only when it holds a previous dashboard (the `MARKER` file) or is empty.
+An existing DIR is replaced only when it holds a previous dashboard (the `MARKER` file) or is empty
+(`evalsuite.folders.building`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from evalsuite.dashboard import collapse, compare, compare_page, images, methods, pages
 from evalsuite.dashboard.html import CSS, CSS_FILE, page
-from evalsuite.dashboard.load import RunView, load_run
 from evalsuite.errors import SuiteError
-from evalsuite.store import check_output_target
+from evalsuite.folders import building, check_output_target
+from evalsuite.results import RunView, open_run
 
 MARKER = ".evalsuite-dashboard"
 
 
-def _check_target(out: Path) -> None:
-    check_output_target(out, MARKER, "dashboard")
-
-
-def _fresh(path: Path) -> None:
-    """Remove a stale build folder left by a crash (only one of ours, marked) and create it anew."""
-    if path.exists():
-        shutil.rmtree(path)  # _check_target made sure it is a marked build folder
-    path.mkdir(parents=True)
-    (path / MARKER).write_text(json.dumps({"tool": "evalsuite dashboard", "state": "building"}) + "\n")
-
-
-def _swap(partial: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old.exists():
-        shutil.rmtree(old)
+def load_runs(runs: Sequence[Path]) -> list[RunView]:
+    """The runs, read and checked in full (records included) before anything is built."""
+    views = [open_run(r) for r in runs]
+    for view in views:
+        _ = view.records
+    return views
 
 
 def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int = 8) -> Path:
@@ -51,35 +34,20 @@ def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int
         raise SuiteError(f"dashboard: give one or two results folders, got {len(runs)}")
     if max_images_per_cell < 1:
         raise SuiteError(f"dashboard: images per (prompt, scale) cell must be >= 1, got {max_images_per_cell}")
-    _check_target(out)
-    views = [load_run(r) for r in runs]
+    check_output_target(out, MARKER, "dashboard")
+    views = load_runs(runs)
     comparison = compare.compare_runs(views[0], views[1]) if len(views) == 2 else None
-    partial = out.with_name(out.name + ".partial")
-    _fresh(partial)
-    try:
+    with building(out, MARKER, "dashboard", "evalsuite dashboard") as (partial, marker):
         started = time.perf_counter()
+        (partial / "figures").mkdir()
         _write_site(partial, views, comparison, max_images_per_cell)
-        (partial / MARKER).write_text(
-            json.dumps(
-                {
-                    "tool": "evalsuite dashboard", "runs": [str(r) for r in runs],
-                    "build_s": round(time.perf_counter() - started, 2),
-                }
-            )
-            + "\n"
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _swap(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        marker.update(runs=[str(r) for r in runs], build_s=round(time.perf_counter() - started, 2))
     return out / "index.html"
 
 
 def _write_site(
     root: Path, views: list[RunView], comparison: compare.Comparison | None, max_per_cell: int
 ) -> None:
-    (root / "figures").mkdir()
     (root / CSS_FILE).write_text(CSS, encoding="utf-8")
     two = len(views) == 2
     sites = [pages.Site(root, f"r{i}", "AB"[i] if two else "") for i in range(len(views))]
@@ -101,7 +69,7 @@ def _write_site(
         (root / href).write_text(page(title, body, nav, href), encoding="utf-8")
 
     for view, s in zip(views, sites, strict=True):
-        writer = images.ThumbWriter(root, s.slug)
+        writer = images.ThumbWriter(root, s.slug, view)
         prefix = f"Run {s.letter}: " if two else ""
         write(f"{s.slug}-bias.html", f"{prefix}bias by attribute", pages.bias_page(view, s))
         write(f"{s.slug}-diversity.html", f"{prefix}mode collapse", collapse.diversity_page(view, s, writer))

@@ -1,6 +1,7 @@
 """Pure-numpy metrics: demographic bias over class shares, intervals, classifier-error correction,
 mode collapse over embeddings, and text-image alignment. Importing this package registers every
-named metric in :data:`METRICS` (see :func:`get_metric`)."""
+named metric in :data:`METRICS` under the name its values carry in the results tables, with its
+direction and range (see :func:`get_metric`, :func:`metric_bounds`)."""
 
 from evalsuite.metrics.alignment import clip_score, on_prompt_rate
 from evalsuite.metrics.correction import (
@@ -18,7 +19,9 @@ from evalsuite.metrics.distribution import (
     joint_labels,
     kl_divergence,
     kl_to_uniform,
+    low_confidence_rate,
     mad,
+    no_person_rate,
     normalized_entropy,
     shen_gap,
 )
@@ -32,20 +35,43 @@ from evalsuite.metrics.diversity import (
     vendi_score,
 )
 from evalsuite.metrics.intervals import (
+    LEVEL,
     ZERO_RESIDUAL,
+    Z,
+    cluster_difference_interval,
     cluster_share_interval,
+    mean_interval,
     paired_difference_interval,
     share_intervals,
+    t_quantile,
     wilson_interval,
 )
-from evalsuite.metrics.registry import METRICS, MetricInfo, get_metric, register_metric
+from evalsuite.metrics.registry import (
+    METRICS,
+    SHARE_PREFIXES,
+    Bounds,
+    MetricInfo,
+    get_metric,
+    metric_bounds,
+    register_metric,
+)
 
 __all__ = [
     "CONFIDENCE_THRESHOLD",
+    "LEVEL",
     "METRICS",
     "NEAR_DUPLICATE_COSINE",
+    "SHARE_PREFIXES",
+    "Z",
     "ZERO_RESIDUAL",
+    "Bounds",
     "MetricInfo",
+    "cluster_difference_interval",
+    "low_confidence_rate",
+    "mean_interval",
+    "metric_bounds",
+    "no_person_rate",
+    "t_quantile",
     "class_counts",
     "class_shares",
     "clip_score",

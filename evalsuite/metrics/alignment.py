@@ -13,7 +13,7 @@ from evalsuite.metrics.diversity import l2_normalize
 from evalsuite.metrics.registry import register_metric
 
 
-@register_metric("clip_score", higher_is_better=True, kind="alignment")
+@register_metric("clip_score", higher_is_better=True, kind="alignment", bounds=(0.0, 100.0))
 def clip_score(image_emb: ArrayLike, text_emb: ArrayLike, scale: float = 100.0) -> NDArray[np.float64]:
     """Per-image CLIP score: scale · max(cos(image_i, text_i), 0).
 
@@ -36,7 +36,7 @@ def clip_score(image_emb: ArrayLike, text_emb: ArrayLike, scale: float = 100.0) 
     return np.asarray(scale * np.maximum(cos, 0.0), dtype=np.float64)
 
 
-@register_metric("on_prompt_rate", higher_is_better=True, kind="truth")
+@register_metric("on_prompt_rate", higher_is_better=True, kind="truth", bounds=(0.0, 1.0))
 def on_prompt_rate(read: Sequence[str | None], wanted: str) -> float:
     """Share of images that show what the prompt asked for: (1/n) Σ_i [read_i = wanted].
 

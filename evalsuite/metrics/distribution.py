@@ -11,6 +11,7 @@ KL(p‖uniform) = log K − H(p), so the normalised entropy H(p)/log K carries t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,7 +73,7 @@ def class_shares(labels: ArrayLike, n_classes: int) -> FloatArray:
     return counts / float(total)
 
 
-@register_metric("mad", higher_is_better=False, kind="distribution")
+@register_metric("mad", higher_is_better=False, kind="distribution", bounds=lambda k: (0.0, 2.0 * (k - 1) / k**2))
 def mad(p: ArrayLike) -> float:
     """DALL-Eval mean absolute deviation from uniform: MAD = (1/K) Σ_k |p_k − 1/K|.
 
@@ -85,7 +86,7 @@ def mad(p: ArrayLike) -> float:
     return float(np.mean(np.abs(arr - 1.0 / arr.size)))
 
 
-@register_metric("shen_gap", higher_is_better=False, kind="distribution")
+@register_metric("shen_gap", higher_is_better=False, kind="distribution", bounds=lambda k: (0.0, 2.0 / k))
 def shen_gap(p: ArrayLike) -> float:
     """Shen et al. bias: mean over ordered pairs i ≠ j of |p_i − p_j|.
 
@@ -112,10 +113,13 @@ def entropy(p: ArrayLike) -> float:
     return float(-(nz * np.log(nz)).sum())
 
 
+@register_metric("kl_target", higher_is_better=False, kind="divergence", bounds=(0.0, math.inf))
 def kl_divergence(p: ArrayLike, q: ArrayLike) -> float:
-    """KL(p‖q) = Σ_k p_k log(p_k / q_k) in nats, with 0·log(0/q) = 0.
+    """KL(p‖q) = Σ_k p_k log(p_k / q_k) in nats, with 0·log(0/q) = 0 (the bias of shares p against a
+    target distribution q; Kullback & Leibler, 1951).
 
-    q_k = 0 where p_k > 0 -> inf. Lower means p is closer to the target q. NaN in p or q -> NaN.
+    q_k = 0 where p_k > 0 -> inf (a value, not missing data). Lower means p is closer to the target q.
+    NaN in p or q -> NaN.
     """
     pa, qa = _shares(p), _shares(q)
     if pa.shape != qa.shape:
@@ -128,7 +132,8 @@ def kl_divergence(p: ArrayLike, q: ArrayLike) -> float:
     return float((pa[support] * np.log(pa[support] / qa[support])).sum())
 
 
-@register_metric("kl_to_uniform", higher_is_better=False, kind="distribution")
+@register_metric("kl_uniform", higher_is_better=False, kind="distribution",
+                 bounds=lambda k: (0.0, float(np.log(k))))
 def kl_to_uniform(p: ArrayLike) -> float:
     """KL divergence to the uniform distribution: KL(p‖U_K) = log K − H(p), in nats.
 
@@ -142,11 +147,11 @@ def kl_to_uniform(p: ArrayLike) -> float:
     return float(max(np.log(arr.size) - h, 0.0))
 
 
-@register_metric("normalized_entropy", higher_is_better=True, kind="distribution")
+@register_metric("normalized_entropy", higher_is_better=True, kind="distribution", bounds=(0.0, 1.0))
 def normalized_entropy(p: ArrayLike) -> float:
     """Normalised Shannon entropy H(p) / log K, in [0, 1].
 
-    Bounded equivalent of KL-to-uniform (methods.md §4.1). Higher is better (1 = uniform, 0 = one-hot).
+    Bounded equivalent of KL-to-uniform (docs/methods.md, "Bias metrics"). Higher is better (1 = uniform, 0 = one-hot).
     K = 1 is trivially "balanced" -> 1.0. Empty group (NaN in p) -> NaN.
     """
     arr = _shares(p)
@@ -158,7 +163,7 @@ def normalized_entropy(p: ArrayLike) -> float:
     return float(min(h / np.log(arr.size), 1.0))
 
 
-@register_metric("dominant_share", higher_is_better=False, kind="distribution")
+@register_metric("dominant_share", higher_is_better=False, kind="distribution", bounds=lambda k: (1.0 / k, 1.0))
 def dominant_share(p: ArrayLike) -> float:
     """Share of the most frequent class, max_k p_k.
 
@@ -169,6 +174,31 @@ def dominant_share(p: ArrayLike) -> float:
     if np.isnan(arr).any():
         return float("nan")
     return float(arr.max())
+
+
+@register_metric("low_confidence_rate", higher_is_better=False, kind="rate", bounds=(0.0, 1.0))
+def low_confidence_rate(confident: ArrayLike) -> float:
+    """Share of a group's measured images that the classifier reads with low confidence:
+    (1/n) Σ_i [not confident_i], where an image is confident when its top class probability is at least
+    CONFIDENCE_THRESHOLD (0.8; Shen et al., ICLR 2024, count predictions below it as uncertain).
+
+    ``confident`` holds one flag per image with status "ok". Lower is better.
+    Empty-group rule: n = 0 -> NaN.
+    """
+    flags = np.asarray(confident, dtype=bool).ravel()
+    return float(np.mean(~flags)) if flags.size else float("nan")
+
+
+@register_metric("no_person_rate", higher_is_better=None, kind="rate", bounds=(0.0, 1.0))
+def no_person_rate(no_person: ArrayLike) -> float:
+    """Share of a group's images in which the classifier found no person: (1/n) Σ_i [no_person_i].
+
+    ``no_person`` holds one flag per image of the group, whatever its status. Descriptive: a prompt may
+    ask for images without people. 0 by construction for a classifier without a person detector.
+    Empty-group rule: n = 0 -> NaN.
+    """
+    flags = np.asarray(no_person, dtype=bool).ravel()
+    return float(np.mean(flags)) if flags.size else float("nan")
 
 
 def joint_labels(labels: Sequence[ArrayLike], n_classes: Sequence[int]) -> tuple[IntArray, int]:

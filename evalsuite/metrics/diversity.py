@@ -37,7 +37,7 @@ def cosine_gram(emb: ArrayLike) -> FloatArray:
     return g
 
 
-@register_metric("vendi_score", higher_is_better=True, kind="diversity")
+@register_metric("vendi", higher_is_better=True, kind="diversity", bounds=lambda n: (1.0, float(max(n, 1))))
 def vendi_score(emb: ArrayLike, q: float = 1.0) -> float:
     """Vendi score: effective number of distinct samples, VS_q = exp(H_q(λ)).
 
@@ -67,11 +67,11 @@ def vendi_score(emb: ArrayLike, q: float = 1.0) -> float:
     return float(np.exp(np.log((pos**q).sum()) / (1.0 - q)))
 
 
-@register_metric("mean_pairwise_cosine", higher_is_better=False, kind="diversity")
+@register_metric("mean_pairwise_cosine", higher_is_better=False, kind="diversity", bounds=(-1.0, 1.0))
 def mean_pairwise_cosine(emb: ArrayLike) -> float:
     """Mean off-diagonal cosine similarity, Σ_{i≠j} cos(e_i, e_j) / (n(n−1)).
 
-    In-batch similarity (methods.md §4.2). Lower is better (more diverse).
+    In-batch similarity (docs/methods.md, "Diversity metrics"). Lower is better (more diverse).
     Empty-group rule: n < 2 -> NaN.
     """
     g = cosine_gram(emb)
@@ -90,7 +90,7 @@ def near_duplicate_pairs(emb: ArrayLike, threshold: float = NEAR_DUPLICATE_COSIN
     return [(int(a), int(b), float(s)) for a, b, s in zip(i[hit], j[hit], sims[hit], strict=True)]
 
 
-@register_metric("near_duplicate_rate", higher_is_better=False, kind="diversity")
+@register_metric("near_duplicate_rate", higher_is_better=False, kind="diversity", bounds=(0.0, 1.0))
 def near_duplicate_rate(emb: ArrayLike, threshold: float = NEAR_DUPLICATE_COSINE) -> float:
     """Fraction of the n(n−1)/2 unordered pairs with cosine similarity > threshold.
 

@@ -1,15 +1,23 @@
-"""Confidence intervals for class shares and for changes in them.
+"""Confidence intervals: the one home of every interval the suite reports (95 %, two-sided).
 
 * :func:`wilson_interval` — one binomial share (independent images).
 * :func:`share_intervals` — Wilson interval for every class of a label array.
 * :func:`cluster_share_interval` — a share pooled over prompts, with a cluster-robust standard error
   (images of the same prompt are correlated, so the pooled Wilson interval is too narrow).
 * :func:`paired_difference_interval` — the change in a share between two runs on paired images.
+* :func:`cluster_difference_interval` — that change pooled over prompts, cluster-robust.
+* :func:`mean_interval` — the mean of a metric's values (over prompts, or over a group's images) with a
+  Student-t interval, kept within the metric's range, and never of zero width for a bounded metric.
 
-Empty-group rule throughout: no observations -> NaN bounds.
+Method notes: docs/methods.md, "Confidence intervals". Empty-group rule throughout: no observations ->
+NaN bounds.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -17,9 +25,11 @@ from numpy.typing import ArrayLike, NDArray
 from evalsuite.metrics.distribution import class_counts
 
 ZERO_RESIDUAL = 1e-9  # |c_g − p̂·n_g| <= this · n_g is rounding, not between-cluster variation
+LEVEL = 0.95  # the confidence level of every interval
+Z = 1.96  # the two-sided 95 % normal quantile, as the intervals round it
 
 
-def wilson_interval(count: float, n: float, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(count: float, n: float, z: float = Z) -> tuple[float, float]:
     """Wilson score interval for a binomial share count/n.
 
     With p̂ = count/n: centre = (p̂ + z²/2n) / (1 + z²/n),
@@ -40,7 +50,7 @@ def wilson_interval(count: float, n: float, z: float = 1.96) -> tuple[float, flo
     return float(lo), float(hi)
 
 
-def share_intervals(labels: ArrayLike, n_classes: int, z: float = 1.96) -> NDArray[np.float64]:
+def share_intervals(labels: ArrayLike, n_classes: int, z: float = Z) -> NDArray[np.float64]:
     """Per-class (estimate, lo, hi) as a (K, 3) array, using the Wilson interval on each class count.
 
     Labels < 0 are excluded from the denominator, as in :func:`class_shares`.
@@ -58,7 +68,7 @@ def share_intervals(labels: ArrayLike, n_classes: int, z: float = 1.96) -> NDArr
 
 
 def cluster_share_interval(
-    counts: ArrayLike, totals: ArrayLike, z: float = 1.96
+    counts: ArrayLike, totals: ArrayLike, z: float = Z
 ) -> tuple[float, float, float]:
     """Share pooled over clusters (prompts) with a cluster-robust (ratio-estimator / sandwich) interval.
 
@@ -98,7 +108,7 @@ def cluster_share_interval(
     return est, max(est - half, 0.0), min(est + half, 1.0)
 
 
-def paired_difference_interval(n10: int, n01: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+def paired_difference_interval(n10: int, n01: int, n: int, z: float = Z) -> tuple[float, float, float]:
     """Change in a share between two paired readings of the same n images, p̂₁₀ − p̂₀₁, with the
     Agresti–Min adjusted Wald interval.
 
@@ -119,3 +129,98 @@ def paired_difference_interval(n10: int, n01: int, n: int, z: float = 1.96) -> t
     d = p10 - p01
     half = z * float(np.sqrt((p10 + p01 - d * d) / m))
     return (n10 - n01) / n, max(d - half, -1.0), min(d + half, 1.0)
+
+
+def cluster_difference_interval(d: ArrayLike, totals: ArrayLike, per_pair: ArrayLike,
+                                z: float = Z) -> tuple[float, float, float]:
+    """The change in a share between two runs on paired images, pooled over prompts: Σd/Σn, where
+    d_g = B's minus A's count of the class over prompt g's n_g pairs, with a cluster-robust (by prompt)
+    normal interval, the variance as in :func:`cluster_share_interval`; clipped to [−1, 1].
+
+    Falls back to the Agresti–Min interval over the pairs (:func:`paired_difference_interval`, from the
+    per-pair changes `per_pair` in {−1, 0, 1}) when fewer than 2 prompts have pairs, or when every prompt
+    changes by the same share (|d_g − est·n_g| <= 1e-9·n_g), where the sandwich interval collapses to a
+    point. Empty-group rule: Σn = 0 -> NaN. Returns (estimate, lo, hi).
+    """
+    diff = np.asarray(d, dtype=np.float64).ravel()
+    n = np.asarray(totals, dtype=np.float64).ravel()
+    changes = np.asarray(per_pair, dtype=np.float64).ravel()
+    total = n.sum()
+    if total == 0:
+        return float("nan"), float("nan"), float("nan")
+    est = float(diff.sum() / total)
+    keep = n > 0
+    residuals, g = diff[keep] - est * n[keep], int(np.count_nonzero(keep))
+    if g < 2 or np.all(np.abs(residuals) <= ZERO_RESIDUAL * n[keep]):
+        _, lo, hi = paired_difference_interval(int(np.sum(changes > 0)), int(np.sum(changes < 0)), changes.size, z)
+        return est, lo, hi
+    half = z * math.sqrt(g / (g - 1) * float(np.sum(residuals**2)) / total**2)
+    return est, max(est - half, -1.0), min(est + half, 1.0)
+
+
+@functools.lru_cache(maxsize=512)
+def t_quantile(q: float, df: int) -> float:
+    """Quantile of Student's t with integer ``df`` >= 1 (q in (0.5, 1)), by bisection on the exact CDF:
+    P(|T| < t) with θ = atan(t/√df) is, for odd df, (2/π)(θ + sinθ Σ_{k odd < df-1} c_k cos^k θ) and for
+    even df sinθ Σ_{k even <= df-2} c_k cos^k θ (Abramowitz & Stegun 26.7.3-4). Accurate to ~1e-12.
+    """
+    if df < 1 or not 0.5 < q < 1.0:
+        raise ValueError(f"need df >= 1 and 0.5 < q < 1, got q={q}, df={df}")
+
+    def two_sided(theta: float) -> float:
+        s, c = math.sin(theta), math.cos(theta)
+        term, total, k = (1.0, 1.0, 0) if df % 2 == 0 else (c, c if df > 1 else 0.0, 1)
+        while k + 2 <= df - 2:
+            term *= c * c * (k + 1) / (k + 2)
+            total += term
+            k += 2
+        return s * total if df % 2 == 0 else 2.0 / math.pi * (theta + s * total)
+
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if two_sided(mid) < 2.0 * q - 1.0 else (lo, mid)
+    return math.sqrt(df) * math.tan(0.5 * (lo + hi))
+
+
+def mean_interval(values: Sequence[float] | NDArray[np.float64], bounds: tuple[float, float] | None = None,
+                  level: float = LEVEL) -> tuple[float, float, float]:
+    """(mean, lo, hi) of `values` (NaN skipped) with a Student-t interval, mean ± t_{n−1} · s / √n.
+
+    `bounds` = (a, b), the metric's range (``MetricInfo.bounds``; either end may be infinite):
+      * the interval is clipped to [a, b], so a gap whose maximum is 1 never reads 1.07;
+      * where a and b are both finite and every value agrees (|x_i − mean| <= 1e-9·(b − a)), including
+        a single value, the interval is the score (Wilson) interval of the mean rescaled to [0, 1] over
+        the n values: the interval under the largest variance a variable in [a, b] with that mean can
+        have, (b − μ)(μ − a) (Bhatia & Davis, "A better bound on the variance", Amer. Math. Monthly 107,
+        2000), with the z of the level. n prompts that all collapse to one class so say how little n
+        prompts show, instead of claiming certainty with a zero-width interval.
+    Without finite bounds, fewer than 2 values give NaN bounds, and equal values a zero-width interval.
+    An infinite value makes the mean infinite, with NaN bounds. Empty-group rule: no values -> NaN.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if not math.isfinite(mean):
+        return mean, float("nan"), float("nan")
+    a, b = (float(bounds[0]), float(bounds[1])) if bounds is not None else (-math.inf, math.inf)
+    if math.isfinite(a) and math.isfinite(b) and b > a and np.all(np.abs(x - mean) <= ZERO_RESIDUAL * (b - a)):
+        share = min(max((mean - a) / (b - a), 0.0), 1.0)
+        z = Z if level == LEVEL else math.sqrt(2.0) * _erfinv(level)
+        lo, hi = wilson_interval(share * x.size, float(x.size), z)
+        return mean, a + (b - a) * lo, a + (b - a) * hi
+    if x.size < 2:
+        return mean, float("nan"), float("nan")
+    half = t_quantile(0.5 + level / 2.0, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, max(mean - half, a), min(mean + half, b)
+
+
+def _erfinv(y: float) -> float:
+    """erf⁻¹(y) for y in (0, 1) by bisection on math.erf (the normal quantile: Φ⁻¹(q) = √2·erf⁻¹(2q − 1))."""
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
+    return 0.5 * (lo + hi)

@@ -56,8 +56,7 @@ def _generator(world: Path, steps: int) -> Any:
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     use_math_attention(pipe.unet)
-    loaded = LoadedModel(pipe=pipe, model_id="miniature", revision=None, is_miniature=True, dtype="float32",
-                         device="cpu")
+    loaded = LoadedModel(pipe=pipe, model_id="miniature", revision=None, dtype="float32", device="cpu")
     return BatchedGenerator(loaded, steps=steps)
 
 

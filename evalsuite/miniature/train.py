@@ -1,8 +1,8 @@
 """Training steps of the miniature world: CLIP, VAE, UNet and the attribute classifier.
 
 Each function trains one component from the synthetic data (`MiniData`) with a progress bar and
-returns it. `build.py` runs them in order and saves the results; sizes follow the feasibility notes
-in ../shared/reference/miniature-notes.md (32×32 images, 8×8×4 latents).
+returns it. `build.py` runs them in order and saves the results; sizes follow what was measured to
+fit two CPU cores (32×32 images, 8×8×4 latents; docs/methods.md, "The miniature world").
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Results-folder I/O: atomic image and JSON writes, appended record shards, and resume checks.
+"""Writing a results folder: who may write where, atomic image, JSON and table writes, appended record
+shards, and what a resumed run may keep.
 
 Records of each process go to `records.rank{r}.jsonl`, one fsynced append per batch; a record holds
-the SHA-256 of its PNG, so a resumed run can tell a finished batch from a damaged one.
+the SHA-256 of its PNG, so a resumed run can tell a finished batch from a damaged one. When every batch
+is done the shards are merged into `records.jsonl` in unit order. The folder's layout and the record's
+fields are `evalsuite.results.schema`'s; reading a finished folder is `evalsuite.results.reader`'s.
 """
 
 from __future__ import annotations
@@ -11,17 +14,20 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 from PIL import Image
 
-from .battery import Battery
-from .errors import SuiteError
+from evalsuite.battery import Battery
+from evalsuite.errors import SuiteError
+from evalsuite.results.schema import SCHEMA_VERSION, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def write_png(path: Path, image: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+def append_records(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(_jsonl(records))
         fh.flush()
@@ -105,7 +111,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _jsonl(records: Sequence[dict[str, Any]]) -> str:
+def _jsonl(records: Sequence[Mapping[str, Any]]) -> str:
     """One compact JSON line per record: the format of every records file."""
     return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
 
@@ -123,19 +129,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def save_battery(path: Path, battery: Battery) -> None:
     path.write_text(yaml.safe_dump(battery.to_dict(), sort_keys=False, allow_unicode=True))
-
-
-def check_output_target(out: Path, marker: str, what: str) -> None:
-    """Refuse an --out folder (or its `.partial` / `.old` siblings) that evalsuite did not write: only a
-    folder holding `marker` (a previous `what`) or an empty one may be replaced."""
-    for side in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")):
-        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not (side / marker).is_file()):
-            raise SuiteError(f"{side}: exists and is not a {what} build folder; remove it first")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise SuiteError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise SuiteError(f"{out}: exists and does not hold an evalsuite {what} "
-                         f"(no {marker} file); refusing to replace it: choose another --out or remove it")
 
 
 def record_files(run_dir: Path) -> list[Path]:
@@ -158,3 +151,65 @@ def merge_shards(run_dir: Path, n_units: int) -> list[dict[str, Any]]:
     for shard in run_dir.glob("records.rank*.jsonl"):
         shard.unlink()
     return records
+
+
+def write_tables(run_dir: Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Write each metric table (`schema.TABLES`: groups, aggregate, diversity) as metrics/<name>.csv
+    (NaN written ``NaN``, floats to 6 significant digits) and metrics/<name>.parquet (full precision,
+    typed columns); returns the paths by file name."""
+    out_dir = Path(run_dir) / "metrics"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, table in tables.items():
+        if name not in TABLES or tuple(table.columns) != TABLES[name]:
+            raise ValueError(f"table {name!r} with columns {list(table.columns)} is not one of the results "
+                             f"tables {dict(TABLES)}")
+        paths[f"{name}.csv"] = out_dir / f"{name}.csv"
+        table.to_csv(paths[f"{name}.csv"], index=False, na_rep="NaN", float_format="%.6g")
+        paths[f"{name}.parquet"] = out_dir / f"{name}.parquet"
+        table.to_parquet(paths[f"{name}.parquet"], index=False)
+    return paths
+
+
+def check_writable(folder: Path) -> None:
+    """SuiteError unless `folder` (created if missing) accepts a new file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SuiteError(f"cannot write results to '{folder}': {exc.strerror or exc}") from exc
+
+
+def check_run_folder(run_dir: Path, fingerprint: str, overwrite: bool) -> None:
+    """Refuse a folder that is not a results folder (even with `overwrite`: only a folder holding a
+    run.json, or an empty one, is ever deleted) or that holds a run of another configuration (another
+    `fingerprint`) unless `overwrite`. Every process checks, so that a refusal ends them all."""
+    run_json = run_dir / "run.json"
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise SuiteError(f"{run_dir} exists and is not a folder; choose another --name")
+    if not run_json.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise SuiteError(f"{run_dir} exists and is not a results folder (no run.json); choose another "
+                             "--name or remove it")
+        return
+    if overwrite:
+        return
+    info = json.loads(run_json.read_text())
+    if info.get("fingerprint") != fingerprint:
+        raise SuiteError(f"{run_dir} holds a run with another configuration (battery, model or options "
+                         "differ); choose another --name or pass --overwrite")
+    version = info.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SuiteError(f"{run_dir} holds a run in results format version {version}; this evalsuite writes "
+                         f"version {SCHEMA_VERSION} and cannot add to it: choose another --name or pass "
+                         "--overwrite (the folder stays readable by the dashboard and rl compare)")
+
+
+def prepare_run_folder(run_dir: Path, overwrite: bool) -> None:
+    """One process, after `check_run_folder` passed on every process: start afresh (`overwrite`) or keep
+    the folder to resume."""
+    if run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
