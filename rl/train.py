@@ -56,6 +56,7 @@ from evalsuite.classifiers import (
 )
 from evalsuite.errors import SuiteError
 from evalsuite.generate import initial_noise, latent_shape, to_uint8
+from evalsuite.metrics import class_counts
 from evalsuite.models import attention_order, load_model
 from evalsuite.results.schema import dominant_class, label_index
 
@@ -578,8 +579,8 @@ def log_row(epoch: int, batch: Batch, rewards: Rewards, stats: dict[str, float],
 
 def _class_counts(probs: np.ndarray, n_classes: int) -> np.ndarray:
     """(K,) counts of the labels (`label_index`) of the rows that were read (no NaN)."""
-    labels = [label_index(row) for row in probs if not np.isnan(row).any()]
-    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    return class_counts(np.asarray([label_index(row) for row in probs if not np.isnan(row).any()], np.int64),
+                        n_classes)
 
 
 def _dominant_share(counts: np.ndarray) -> float:

@@ -183,8 +183,8 @@ def t_quantile(q: float, df: int) -> float:
     return math.sqrt(df) * math.tan(0.5 * (lo + hi))
 
 
-def mean_interval(values: Sequence[float] | NDArray[np.float64], bounds: tuple[float, float] | None = None,
-                  level: float = LEVEL) -> tuple[float, float, float]:
+def mean_interval(values: Sequence[float] | NDArray[np.float64],
+                  bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """(mean, lo, hi) of `values` (NaN skipped) with a Student-t interval, mean ± t_{n−1} · s / √n.
 
     `bounds` = (a, b), the metric's range (``MetricInfo.bounds``; either end may be infinite):
@@ -193,7 +193,7 @@ def mean_interval(values: Sequence[float] | NDArray[np.float64], bounds: tuple[f
         a single value, the interval is the score (Wilson) interval of the mean rescaled to [0, 1] over
         the n values: the interval under the largest variance a variable in [a, b] with that mean can
         have, (b − μ)(μ − a) (Bhatia & Davis, "A better bound on the variance", Amer. Math. Monthly 107,
-        2000), with the z of the level. n prompts that all collapse to one class so say how little n
+        2000), with z = Z. n prompts that all collapse to one class so say how little n
         prompts show, instead of claiming certainty with a zero-width interval.
     Without finite bounds, fewer than 2 values give NaN bounds, and equal values a zero-width interval.
     An infinite value makes the mean infinite, with NaN bounds. Empty-group rule: no values -> NaN.
@@ -208,19 +208,9 @@ def mean_interval(values: Sequence[float] | NDArray[np.float64], bounds: tuple[f
     a, b = (float(bounds[0]), float(bounds[1])) if bounds is not None else (-math.inf, math.inf)
     if math.isfinite(a) and math.isfinite(b) and b > a and np.all(np.abs(x - mean) <= ZERO_RESIDUAL * (b - a)):
         share = min(max((mean - a) / (b - a), 0.0), 1.0)
-        z = Z if level == LEVEL else math.sqrt(2.0) * _erfinv(level)
-        lo, hi = wilson_interval(share * x.size, float(x.size), z)
+        lo, hi = wilson_interval(share * x.size, float(x.size), Z)
         return mean, a + (b - a) * lo, a + (b - a) * hi
     if x.size < 2:
         return mean, float("nan"), float("nan")
-    half = t_quantile(0.5 + level / 2.0, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    half = t_quantile(0.5 + LEVEL / 2.0, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
     return mean, max(mean - half, a), min(mean + half, b)
-
-
-def _erfinv(y: float) -> float:
-    """erf⁻¹(y) for y in (0, 1) by bisection on math.erf (the normal quantile: Φ⁻¹(q) = √2·erf⁻¹(2q − 1))."""
-    lo, hi = 0.0, 10.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
-    return 0.5 * (lo + hi)

@@ -20,7 +20,6 @@ import pandas as pd
 from evalsuite.battery import Battery, battery_from_dict
 from evalsuite.errors import ConfigError, SuiteError
 from evalsuite.results import schema
-from evalsuite.results.schema import JOINER, Entry
 
 __all__ = ["RunView", "open_run"]
 
@@ -167,17 +166,14 @@ class RunView:
     # ------------------------------------------------------------ the rules, for this run's records
 
     @staticmethod
-    def entry(record: dict[str, Any], classifier: str, attribute: str) -> Entry:
-        return schema.entry(record, classifier, attribute)
-
-    @staticmethod
     def label(record: dict[str, Any], classifier: str, attribute: str) -> str | None:
         """The record's label for an attribute (an intersection joins its parts), None unless status ok."""
         return schema.label(record, classifier, attribute)
 
     @staticmethod
     def status(record: dict[str, Any], classifier: str, attribute: str) -> str:
-        return schema.entry(record, classifier, attribute.split(JOINER)[0]).status
+        """The status of `classifier`'s entry for one attribute (`schema.entry`)."""
+        return schema.entry(record, classifier, attribute).status
 
     @functools.cached_property
     def diversity_wide(self) -> pd.DataFrame:
