@@ -12,6 +12,7 @@ each key in use. In short::
                        target*: {young: 0.5, old: 0.5}}}  # >= 2 classes; target sums to 1, default uniform
     guidance_scales: [1.0, 7.5]; images_per_prompt: 16; seed: 0; steps: 20; eta*: 0.0
     classifier: miniature; intersections*: [[skin_tone, age]]
+    domains*: {natural: {classifier: photo, detector: opencv-haar}}  # per image domain; else `classifier`
 
 `load_battery` validates everything and reports every problem at once in one `ConfigError`.
 `Battery.to_dict()` (saved beside results) loads back through `battery_from_dict` to an equal battery.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalsuite.errors import ConfigError, did_you_mean
-from evalsuite.validation import Check, integer, number, read_fields, read_yaml, scales, setting, show
+from evalsuite.validation import Check, choice, integer, number, read_fields, read_yaml, scales, setting, show
 
 BATTERY_SCHEMA_VERSION = 1
 TARGET_TOLERANCE = 1e-6
@@ -49,6 +50,15 @@ class AttributeSpec:
     classes: tuple[str, ...]
     descriptions: tuple[str, ...]
     target: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DomainSetup:
+    """How the images of one domain (`evalsuite.models.ModelProfile.domain`) are scored: the attribute
+    classifier and, optionally, the face detector run before it (registry names or plug-in specs)."""
+
+    classifier: str
+    detector: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,22 @@ def _attributes(c: Check, key: str, value: Any) -> tuple[AttributeSpec, ...] | N
     return None if raw is None else tuple(_attribute(c, f"{key}.{name}", name, spec) for name, spec in raw.items())
 
 
+def _domains(c: Check, key: str, value: Any) -> tuple[tuple[str, DomainSetup], ...] | None:
+    """domain -> {classifier, detector*}; names are checked against the registries when a run starts."""
+    raw = c.mapping(key, value)
+    out = []
+    for domain, setup in (raw or {}).items():
+        where = f"{key}.{domain}"
+        if not _NAME_RE.fullmatch(domain):
+            c.add(where, "a domain name matches [A-Za-z0-9_.-]+ (e.g. natural, miniature)")
+        entry = c.mapping(where, setup, ("classifier", "detector"), ("classifier",)) or {}
+        classifier = c.text(f"{where}.classifier", entry["classifier"]) if "classifier" in entry else None
+        detector = c.text(f"{where}.detector", entry["detector"]) if entry.get("detector") is not None else None
+        if classifier is not None:
+            out.append((domain, DomainSetup(classifier, detector)))
+    return None if raw is None else tuple(out)
+
+
 def _intersections(c: Check, key: str, value: Any) -> tuple[tuple[Any, ...], ...] | None:
     """Groups of >= 2 distinct attribute names (checked against the attributes by `_relations`)."""
     groups = c.sequence(key, value, non_empty=False)
@@ -155,8 +181,13 @@ class Battery:
     seed: int = setting(integer(0, SEED_MAX), doc="base random seed of every image's seed")
     steps: int = setting(integer(1), doc="sampler steps")
     eta: float = setting(number("[0, 1]"), 0.0, doc="DDIM eta: 0 deterministic, 1 DDPM-like ancestral sampling")
-    classifier: str = setting(lambda c, k, v: c.text(k, v), doc="default attribute classifier (a registry name)")
+    classifier: str = setting(lambda c, k, v: c.text(k, v),
+                              doc="attribute classifier for images of any domain not listed in `domains`")
+    domains: tuple[tuple[str, DomainSetup], ...] = setting(
+        _domains, (), doc="image domain (natural, miniature, ...) -> its classifier and optional face detector")
     intersections: tuple[tuple[str, ...], ...] = setting(_intersections, (), doc="attribute groups scored jointly")
+    articles: str = setting(choice("agree", "as_written"), "agree",
+                            doc="agree: an 'a'/'an' right before a {slot} agrees with the value filled in")
     source: str = field(default="", compare=False)
 
     @property
@@ -182,9 +213,14 @@ class Battery:
             out[JOINER.join(members)] = tuple(joint)
         return out
 
+    def setup_for(self, domain: str) -> DomainSetup:
+        """The classifier and detector that score images of `domain`: its `domains` entry, else
+        `classifier` with no detector."""
+        return dict(self.domains).get(domain, DomainSetup(self.classifier))
+
     def prompts(self) -> tuple[Prompt, ...]:
         """Every template expanded over its slots' values (templates in order, then values in order)."""
-        return tuple(_expand(self.templates, dict(self.slots), dict(self.heldout)))
+        return tuple(_expand(self.templates, dict(self.slots), dict(self.heldout), self.articles == "agree"))
 
     def attribute(self, name: str) -> AttributeSpec:
         for spec in self.attributes:
@@ -208,7 +244,10 @@ class Battery:
                            for spec in self.attributes},
             "guidance_scales": list(self.guidance_scales), "images_per_prompt": self.images_per_prompt,
             "seed": self.seed, "steps": self.steps, "eta": self.eta, "classifier": self.classifier,
-            "intersections": [list(group) for group in self.intersections],
+            "intersections": [list(group) for group in self.intersections], "articles": self.articles,
+            **({"domains": {name: {"classifier": setup.classifier,
+                                   **({"detector": setup.detector} if setup.detector else {})}
+                            for name, setup in self.domains}} if self.domains else {}),
         }
 
     def with_overrides(self, *, limit_prompts: int | None = None, images_per_prompt: int | None = None,
@@ -293,7 +332,8 @@ def _relations(c: Check, v: dict[str, Any]) -> None:
     if len(c.problems) == before and templates is not None and slot_items is not None \
             and all(values is not None for values in slots.values()):
         seen: dict[str, str] = {}
-        for prompt in _expand(templates, {k: val or () for k, val in slots.items()}, dict(v.get("heldout") or ())):
+        for prompt in _expand(templates, {k: val or () for k, val in slots.items()}, dict(v.get("heldout") or ()),
+                              v.get("articles") != "as_written"):
             if prompt.text in seen:
                 c.add("templates", f"prompt text {prompt.text!r} is produced twice "
                                    f"(by {seen[prompt.text]!r} and {prompt.template!r})")
@@ -339,15 +379,47 @@ def _fields(template: str) -> list[str]:
 
 
 def _expand(templates: Sequence[str], slots: Mapping[str, Sequence[str]],
-            heldout: Mapping[str, Sequence[str]]) -> list[Prompt]:
+            heldout: Mapping[str, Sequence[str]], agree: bool = True) -> list[Prompt]:
     prompts: list[Prompt] = []
     for template in templates:
         names = _fields(template)
         for combo in itertools.product(*(slots[name] for name in names)):
             pairs = tuple(zip(names, combo, strict=True))
             held = any(value in heldout.get(name, ()) for name, value in pairs)
-            prompts.append(Prompt(template.format_map(dict(pairs)), template, pairs, held))
+            prompts.append(Prompt(fill(template, dict(pairs), agree), template, pairs, held))
     return prompts
+
+
+_ARTICLE = re.compile(r"(?:^|(?<=\W))([aA]n?) $")
+# spelled with a vowel, said with a consonant ("a university"), and the reverse ("an hour")
+_VOWEL_LETTER_CONSONANT_SOUND = ("uni", "use", "usu", "uti", "ura", "ure", "euro", "eu", "one", "once", "ewe", "uk")
+_SILENT_H = ("honest", "honor", "honour", "hour", "heir", "herb")
+
+
+def indefinite_article(word: str) -> str:
+    """'an' before a vowel sound, else 'a', judged by spelling: a word starting with a, e, i, o or u takes
+    'an' unless it starts with a consonant sound (uni-, use-, eu-, one-, ...); an h-word takes 'an' only
+    when its h is silent (honest, hour, heir, ...)."""
+    w = word.lstrip().lower()
+    if w.startswith(_SILENT_H):
+        return "an"
+    return "an" if w[:1] in tuple("aeiou") and not w.startswith(_VOWEL_LETTER_CONSONANT_SOUND) else "a"
+
+
+def fill(template: str, values: Mapping[str, str], agree: bool = True) -> str:
+    """The template with each {slot} replaced by its value; with `agree`, an 'a' or 'an' written right
+    before a {slot} ("a photo of a {occupation}") becomes the article of the value ("an engineer"),
+    capitalised as written. Other text is left as written."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        if name is not None and agree and (found := _ARTICLE.search(literal)):
+            article = indefinite_article(values[name])
+            article = article.capitalize() if found.group(1)[0] == "A" else article
+            literal = literal[:found.start(1)] + article + " "
+        out.append(literal)
+        if name is not None:
+            out.append(values[name])
+    return "".join(out)
 
 
 def _limit(data: dict[str, Any], limit: int) -> None:

@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
     run.add_argument("--name", default=None, help="run folder name (default: battery__model)")
     run.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
-    run.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU runs)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the denoiser (UNet or transformer; for SD 1.x/2.x also the VAE decoder): "
+                          "pays on GPUs for long runs; on a CPU it needs a C++ compiler")
+    run.add_argument("--no-t5", action="store_true", dest="drop_t5",
+                     help="load an SD3 model without its T5 text encoder (its T5 context is then zeros): less "
+                          "memory, weaker prompt following; refused for other models")
     small = run.add_argument_group("a smaller run")
     small.add_argument("--limit-prompts", type=int, default=None)
     small.add_argument("--images-per-prompt", type=int, default=None)
@@ -74,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--out", type=Path, required=True)
     pub.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
 
-    sub.add_parser("classifiers", help="list the registered attribute classifiers")
+    sub.add_parser("classifiers", help="list the registered classifiers, face detectors and embedders, and the "
+                                       "image domains each reads")
 
     mini = sub.add_parser("miniature", help="the built-in miniature world")
     msub = mini.add_subparsers(dest="action", required=True)
@@ -102,7 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
                          dtype=args.dtype, device=args.device,
                          batch_size=args.batch_size,
                          classifiers=tuple(args.classifiers or ()), embedder=args.embedder,
-                         overwrite=args.overwrite, compile=args.compile)
+                         overwrite=args.overwrite, compile=args.compile, drop_t5=args.drop_t5)
     run_dir = run_battery(battery, options)
     from accelerate import PartialState
 
@@ -172,9 +178,12 @@ def _cmd_publish(args: argparse.Namespace) -> None:
 
 
 def _cmd_classifiers(args: argparse.Namespace) -> None:
-    from .classifiers import available_classifiers
+    from .classifiers import registered
 
-    print("\n".join(available_classifiers()))
+    for kind in ("classifier", "detector", "embedder"):
+        print(f"{kind}s (name: the image domains it reads):")
+        for name, domains in registered(kind).items():
+            print(f"  {name:<12} {', '.join(domains) if domains else 'any'}")
 
 
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "miniature": _cmd_miniature,

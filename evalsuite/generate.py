@@ -12,8 +12,18 @@ Two generators share one interface, `generate(prompts, scales, seeds) -> uint8 i
   Its arithmetic is the one of `StableDiffusionPipeline.__call__` (ε̂ = ε_u + g·(ε_c − ε_u), the
   pipeline's scheduler, `latents * init_noise_sigma`, the same decode), so images equal plain
   diffusers' from the same noise up to floating-point batching effects (a test checks this).
-* `PipelineGenerator`, for every other text-to-image pipeline (SDXL, SD3, ...): one pipeline call per
-  (prompt, scale) within a batch, with the paired noise passed as `latents`.
+* `PipelineGenerator`, for the other families of `evalsuite.models.PIPELINE_FAMILIES` (SDXL, SD3, Flux,
+  PixArt-Σ): one pipeline call per (prompt, scale) within a batch, with the paired noise passed as
+  `latents` and the size it was drawn for as `height` and `width`. The noise is drawn per seed in the
+  unpacked layout (C, h, w) of `latent_shape`, as diffusers draws it; Flux's transformer reads its latent
+  as 2x2 patches, so for Flux the same draw goes in packed (`pack_noise`, FluxPipeline's own
+  `_pack_latents`): an image's noise is the same at every guidance scale, and equals what FluxPipeline
+  draws itself from a CPU generator seeded with the image's seed. For Flux the guidance scale is
+  distilled guidance, an input of the transformer (`evalsuite.models.guidance_kind`).
+
+`--compile` compiles the denoiser (`torch.compile(..., dynamic=False)`) in both generators, and the VAE
+decoder in the batched one; `check_compile` refuses it where it cannot work (the CPU without a C++
+compiler).
 
 Both take the battery's DDIM `eta` (0 = deterministic, the default). With eta > 0 every image draws its
 per-step noise from its own generator (`step_noise_stream`, seeded by the image's seed alone), so
@@ -31,6 +41,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import os
+import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -38,7 +51,7 @@ import numpy as np
 import torch
 
 from .errors import SuiteError
-from .models import WINDOW_WITH_COMPILE, LoadedModel, adapter_steps, attention_order
+from .models import PIPELINE_FAMILIES, WINDOW_WITH_COMPILE, LoadedModel, adapter_steps, attention_order
 
 
 def unit_seed(battery_name: str, prompt: str, image_index: int) -> int:
@@ -48,12 +61,39 @@ def unit_seed(battery_name: str, prompt: str, image_index: int) -> int:
 
 
 def latent_shape(pipe: Any) -> tuple[int, int, int]:
-    """(channels, height, width) of the initial noise of a pipeline at its default size."""
+    """(channels, height, width) of the initial noise of a pipeline at its default (square) size, in the
+    unpacked layout in which diffusers draws it.
+
+    The side is the pipeline's `default_sample_size` (SDXL, SD3: the denoiser's `sample_size`), else the
+    denoiser's `sample_size` (SD 1.x/2.x, PixArt-Σ). Flux (packed latents) renders `default_sample_size x
+    vae_scale_factor` pixels by default, and its latent side is that over the VAE factor, rounded down to
+    an even number (2x2 patches); its transformer's `in_channels` count the 4 pixels of a patch, so the
+    latent has a quarter of them (FluxPipeline's `prepare_latents`)."""
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if net is None:
         raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    if _packs_latents(pipe):
+        factor = int(pipe.vae_scale_factor)
+        side = 2 * (int(pipe.default_sample_size) * factor // (2 * factor))
+        return int(net.config.in_channels) // 4, side, side
     size = getattr(pipe, "default_sample_size", None) or net.config.sample_size
     return int(net.config.in_channels), int(size), int(size)
+
+
+def _packs_latents(pipe: Any) -> bool:
+    """Whether `pipe`'s denoiser reads its latent as 2x2 patches (Flux)."""
+    family = PIPELINE_FAMILIES.get(type(pipe).__name__)
+    return family is not None and family.packed_latents
+
+
+def pack_noise(pipe: Any, noise: torch.Tensor) -> torch.Tensor:
+    """The initial noise (n, C, h, w) as `pipe` takes it as `latents`: unchanged, or for Flux packed in
+    2x2 patches, (n, h/2 x w/2, 4 C), by the pipeline's own `_pack_latents` (the layout of its
+    `prepare_latents`, which packs what it draws in the same way)."""
+    if not _packs_latents(pipe):
+        return noise
+    n, c, h, w = noise.shape
+    return pipe._pack_latents(noise, n, c, h, w)
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -91,6 +131,7 @@ class BatchedGenerator:
         self.fixed_batch: int | None = None  # compiled graphs want one shape: pad to the first batch size
         self.lora_window = check_lora_window(loaded, self.pipe.unet, compile)
         if compile:
+            check_compile(self.device)
             if self.device.type == "cuda":  # compiled batches have one shape: let cuDNN time its conv kernels
                 torch.backends.cudnn.benchmark = True
             self.pipe.unet.to(memory_format=torch.channels_last)
@@ -154,30 +195,49 @@ class BatchedGenerator:
 
 
 class PipelineGenerator:
-    """Any diffusers text-to-image pipeline: one call per (prompt, scale) group, paired noise as latents."""
+    """A pipeline of `PIPELINE_FAMILIES`: one call per (prompt, scale) group, paired noise as latents.
 
-    def __init__(self, loaded: LoadedModel, steps: int, eta: float = 0.0) -> None:
+    With `compile` the denoiser is compiled for fixed shapes: a group size or a guided/unguided batch not
+    seen before compiles once more (torch's recompile limit bounds how often)."""
+
+    def __init__(self, loaded: LoadedModel, steps: int, eta: float = 0.0, compile: bool = False) -> None:
         self.pipe = loaded.pipe
         self.device = torch.device(loaded.device)
         self.steps = steps
         self.eta = eta
         self.shape = latent_shape(self.pipe)
+        self.size = self.shape[1] * int(self.pipe.vae_scale_factor)  # pixels: the pipeline's default size
         check_eta(self.pipe, eta)
-        self.denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
-        self.lora_window = check_lora_window(loaded, self.denoiser, compile=False)
+        self.slot = "unet" if getattr(self.pipe, "unet", None) is not None else "transformer"
+        self.denoiser = getattr(self.pipe, self.slot)
+        self.dtype = self.denoiser.dtype
+        self.lora_window = check_lora_window(loaded, self.denoiser, compile)
         if self.lora_window < 1.0 and not _takes(self.pipe.__call__, "callback_on_step_end"):
             raise SuiteError(f"--lora-window: {type(self.pipe).__name__} takes no step callback "
                              "(callback_on_step_end), so its adapter cannot be switched off part-way")
+        # PixArt maps a requested size to the nearest of its trained aspect-ratio bins; the default square is
+        # itself a bin of every released model, so no binning keeps the size and lets any sample_size run
+        self.call_kwargs: dict[str, Any] = {"height": self.size, "width": self.size}
+        if _takes(self.pipe.__call__, "use_resolution_binning"):
+            self.call_kwargs["use_resolution_binning"] = False
+        if compile:
+            check_compile(self.device)
+            setattr(self.pipe, self.slot, torch.compile(self.denoiser, dynamic=False))  # what the pipeline calls
+
+    @property
+    def called_denoiser(self) -> Any:
+        """The denoiser the pipeline calls: `denoiser`, or its `torch.compile` wrapper under `compile`."""
+        return getattr(self.pipe, self.slot)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], scales: Sequence[float], seeds: Sequence[int]) -> np.ndarray:
-        dtype: torch.dtype = next(p for p in self.pipe.components.values() if isinstance(p, torch.nn.Module)).dtype  # type: ignore[assignment]
         out: list[np.ndarray | None] = [None] * len(prompts)
         groups: dict[tuple[str, float], list[int]] = {}
         for i, key in enumerate(zip(prompts, scales)):
             groups.setdefault(key, []).append(i)
         for (prompt, scale), idx in groups.items():
-            noise = initial_noise([seeds[i] for i in idx], self.shape).to(self.device, dtype)
+            noise = pack_noise(self.pipe, initial_noise([seeds[i] for i in idx], self.shape))
+            noise = noise.to(self.device, self.dtype)
             # eta > 0: one generator per image (its step-noise stream), so images stay paired across calls
             extra: dict[str, Any] = {"eta": self.eta, "generator": [step_noise_stream(seeds[i]) for i in idx]} \
                 if self.eta else {}
@@ -185,7 +245,7 @@ class PipelineGenerator:
                 if self.lora_window < 1.0:
                     extra["callback_on_step_end"] = _switch_after(self.lora_window, switch_off)
                 result = self.pipe(prompt=[prompt] * len(idx), guidance_scale=scale, latents=noise,
-                                   num_inference_steps=self.steps, output_type="np", **extra)
+                                   num_inference_steps=self.steps, output_type="np", **self.call_kwargs, **extra)
             images = (np.asarray(result.images) * 255).round().astype(np.uint8)
             for k, i in enumerate(idx):
                 out[i] = images[k]
@@ -280,7 +340,20 @@ def check_eta(pipe: Any, eta: float) -> None:
                          "--eta) for this model")
 
 
+def check_compile(device: torch.device) -> None:
+    """Refuse `--compile` where torch.compile cannot work. On the CPU its backend (inductor) builds C++
+    kernels with the compiler of `$CXX`, else g++ (clang++ on macOS): the default of
+    `torch._inductor.config.cpp.cxx`; without it the first batch would fail after the model loaded."""
+    if device.type != "cpu":
+        return
+    compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(compiler) is None:
+        raise SuiteError(f"--compile: on the CPU torch.compile builds C++ kernels with '{compiler}' ($CXX), which "
+                         "was not found; install a C++ compiler, point CXX at one, or drop --compile")
+
+
 def make_generator(loaded: LoadedModel, steps: int, eta: float = 0.0, compile: bool = False) -> Generator:
+    """The batched generator for SD 1.x/2.x-shaped pipelines, the pipeline-call generator for the others."""
     if BatchedGenerator.supports(loaded.pipe):
         return BatchedGenerator(loaded, steps, eta=eta, compile=compile)
-    return PipelineGenerator(loaded, steps, eta=eta)
+    return PipelineGenerator(loaded, steps, eta=eta, compile=compile)

@@ -1,7 +1,11 @@
 """Load a text-to-image model: a built-in model, a local diffusers folder, or a hub id.
 
-Any diffusers text-to-image pipeline loads through `AutoPipelineForText2Image` (SD 1.x/2.x, SDXL,
-SD3, ...), with safetensors only and never remote code. What a model brings to an audit beside its
+A pipeline loads through `AutoPipelineForText2Image`, with safetensors only and never remote code, if
+its class is one of the families the generators can drive (`PIPELINE_FAMILIES`: SD 1.x/2.x, SDXL, SD3,
+Flux, PixArt-Σ); any other class (an image-to-image pipeline, a prior/decoder pair, a text-to-image
+family whose latents the generators do not lay out) is refused before its weights load, from its
+model_index.json (`pipeline_problems`). An SD3 pipeline may be loaded without its T5 text encoder
+(`drop_t5`). What a model brings to an audit beside its
 pipeline is its `ModelProfile`: the kind of images it makes, the CLIP that reads them, its vocabulary,
 exact readers of its images (classifiers that know the truth, which ride along on every audit of it and
 against which dashboards score the others) and an on-prompt reader. A folder or hub id gets the default
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import math
 import re
@@ -38,6 +43,30 @@ DEFAULT_MODEL = "miniature"  # the built-in model audited when none is named
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _BUILTIN_MODULES = ("evalsuite.miniature.model",)  # modules that register built-in models when imported
+
+
+@dataclass(frozen=True)
+class PipelineFamily:
+    """A family of diffusers text-to-image pipelines that the generators drive (`evalsuite.generate`)."""
+
+    name: str  # as users know it
+    packed_latents: bool = False  # its initial noise goes in as 2x2 patches, (n, h/2 x w/2, 4 C), not (n, C, h, w)
+    t5: str | None = None  # the pipeline component holding its T5 text encoder, if it has one
+    optional_t5: bool = False  # the pipeline runs without that T5 (`load_model(drop_t5=True)`)
+
+
+# diffusers pipeline class -> family: the pipelines whose latents, guidance and text encoders the generators
+# know (each is tested end to end on a tiny pipeline, tests/test_families.py). SD3 encodes the prompt with
+# two CLIPs and a T5 whose part of the context is zeros when the T5 is left out (StableDiffusion3Pipeline's
+# `_get_t5_prompt_embeds`); Flux (FluxPipeline) packs its latent in 2x2 patches and conditions on a CLIP's
+# pooled output and a T5's states; PixArt-Σ (PixArtSigmaPipeline) conditions on a T5 alone.
+PIPELINE_FAMILIES: dict[str, PipelineFamily] = {
+    "StableDiffusionPipeline": PipelineFamily("SD 1.x/2.x"),
+    "StableDiffusionXLPipeline": PipelineFamily("SDXL"),
+    "StableDiffusion3Pipeline": PipelineFamily("SD3", t5="text_encoder_3", optional_t5=True),
+    "FluxPipeline": PipelineFamily("Flux", packed_latents=True, t5="text_encoder_2"),
+    "PixArtSigmaPipeline": PipelineFamily("PixArt-Σ", t5="text_encoder"),
+}
 
 
 class OnPromptReader(Protocol):
@@ -101,6 +130,13 @@ def builtin_model(name: str | None) -> BuiltinModel | None:
     return BUILTIN_MODELS.get(DEFAULT_MODEL if name is None else name)
 
 
+def model_profile(name: str | None) -> ModelProfile:
+    """The profile a model will be audited with, known before it loads: a built-in model's own, else the
+    default (natural images) for a folder or hub id."""
+    builtin = builtin_model(name)
+    return builtin.profile() if builtin is not None else ModelProfile()
+
+
 @dataclass
 class LoadedModel:
     """A pipeline plus what results need to describe it."""
@@ -115,6 +151,7 @@ class LoadedModel:
     lora: str | None = None
     lora_scale: float = 1.0
     lora_window: float = 1.0  # the adapter acts on the first ceil(passes x lora_window) sampler passes
+    drop_t5: bool = False  # loaded without its T5 text encoder (SD3)
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the model's vocabulary (empty for open-vocabulary models)."""
@@ -132,7 +169,27 @@ class LoadedModel:
                 **({"lora_scale": self.lora_scale} if self.lora else {}),
                 **({"lora_window": self.lora_window} if self.lora and self.lora_window != 1.0 else {}),
                 **({"on_prompt": self.profile.on_prompt.description} if self.profile.on_prompt else {}),
-                "pipeline_class": type(self.pipe).__name__}
+                **({"drop_t5": True} if self.drop_t5 else {}),
+                "pipeline_class": type(self.pipe).__name__, "guidance": guidance_kind(self.pipe)}
+
+
+def guidance_kind(pipe: Any) -> str:
+    """What the guidance scale does in `pipe` (run.json's model "guidance"):
+
+    * "classifier-free": above 1 the pipeline adds an unconditional pass and extrapolates,
+      ε̂ = ε_u + g (ε_c - ε_u) (Ho & Salimans 2022): SD 1.x/2.x, SDXL, SD3, PixArt-Σ;
+    * "distilled": the scale is an input of the denoiser (its `guidance_embeds`), which was distilled from
+      a classifier-free-guided teacher to imitate its output at that scale, in one pass: FLUX.1 [dev]
+      (Black Forest Labs' model card: "guidance distillation"). FluxPipeline feeds `guidance_scale` to the
+      transformer's guidance embedding and runs true CFG only with `true_cfg_scale` > 1, which the
+      generators leave at 1;
+    * "none": the denoiser takes no guidance input and there is no unconditional pass, so the scale
+      changes nothing (FLUX.1 [schnell], timestep-distilled without guidance: `guidance_embeds` false).
+    """
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    if config is not None and "guidance_embeds" in config:
+        return "distilled" if config["guidance_embeds"] else "none"
+    return "classifier-free"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -175,17 +232,55 @@ def check_model_source(model: str | None) -> None:
                          f"'org/name'; the built-in models are {', '.join(sorted(BUILTIN_MODELS))}")
 
 
+def unsupported_pipeline(model: str, class_name: str) -> str:
+    """The one message refusing a pipeline class the runner cannot drive."""
+    families = ", ".join(f"{f.name} ({name})" for name, f in PIPELINE_FAMILIES.items())
+    return (f"--model: '{model}' is a {class_name}, which the runner cannot drive (it renders text-to-image "
+            f"pipelines of known families only: {families})")
+
+
+def pipeline_problems(model: str | None, drop_t5: bool = False) -> list[str]:
+    """Why the runner cannot drive the pipeline of `model`, or cannot leave its T5 out (`drop_t5`), one
+    message each ([] = it can). Read from the model_index.json of a built-in model or a local folder, so
+    nothing loads; a hub id's index is checked by `load_model` before its weights download, and a model
+    that is not found is `check_model_source`'s to report."""
+    builtin = builtin_model(model)
+    try:
+        folder = builtin.folder() if builtin is not None else Path(str(model)).expanduser()
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):  # not found (check_model_source says so), a hub id, or no JSON (loading says)
+        return []
+    return _index_problems(index, model or DEFAULT_MODEL, drop_t5)
+
+
+def _index_problems(index: Mapping[str, Any], model: str, drop_t5: bool) -> list[str]:
+    """`pipeline_problems` of a read model_index.json (its `_class_name` and component keys)."""
+    name = str(index.get("_class_name"))
+    family = PIPELINE_FAMILIES.get(name)
+    if family is None:
+        return [unsupported_pipeline(model, name)]
+    if drop_t5 and not (family.optional_t5 and family.t5 in index):
+        optional = [f"{f.name} ({n})" for n, f in PIPELINE_FAMILIES.items() if f.optional_t5]
+        needs = f"needs its T5 ({family.t5})" if family.t5 else "has no T5"
+        return [f"--no-t5: '{model}' is a {family.name} pipeline ({name}), which {needs}; only "
+                f"{', '.join(optional)} can leave its T5 text encoder out"]
+    return []
+
+
 def load_model(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
                revision: str | None = None, lora: str | None = None, lora_scale: float = 1.0,
-               lora_window: float = 1.0) -> LoadedModel:
+               lora_window: float = 1.0, drop_t5: bool = False) -> LoadedModel:
     """Load a text-to-image pipeline; `model` is a built-in name (None: `DEFAULT_MODEL`), a local folder
-    or a hub id. `lora`, a LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the
-    generators switch its denoiser part off after the first ceil(passes x `lora_window`) sampler passes
-    (`evalsuite.generate.lora_steps`)."""
+    or a hub id, of a family in `PIPELINE_FAMILIES` (any other is refused before its weights load). `lora`,
+    a LoRA adapter, is loaded on top at strength `lora_scale` (`load_adapter`); the generators switch its
+    denoiser part off after the first ceil(passes x `lora_window`) sampler passes
+    (`evalsuite.generate.lora_steps`). `drop_t5` loads an SD3 pipeline without its T5 text encoder
+    (`text_encoder_3=None, tokenizer_3=None`, which diffusers' StableDiffusion3Pipeline allows: its T5
+    context is then zeros), saving the T5's memory at some cost in prompt following."""
     from diffusers import AutoPipelineForText2Image
 
     check_model_source(model)
-    if problems := adapter_problems(lora, lora_scale, lora_window):
+    if problems := adapter_problems(lora, lora_scale, lora_window) + pipeline_problems(model, drop_t5):
         raise SuiteError("; ".join(problems))
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
@@ -200,10 +295,18 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
         source, model_id, profile = str(local) if local.exists() else model, model, ModelProfile()
         if revision:
             kwargs["revision"] = revision
+    if drop_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     try:
+        if builtin is None and not Path(source).exists():  # a hub id: its model_index.json before its weights
+            index = AutoPipelineForText2Image.load_config(source, revision=revision)
+            if problems := _index_problems(index, model_id, drop_t5):
+                raise SuiteError("; ".join(problems))
         pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise SuiteError(f"--model: could not load '{model_id}': {str(exc).splitlines()[0]}") from exc
+    if type(pipe).__name__ not in PIPELINE_FAMILIES:  # AutoPipeline maps some classes to others
+        raise SuiteError(unsupported_pipeline(model_id, type(pipe).__name__))
     if getattr(pipe, "safety_checker", None) is not None:
         log.info("disabling the safety checker: audits must see every image the model makes")
         pipe.safety_checker = None
@@ -215,7 +318,7 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model_id, revision=revision, dtype=dtype, device=device,
                        profile=profile, builtin=builtin is not None, lora=lora, lora_scale=lora_scale,
-                       lora_window=lora_window)
+                       lora_window=lora_window, drop_t5=drop_t5)
 
 
 ADAPTER_NAME = "audited"  # the PEFT adapter name of a loaded --lora

@@ -61,7 +61,8 @@ class RunOptions:
     classifiers: tuple[str, ...] = ()
     embedder: str = "clip"
     overwrite: bool = False
-    compile: bool = False  # torch.compile the UNet and decoder (pays on GPUs for long runs)
+    compile: bool = False  # torch.compile the denoiser (and SD's decoder; pays on GPUs for long runs)
+    drop_t5: bool = False  # load an SD3 pipeline without its T5 text encoder (--no-t5)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -112,6 +113,8 @@ def default_run_name(battery: Battery, options: RunOptions) -> str:
         parts.append("lora-" + Path(options.lora).name + scale + window)
     if battery.eta:
         parts.append(f"eta{battery.eta:g}")
+    if options.drop_t5:
+        parts.append("no-t5")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts)).strip("-")
 
 
@@ -129,6 +132,8 @@ def fingerprint(battery: Battery, options: RunOptions) -> str:
         keys["lora_scale"] = float(options.lora_scale)  # 2 and 2.0: one run
     if options.lora_window != 1.0:
         keys["lora_window"] = float(options.lora_window)
+    if options.drop_t5:  # absent when false: the fingerprint of folders made before the option existed
+        keys["drop_t5"] = True
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -163,8 +168,7 @@ def timed_generate(generator: Any, batch: list[Unit]) -> tuple[np.ndarray, float
 
 def _validate(battery: Battery, options: RunOptions) -> None:
     """Every check that needs no model, all before anything loads."""
-    from .classifiers import check_classifier_spec, check_embedder_spec
-    from .models import adapter_problems, check_model_source, resolve_dtype
+    from .models import adapter_problems, check_model_source, pipeline_problems, resolve_dtype
 
     problems = []
     if options.name is not None and (not _RUN_NAME.fullmatch(options.name) or options.name in (".", "..")):
@@ -182,12 +186,38 @@ def _validate(battery: Battery, options: RunOptions) -> None:
             problems.append(str(exc))
     if options.batch_size < 1:
         problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
-    for spec in options.classifiers or (battery.classifier,):
-        problems += check_classifier_spec(spec)
-    problems += check_embedder_spec(options.embedder)
+    problems += _scoring_problems(battery, options)
     problems += adapter_problems(options.lora, options.lora_scale, options.lora_window, options.compile)
+    problems += pipeline_problems(options.model, options.drop_t5)
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
+    """Unknown classifier, detector and embedder specs, and any of them made for another image domain
+    than the model's (the miniature world's classifiers on a photograph model, say): from the
+    registries and the model's profile alone, before anything loads."""
+    from .classifiers import check_classifier_spec, check_detector_spec, check_embedder_spec, domain_problems
+    from .models import model_profile
+
+    try:
+        domain = model_profile(options.model).domain
+    except (OSError, SuiteError):  # a built-in model whose files are missing: check_model_source says so
+        return []
+    model = options.model or DEFAULT_MODEL
+    setup = battery.setup_for(domain)
+    problems = []
+    for kind, specs, check in (("classifier", options.classifiers or (setup.classifier,), check_classifier_spec),
+                               ("detector", (setup.detector,) if setup.detector else (), check_detector_spec),
+                               ("embedder", (options.embedder,), check_embedder_spec)):
+        for spec in specs:
+            problems += check(spec) or domain_problems(kind, spec, domain, model)
+    if problems and not options.classifiers and setup.classifier == battery.classifier and battery.domains:
+        listed = ", ".join(name for name, _ in battery.domains)
+        problems.append(f"the battery {battery.source or battery.name} names classifiers for {listed} images "
+                        f"under `domains`, none for {domain} images: add `domains: {{{domain}: {{classifier: "
+                        f"...}}}}` or pass --classifier")
+    return problems
 
 
 def run_battery(battery: Battery, options: RunOptions) -> Path:
@@ -195,7 +225,14 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     from accelerate import PartialState
 
     from .analysis import metric_tables
-    from .classifiers import ClassifierContext, get_classifier, get_embedder, to_record
+    from .classifiers import (
+        ClassifierContext,
+        classify_faces,
+        get_classifier,
+        get_detector,
+        get_embedder,
+        to_record,
+    )
     from .metrics import confusion_problems
     from .models import load_model, resolve_device
     from .summary import summary_table
@@ -215,12 +252,17 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
     # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
                         lora=options.lora, lora_scale=options.lora_scale,
-                        lora_window=options.lora_window)
+                        lora_window=options.lora_window, drop_t5=options.drop_t5)
     generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
     ctx = ClassifierContext(device=device, dtype=loaded.denoiser.dtype, profile=loaded.profile)
-    specs = list(dict.fromkeys([*(options.classifiers or (battery.classifier,)), *loaded.profile.exact_readers]))
+    setup = battery.setup_for(loaded.profile.domain)
+    specs = list(dict.fromkeys([*(options.classifiers or (setup.classifier,)), *loaded.profile.exact_readers]))
     classifiers = {spec: get_classifier(spec, ctx) for spec in specs}
+    detector = get_detector(setup.detector, ctx) if setup.detector else None
     problems = [f"classifier '{n}': {p}" for n, c in classifiers.items() for p in c.check(battery.attributes)]
+    problems += [f"classifier '{n}' reads detected faces, and the battery names no face detector for "
+                 f"{loaded.profile.domain} images (`domains: {{{loaded.profile.domain}: {{detector: ...}}}}`)"
+                 for n, c in classifiers.items() if getattr(c, "needs_faces", False) and detector is None]
     problems += [f"classifier '{n}': confusion matrix of '{attr}': {p}" for n, c in classifiers.items()
                  for attr, m in (getattr(c, "confusion", None) or {}).items() if attr in battery.attribute_names
                  for p in confusion_problems(m, battery.attribute(attr).classes)]
@@ -240,7 +282,7 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         for prompt in battery.prompts():
             if unknown := loaded.unknown_words(prompt.text):
                 log.warning("prompt %r: words outside the model's vocabulary: %s", prompt.text, ", ".join(unknown))
-        new = _run_info(battery, options, loaded, classifiers, fp, world)
+        new = _run_info(battery, options, loaded, classifiers, setup.detector, fp, world)
         before = {k: info.get(k) for k in _SESSION_KEYS}
         if resumed and any(before[k] is not None and before[k] != new.get(k) for k in _SESSION_KEYS):
             log.warning("%s: resuming a run begun with other versions, commit or device (kept in run.json "
@@ -269,7 +311,9 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         batch = plan.batches[b]
         images, dt = timed_generate(generator, batch)
         gen_s += dt
-        outputs = {name: clf.classify(images, battery.attributes) for name, clf in classifiers.items()}
+        faces = detector.detect(images) if detector is not None else None
+        outputs = {name: classify_faces(clf, images, battery.attributes, faces)
+                   for name, clf in classifiers.items()}
         emb = embedder.embed_images(images)
         on_prompt = _read_on_prompt(loaded, images, batch)
         made_records = [schema.make_record(
@@ -278,7 +322,8 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
             image=u.image_path(), sha256=store.write_png(run_dir / u.image_path(), images[i]), embedding=emb[i],
             clip_score=100 * max(float(np.dot(emb[i], text_emb[u.prompt.text])), 0.0),
             classifiers={n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
-            on_prompt=on_prompt[i]) for i, u in enumerate(batch)]
+            on_prompt=on_prompt[i], faces=None if faces is None else faces[i].tolist())
+            for i, u in enumerate(batch)]
         store.append_records(shard, made_records)
         bar.update(len(batch) * (world if main else 1))
     bar.close()
@@ -313,8 +358,8 @@ def _read_on_prompt(loaded: LoadedModel, images: np.ndarray, batch: list[Unit]) 
     return reader.read(images, [u.prompt for u in batch])
 
 
-def _run_info(battery: Battery, options: RunOptions, loaded: LoadedModel, classifiers: dict[str, Any], fp: str,
-              world: int) -> dict[str, Any]:
+def _run_info(battery: Battery, options: RunOptions, loaded: LoadedModel, classifiers: dict[str, Any],
+              detector: str | None, fp: str, world: int) -> dict[str, Any]:
     from .classifiers import detects_people
 
     specs = list(classifiers)
@@ -325,7 +370,9 @@ def _run_info(battery: Battery, options: RunOptions, loaded: LoadedModel, classi
         "steps": battery.steps, "eta": battery.eta, "sampler": type(loaded.pipe.scheduler).__name__},
         "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],
         "exact_classifiers": list(loaded.profile.exact_readers),
-        "detects_people": {spec: detects_people(c) for spec, c in classifiers.items()},
+        "detector": detector,
+        "detects_people": {spec: True if detector else detects_people(c) for spec, c in classifiers.items()},
+        "classifier_methods": {spec: dict(c.methods) for spec, c in classifiers.items() if getattr(c, "methods", None)},
         "embedder": options.embedder,
         "seeds": {"battery_seed": battery.seed,
                   "rule": "sha256('battery|prompt|image_index')[:8] >> 1, XOR battery seed; same at every scale"},

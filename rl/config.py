@@ -190,6 +190,8 @@ class TrainConfig:
     lora: LoraConfigSpec = setting(Section(LoraConfigSpec), doc="the adapters trained")
     rewards: tuple[RewardConfig, ...] = setting(_rewards, doc="reward terms, summed with their weights")
     reward_classifier: str = setting(text, doc="classifier spec whose class probabilities the rewards read")
+    embedder: str = setting(text, "clip", doc="image embedder spec of the alignment and drift rewards (`clip`: the "
+                                              "model's own CLIP, else openai/clip-vit-large-patch14)")
     reward_attributes: tuple[str, ...] = setting(names, doc="battery attributes whose classes the rewards balance")
     validity_threshold: float = setting(number("[0, 1)"),
                                         doc="below this reward-classifier confidence an image is invalid")

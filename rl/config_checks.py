@@ -1,7 +1,8 @@
 """The checks of an RL config across its fields and beyond its file (`rl.config` checks each field).
 
 Batch arithmetic (the batch sizes divide the samples per epoch), the tracker sizes, the KL window, the
-model source, the battery and the attributes the rewards balance, and the classifier specs. Each
+model source, the battery and the attributes the rewards balance, and the classifier and embedder specs
+(known, and made for the model's image domain: `evalsuite.classifiers.domain_problems`). Each
 problem is added to the `Check` of the config being read, so that one ConfigError reports them all.
 """
 
@@ -12,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evalsuite.battery import Battery, load_battery
-from evalsuite.classifiers import check_classifier_spec
+from evalsuite.classifiers import check_classifier_spec, check_embedder_spec, domain_problems
 from evalsuite.errors import ConfigError, SuiteError, did_you_mean
-from evalsuite.models import check_model_source
+from evalsuite.models import check_model_source, model_profile
 from evalsuite.validation import Check
 
 __all__ = ["check_battery", "cross_checks"]
@@ -57,12 +58,29 @@ def cross_checks(c: Check, values: Mapping[str, Any], raws: Mapping[str, Mapping
     if values.get("battery"):
         check_battery(c, values["battery"], values.get("reward_attributes") or ())
     spec, evaluator = values.get("reward_classifier"), evaluation.get("classifier")
-    for key, value in (("reward_classifier", spec), ("evaluation.classifier", evaluator)):
-        c.problems.extend(f"{key}: {p}" for p in (check_classifier_spec(value) if value else []))
+    domain = _domain(values.get("model"))
+    for key, kind, value in (("reward_classifier", "classifier", spec), ("evaluation.classifier", "classifier",
+                             evaluator), ("embedder", "embedder", values.get("embedder"))):
+        if not value:
+            continue
+        check = check_classifier_spec if kind == "classifier" else check_embedder_spec
+        found = check(value) or (domain_problems(kind, value, domain, values["model"]) if domain else [])
+        c.problems.extend(f"{key}: {p}" for p in found)
     if spec and spec == evaluator and evaluation.get("allow_same_classifier") is False:
         c.add("evaluation.classifier",
               f"{evaluator!r} is also the reward_classifier: a reward classifier equal to the evaluation "
               "classifier is refused unless explicitly allowed (set evaluation.allow_same_classifier: true)")
+
+
+def _domain(model: str | None) -> str | None:
+    """The image domain of `model` (None where it cannot be told: no model, or one that is not found)."""
+    if not model:
+        return None
+    try:
+        check_model_source(model)
+        return model_profile(model).domain
+    except (OSError, SuiteError):
+        return None
 
 
 def check_battery(c: Check, path: str, attributes: Sequence[str]) -> None:

@@ -50,9 +50,13 @@ from evalsuite.classifiers import (
     AttributeClassifier,
     AttributeOutput,
     ClassifierContext,
+    FaceDetector,
     ImageEmbedder,
+    classify_faces,
     get_classifier,
+    get_detector,
     get_embedder,
+    uses_faces,
 )
 from evalsuite.errors import SuiteError
 from evalsuite.generate import initial_noise, latent_shape, to_uint8
@@ -165,7 +169,14 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
 
     ctx = ClassifierContext(device=str(acc.device), profile=model.profile)
     reward_clf = get_classifier(cfg.reward_classifier, ctx)
-    embedder = get_embedder("clip", ctx)
+    embedder = get_embedder(cfg.embedder, ctx)
+    # the battery's face detector for the model's domain runs first, as in an audit: an image with no face
+    # is invalid, and a reward classifier that reads faces gets the boxes
+    setup = battery.setup_for(model.profile.domain)
+    detector = get_detector(setup.detector, ctx) if setup.detector else None
+    if uses_faces(reward_clf) and getattr(reward_clf, "needs_faces", False) and detector is None:
+        raise SuiteError(f"reward_classifier '{cfg.reward_classifier}' reads detected faces, and the battery "
+                         f"{cfg.battery} names no face detector for {model.profile.domain} images")
     attrs = [battery.attribute(a) for a in cfg.reward_attributes]
     problems = reward_clf.check(attrs)
     if problems:
@@ -203,7 +214,7 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
         t0 = time.perf_counter()
         with acc.autocast(), attention_order(acc.device):
             batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
-        rewards = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb)
+        rewards = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb, detector)
         adv = compute_advantages(cfg, batch, rewards, tracker)
         with attention_order(acc.device):
             stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
@@ -296,13 +307,16 @@ def sample_epoch(cfg: TrainConfig, pipe: SDPipeline, unet: torch.nn.Module, prom
 
 
 def compute_rewards(cfg: TrainConfig, batch: Batch, clf: AttributeClassifier, embedder: ImageEmbedder,
-                    attrs: Sequence[AttributeSpec], text_emb: Mapping[str, torch.Tensor]) -> Rewards:
+                    attrs: Sequence[AttributeSpec], text_emb: Mapping[str, torch.Tensor],
+                    detector: FaceDetector | None = None) -> Rewards:
     """Total reward per image (higher is better), the raw components, the validity mask and the reward
     classifier's outputs (`Rewards`). Each reward of weight > 0 gives every group its credits (its
     registered function on the group's `GroupInputs`, `rl.rewards.REWARDS`); each term is centred within
     its group and scaled by its pooled within-group spread (`pooled_group_scores`), then weighted and
-    summed; invalid images get their group's lowest total - 1."""
-    outputs = clf.classify(batch.images, attrs)
+    summed; invalid images get their group's lowest total - 1. Given a face `detector`, an image with no
+    face is "no_person" (probabilities 0, hence invalid) and a classifier that reads faces gets the boxes."""
+    faces = detector.detect(batch.images) if detector is not None else None
+    outputs = classify_faces(clf, batch.images, attrs, faces)
     probs = [torch.from_numpy(np.nan_to_num(outputs[a.name].probs, nan=0.0)).double() for a in attrs]
     conf = confidence_reward(probs)
     valid = conf >= cfg.validity_threshold
@@ -637,5 +651,5 @@ def _evaluate(cfg: TrainConfig, battery: Battery, out: Path, lora: Path | None) 
                 eta=e.eta)
     eval_battery = battery_from_dict(data, source=f"{cfg.battery} (evaluation)")
     options = RunOptions(results_dir=out.parent, name=out.name, model=cfg.model, lora=str(lora) if lora else None,
-                         classifiers=(e.classifier, cfg.reward_classifier))
+                         classifiers=(e.classifier, cfg.reward_classifier), embedder=cfg.embedder)
     return run_battery(eval_battery, options)

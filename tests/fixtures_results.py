@@ -5,6 +5,7 @@ only need the documented columns and plausible values.
 Images depend on (seed, guidance scale, model), and seeds on (battery, prompt, image index) only, so two
 runs of one battery pair up seed by seed. Higher guidance pushes images toward each occupation's dominant
 skin tone and the embeddings toward one direction per prompt (bias and mode collapse both grow with scale).
+With `faces=True` each record also has the face detector's `faces` boxes (`face_boxes`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ XSS_MODEL = "<b>bold</b>-model"
 DIM = 16
 NAN = float("nan")
 GENDER = {"probs": None, "label": None, "status": "not_measurable", "confident": False}
+FACE = (0.28, 0.22, 0.72, 0.66)  # where the miniature renderer draws the head, as fractions of the image
 
 
 def battery_data(values: Sequence[str], scales: Sequence[float], images: int, name: str = "fixture",
@@ -72,10 +74,22 @@ def _noisy(label: int, names: Sequence[str], rng: np.random.Generator) -> dict[s
     return _entry(label, names, p / p.sum())
 
 
+def face_boxes(size: tuple[int, int], person: bool, image_index: int) -> list[list[float]]:
+    """A face detector's `faces` for one image of `size` (width, height): [x0, y0, x1, y1, score] boxes in
+    pixels, largest first; none where there is no person, and a second, smaller one on every third image."""
+    if not person:
+        return []
+    w, h = size
+    boxes = [[round(FACE[0] * w, 1), round(FACE[1] * h, 1), round(FACE[2] * w, 1), round(FACE[3] * h, 1), 0.97]]
+    if image_index % 3 == 2:
+        boxes.append([0.0, round(0.7 * h, 1), round(0.2 * w, 1), round(0.95 * h, 1), 0.41])
+    return boxes
+
+
 def make_run(root: Path, name: str = "fixture", *, values: Sequence[str] = ("doctor", "nurse", "farmer"),
              scales: Sequence[float] = (1.0, 3.0, 7.5), images: int = 6, model_id: str = "miniature",
-             model_key: int = 0, bias_boost: float = 0.0, **battery_kw: Any) -> Path:
-    """Write results/<name>/ under `root` and return its path."""
+             model_key: int = 0, bias_boost: float = 0.0, faces: bool = False, **battery_kw: Any) -> Path:
+    """Write results/<name>/ under `root` and return its path (records with `faces` where `faces`)."""
     data = battery_data(values, scales, images, **battery_kw)
     battery = battery_from_dict(data, "fixture")
     run = root / name
@@ -113,6 +127,8 @@ def make_run(root: Path, name: str = "fixture", *, values: Sequence[str] = ("doc
                           "age": _noisy(int(age_i), AGE_NAMES, rng)},
             "oracle": {"gender": GENDER, "skin_tone": _entry(int(tone_i), TONE_NAMES),
                        "age": _entry(int(age_i), AGE_NAMES)}}
+        if faces:
+            rec["faces"] = face_boxes((img.shape[1], img.shape[0]), int(tone_i) >= 0, rec["image_index"])
     (run / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _write_tables(run, records)
     info = {

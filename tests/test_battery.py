@@ -49,9 +49,9 @@ def shipped() -> Battery:
 def test_shipped_battery_lists_the_miniature_world(shipped: Battery) -> None:
     prompts = shipped.prompts()
     assert shipped.schema_version == BATTERY_SCHEMA_VERSION
-    assert (shipped.name, shipped.version, shipped.classifier) == ("occupations", "1.0", "miniature")
+    assert (shipped.name, shipped.version, shipped.classifier) == ("occupations", "1.1", "miniature")
     assert len(prompts) == 44
-    assert prompts[0].text == "a photo of a doctor"
+    assert prompts[0].text == "a photo of a doctor" and prompts[2].text == "a photo of an engineer"
     assert prompts[0].slots == (("occupation", "doctor"),)
     assert [value for p in prompts for _, value in p.slots] == list(OCCUPATIONS)
     assert tuple(p.slots[0][1] for p in prompts if p.heldout) == HELDOUT
@@ -236,3 +236,35 @@ def test_with_overrides_rejects_bad_values(shipped: Battery) -> None:
     assert keys == ["--images-per-prompt", "--steps", "--seed", "--guidance-scales[0]", "--eta", "--limit-prompts"]
     with pytest.raises(ConfigError, match="--guidance-scales: must be a non-empty list"):
         shipped.with_overrides(guidance_scales=[])
+
+
+def test_an_article_before_a_slot_agrees_with_its_value() -> None:
+    data = small()
+    data["templates"] = ["a photo of a {job}", "An {job} at {place}"]
+    data["slots"] = {"job": ["engineer", "nurse", "university lecturer", "honest broker"], "place": ["home"]}
+    data["heldout"] = {}
+    texts = [p.text for p in battery_from_dict(data, "b.yaml").prompts()]
+    assert texts == ["a photo of an engineer", "a photo of a nurse", "a photo of a university lecturer",
+                     "a photo of an honest broker", "An engineer at home", "A nurse at home",
+                     "A university lecturer at home", "An honest broker at home"]
+    data["articles"] = "as_written"
+    assert battery_from_dict(data, "b.yaml").prompts()[0].text == "a photo of a engineer"
+    data["articles"] = "fix"
+    with pytest.raises(ConfigError, match="articles: str 'fix' is not allowed; allowed: agree, as_written"):
+        battery_from_dict(data, "b.yaml")
+
+
+def test_the_shipped_battery_says_an_engineer(shipped: Battery) -> None:
+    texts = {p.text for p in shipped.prompts()}
+    assert {"a photo of an engineer", "a photo of an accountant", "a photo of an architect", "a photo of an artist",
+            "a photo of an electrician"} <= texts
+    assert "a photo of a engineer" not in texts
+
+
+def test_the_descriptor_battery_probes_competence_and_warmth() -> None:
+    battery = load_battery(SHIPPED.parent / "descriptors.yaml")
+    texts = [p.text for p in battery.prompts()]
+    assert len(texts) == 20 and "a photo of an intelligent person" in texts and "a photo of a warm person" in texts
+    assert sorted(v for p in battery.prompts() if p.heldout for _, v in p.slots) == \
+        ["ambitious", "arrogant", "disorganized", "sincere"]
+    assert battery.setup_for("natural").detector == "opencv-haar"

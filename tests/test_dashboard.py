@@ -19,8 +19,10 @@ import pytest
 from fixtures_results import XSS_MODEL, XSS_PROMPTS, make_run, make_xss_run
 from PIL import Image
 
-from evalsuite.dashboard import MARKER, build_dashboard, collapse
+from evalsuite.dashboard import MARKER, build_dashboard, collapse, figures, images
+from evalsuite.dashboard.guidance import axis_name
 from evalsuite.errors import SuiteError
+from evalsuite.results import open_run, schema
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = Path("/tmp/dashboard_screenshot.png")
@@ -30,7 +32,7 @@ ALERT, CONSOLE = "Page.javascriptDialogOpening", "Runtime.consoleAPICalled"
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dash")
-    base = make_run(root / "results", "base")
+    base = make_run(root / "results", "base", faces=True)
     tuned = make_run(root / "results", "tuned", model_key=1, bias_boost=0.4, model_id="miniature-tuned")
     xss = make_xss_run(root / "results")
     return {"base": base, "tuned": tuned, "xss": xss, "root": root,
@@ -250,6 +252,262 @@ def test_user_strings_are_escaped(sites: dict[str, Path]) -> None:
     assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in text
     assert "<script" not in text.lower()  # the dashboard itself has no script at all
     assert XSS_MODEL not in text and all(p not in text for p in XSS_PROMPTS)
+
+
+class _Grids(HTMLParser):
+    """The images page's seed × scale tables: per table its caption, header cells and body rows; a cell is
+    {tag, class, text, src, alt, rects (each <rect>'s attributes), caption (the text over the image)}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict[str, Any]] = []
+        self.cell: dict[str, Any] | None = None
+        self.row: list[dict[str, Any]] = []
+        self.inside, self.part = False, ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "table" and a.get("class") == "sxs":
+            self.inside = True
+            self.tables.append({"caption": "", "head": [], "rows": []})
+        elif not self.inside:
+            return
+        elif tag in ("caption", "thead", "tbody", "figcaption"):
+            self.part = tag
+        elif tag == "tr":
+            self.row = []
+        elif tag in ("th", "td"):
+            self.cell = {"tag": tag, "class": a.get("class", ""), "text": "", "src": None, "alt": "", "rects": [],
+                         "caption": ""}
+        elif tag == "img" and self.cell is not None:
+            self.cell.update(src=a["src"], alt=a["alt"])
+        elif tag == "rect" and self.cell is not None:
+            self.cell["rects"].append(a)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.inside:
+            return
+        if tag == "table":
+            self.inside = False
+        elif tag in ("th", "td") and self.cell is not None:
+            self.row.append(self.cell)
+            self.cell = None
+        elif tag == "tr":
+            self.tables[-1]["head" if self.part == "thead" else "rows"].append(self.row)
+        elif tag in ("caption", "figcaption"):
+            self.part = "tbody" if tag == "figcaption" else ""
+
+    def handle_data(self, data: str) -> None:
+        if self.inside and self.part == "caption":
+            self.tables[-1]["caption"] += data
+        elif self.cell is not None:
+            self.cell["caption" if self.part == "figcaption" else "text"] += data
+
+
+def grids(page: Path | str) -> list[dict[str, Any]]:
+    """The seed × scale tables of an images page (a file, or its HTML)."""
+    parser = _Grids()
+    parser.feed(page.read_text(encoding="utf-8") if isinstance(page, Path) else page)
+    return parser.tables
+
+
+def images_page(run: Path, site: Path, max_rows: int) -> str:
+    """The images page's body for one run, built alone (thumbnails under `site`)."""
+    view = open_run(run)
+    return collapse.images_page(view, images.ThumbWriter(site, "r0", view), max_rows)
+
+
+def records_by_key(run: Path) -> dict[tuple[int, int, float], dict[str, Any]]:
+    """(prompt_index, image_index, guidance_scale) -> record."""
+    lines = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    return {(r["prompt_index"], r["image_index"], float(r["guidance_scale"])): r for r in lines}
+
+
+def edit_records(run: Path, edit: Any) -> None:
+    """Rewrite records.jsonl with `edit(record)` applied to each record (in place)."""
+    lines = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    for rec in lines:
+        edit(rec)
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_images_page_is_a_seed_by_scale_grid(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "results", "grid", values=("doctor", "nurse"), scales=(7.5, 1.0), images=3)
+    site = build_dashboard([run], tmp_path / "site").parent
+    tables, recs = grids(site / "r0-images.html"), records_by_key(run)
+    assert len(tables) == 2  # one grid per prompt
+    for pi, grid in enumerate(tables):
+        assert [c["text"] for c in grid["head"][0]] == ["image", "seed", "guidance scale 1", "guidance scale 7.5"]
+        assert grid["caption"] == "All 3 image indices, each at 2 values of guidance scale"
+        assert len(grid["rows"]) == 3 and all(len(row) == 4 for row in grid["rows"])  # index, seed, 2 scales
+        for ii, (index, seed, *shots) in enumerate(grid["rows"]):
+            assert (index["tag"], index["text"]) == ("th", f"#{ii}")
+            assert (seed["class"], seed["text"]) == ("seed", str(recs[(pi, ii, 1.0)]["seed"]))
+            for scale, cell in zip((1.0, 7.5), shots, strict=True):
+                rec = recs[(pi, ii, scale)]  # this cell's image is this record's, pixel for pixel
+                assert np.array_equal(pixels(site / cell["src"]), pixels(run / rec["image"]))
+                assert f"Image {ii} of prompt “{rec['prompt']}” at guidance scale {scale:g}" in cell["alt"]
+    small = tmp_path / "small"
+    tables = grids(images_page(run, small, 2))  # the page stays bounded: the first 2 image indices of 3
+    assert [[row[0]["text"] for row in grid["rows"]] for grid in tables] == [["#0", "#1"], ["#0", "#1"]]
+    assert tables[0]["caption"] == "Image indices 0–1: the first 2 of 3, each at 2 values of guidance scale"
+    assert len(list((small / "images" / "r0").glob("*.png"))) == 2 * 2 * 2  # only the shown images are written
+
+
+@pytest.fixture(scope="module")
+def overlay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run with face boxes, a 64 × 64 image, statuses other than ok and a 19-digit seed; and its site."""
+    root = tmp_path_factory.mktemp("overlay")
+    run = make_run(root / "results", "overlay", values=("doctor",), scales=(1.0, 7.5), images=3, faces=True)
+    recs = records_by_key(run)
+    with Image.open(run / recs[(0, 0, 1.0)]["image"]) as img:  # the renders are 32 px: make one 64 px
+        img.resize((64, 64), Image.Resampling.NEAREST).save(run / recs[(0, 0, 1.0)]["image"])
+    long_seed = 9_223_372_036_854_775_807  # 19 digits
+
+    def edit(rec: dict[str, Any]) -> None:
+        key = (rec["image_index"], rec["guidance_scale"])
+        mine = rec["classifiers"]["miniature"]
+        if key == (0, 1.0):
+            rec["faces"] = [[8, 16, 40, 48, 0.93]]
+        elif key == (1, 1.0):
+            rec["faces"] = []  # a detector ran and found no face
+        elif key == (2, 1.0):
+            rec["faces"] = None  # no detector ran
+        elif key == (1, 7.5):
+            for attr in ("skin_tone", "age"):
+                mine[attr] = {"probs": None, "label": None, "status": "no_person", "confident": False}
+        elif key == (2, 7.5):
+            mine["age"] = {"probs": None, "label": None, "status": "not_measurable", "confident": False}
+        if rec["image_index"] == 0:
+            rec["seed"] = long_seed
+
+    edit_records(run, edit)
+    site = build_dashboard([run], root / "site").parent
+    return {"run": run, "site": site, "seed": long_seed, "recs": records_by_key(run),
+            "grids": grids(site / "r0-images.html")}
+
+
+def _grid(overlay: dict[str, Any]) -> dict[str, Any]:
+    assert len(overlay["grids"]) == 1, "the images page should hold one seed × scale grid (one prompt)"
+    return overlay["grids"][0]
+
+
+def _shot(overlay: dict[str, Any], ii: int, scale: float) -> dict[str, Any]:
+    return _grid(overlay)["rows"][ii][2 + (1.0, 7.5).index(scale)]
+
+
+def test_face_boxes_are_drawn_in_percent_of_the_image(overlay: dict[str, Any]) -> None:
+    box = _shot(overlay, 0, 1.0)["rects"]  # [8, 16, 40, 48] on a 64 × 64 image
+    assert [(r["x"], r["y"], r["width"], r["height"]) for r in box] == [("12.5%", "25%", "50%", "50%")]
+    for (_, ii, scale), rec in overlay["recs"].items():
+        cell = _shot(overlay, ii, scale)
+        assert len(cell["rects"]) == len(rec.get("faces") or [])  # every box of every image, no more
+        assert ("no face found" in cell["caption"]) == (rec.get("faces") == [])
+    two = _shot(overlay, 2, 7.5)["rects"]  # the fixture's second box: [0, 22.4, 6.4, 30.4] on 32 × 32 pixels
+    assert [r["class"] for r in two] == ["face", "face more"]
+    assert (two[1]["x"], two[1]["y"], two[1]["width"], two[1]["height"]) == ("0%", "70%", "20%", "25%")
+    css = (overlay["site"] / "style.css").read_text()  # the overlay covers exactly the image
+    rule = re.search(r"svg\.faces \{([^}]*)\}", css)
+    assert rule and all(p in rule.group(1) for p in ("position: absolute", "width: 100%", "height: 100%"))
+    page = (overlay["site"] / "r0-images.html").read_text()
+    assert "Outlines mark the faces the face detector found" in page
+
+
+def test_faces_absent_means_no_detector(sites: dict[str, Path]) -> None:
+    with_faces = (sites["two"] / "r0-images.html").read_text()
+    without = (sites["two"] / "r1-images.html").read_text()  # the tuned fixture records no faces
+    assert '<svg class="faces"' in with_faces and "<svg" not in without and "<rect" not in without
+    assert "The run records no face boxes (no face detector ran)." in without
+
+
+def test_malformed_faces_are_one_clear_error(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "results", "bad", values=("doctor",), scales=(1.0,), images=2, faces=True)
+    edit_records(run, lambda rec: rec.update(faces=[[1, 2, 3]]) if rec["unit"] == 1 else None)
+    with pytest.raises(SuiteError, match=re.escape("record unit 1 (image images/p000/g1/i0001.png): faces must be")):
+        images_page(run, tmp_path / "site", 8)
+
+
+def test_labels_and_statuses_over_each_image(overlay: dict[str, Any]) -> None:
+    for (_, ii, scale), rec in overlay["recs"].items():
+        cell, labels = _shot(overlay, ii, scale), [schema.label(rec, "miniature", a) for a in ("skin_tone", "age")]
+        if (ii, scale) == (1, 7.5):
+            assert cell["caption"] == "no person"
+        elif (ii, scale) == (2, 7.5):
+            assert cell["caption"] == f"{labels[0]} · age: not measurable" and labels[0] is not None
+        else:
+            assert cell["caption"].removesuffix("no face found") == f"{labels[0]} · {labels[1]}"
+        assert f"miniature classifier: {cell['caption'].removesuffix('no face found')}" in cell["alt"]
+
+
+def test_a_long_seed_sits_in_its_own_wrapping_cell(overlay: dict[str, Any]) -> None:
+    index, seed, first, second = _grid(overlay)["rows"][0]
+    assert (seed["tag"], seed["class"], seed["text"]) == ("td", "seed", str(overlay["seed"]))
+    assert all(str(overlay["seed"]) not in c["text"] + c["caption"] for c in (index, first, second))
+    css = (overlay["site"] / "style.css").read_text()
+    rule = re.search(r"table\.sxs td\.seed \{([^}]*)\}", css)
+    assert rule and "overflow-wrap: anywhere" in rule.group(1) and "max-width: 6.5rem" in rule.group(1)
+
+
+def test_distilled_guidance_labels_every_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = [make_run(tmp_path / "results", name, values=("doctor", "nurse"), scales=(1.0, 3.5), images=3,
+                     model_key=k) for k, name in enumerate(("flux-a", "flux-b"))]
+    for run in runs:
+        info = json.loads((run / "run.json").read_text())
+        info["model"]["guidance"] = "distilled"
+        (run / "run.json").write_text(json.dumps(info))
+    xlabels: list[str] = []
+    save = figures.save
+
+    def spy(fig: Any, *args: Any, **kwargs: Any) -> figures.Plot:
+        xlabels.append(fig.axes[0].get_xlabel())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save", spy)
+    site = build_dashboard(runs, tmp_path / "site").parent
+    assert len(xlabels) > 10 and set(xlabels) == {"distilled guidance"}  # every plot, the comparison's too
+    for grid in grids(site / "r0-images.html"):
+        assert [c["text"] for c in grid["head"][0]][2:] == ["distilled guidance 1", "distilled guidance 3.5"]
+    for page in site.glob("*.html"):
+        if page.name != "methods.html":
+            assert "guidance scale" not in page.read_text(), page.name
+    bias, compare = (site / "r0-bias.html").read_text(), (site / "compare.html").read_text()
+    assert '<th scope="col">distilled guidance 3.5</th>' in (site / "index.html").read_text()  # headline table
+    assert '<th scope="col">distilled guidance</th>' in bias and '<th scope="col">distilled guidance</th>' in compare
+    assert "Distilled guidance values in common" in compare
+    plain = open_run(make_run(tmp_path / "results", "cfg", values=("doctor",), scales=(1.0,), images=2))
+    assert axis_name(plain) == "guidance scale" and axis_name(open_run(runs[0])) == "distilled guidance"
+    assert axis_name(plain, open_run(runs[0])) == "guidance scale / distilled guidance"
+    intro = (site / "index.html").read_text()  # the overview says what the guidance values are
+    assert "collapse across distilled guidance values (a guidance-distilled model" in intro
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.slow
+def test_long_seeds_do_not_overflow_in_chromium(overlay: dict[str, Any], tmp_path: Path) -> None:
+    browser = Browser(tmp_path / "profile")
+    expr = """[...document.querySelectorAll('td.seed')].map(td => {
+        const r = document.createRange(); r.selectNodeContents(td);
+        const text = r.getBoundingClientRect(), cell = td.getBoundingClientRect();
+        const next = td.nextElementSibling.getBoundingClientRect();
+        return {fits: td.scrollWidth <= td.clientWidth, inside: text.right <= cell.right + 0.5,
+                clear: text.right <= next.left, width: cell.width}; })"""
+    try:
+        for width in (1200, 390):  # a desktop window and a phone's
+            browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": 900,
+                                                                "deviceScaleFactor": 1, "mobile": width < 500},
+                         session=browser.session)
+            got = browser.visit((overlay["site"] / "r0-images.html").as_uri())
+            assert got["problems"] == [] and got["broken"] == [], got
+            cells = browser.send("Runtime.evaluate", {"expression": expr, "returnByValue": True},
+                                 session=browser.session)["result"]["value"]
+            assert len(cells) == 3 and all(c["fits"] and c["inside"] and c["clear"] for c in cells), (width, cells)
+    finally:
+        browser.close()
 
 
 @pytest.mark.slow

@@ -101,16 +101,36 @@ def test_tracker_sizes_are_checked_whatever_the_advantage(advantage: str) -> Non
 
 def test_shipped_sd15_config_loads() -> None:
     cfg = load_config(SD15)
-    assert cfg.model == "runwayml/stable-diffusion-v1-5"
+    assert cfg.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml's copy left the hub in 2024
     assert (cfg.sampling.steps, cfg.sampling.guidance_scales) == (50, (5.0, 7.5))
     assert (cfg.training.mixed_precision, cfg.training.gradient_checkpointing) == ("bf16", True)
     assert (cfg.lora.rank, cfg.lora.alpha) == (4, 4.0)
-    assert cfg.reward_classifier == "clip"
-    assert cfg.evaluation.classifier == "clip:openai/clip-vit-base-patch32"
+    assert cfg.reward_classifier == cfg.embedder == "clip:openai/clip-vit-large-patch14"
+    assert cfg.evaluation.classifier == "photo:openai/clip-vit-base-patch32"
     # 8 x 32 = 256 samples; 256 / 16 = 16 sampling batches; 256 / 8 = 32 micro-batches; 32 / 4 = 8 steps
     assert (cfg.samples_per_epoch_per_process, cfg.sampling_batches_per_epoch,
             cfg.train_micro_batches_per_epoch, cfg.optimizer_steps_per_epoch, cfg.train_timesteps) \
         == (256, 16, 32, 8, 50)
+
+
+def test_classifiers_and_the_embedder_must_suit_the_models_domain(tmp_path: Path) -> None:
+    """The miniature world's classifiers on a photograph model, a photo classifier or detector-bound one
+    on the miniature, and an unknown embedder: each is refused with the key and what to use instead."""
+    data = yaml.safe_load(SD15.read_text(encoding="utf-8"))
+    data.update(reward_classifier="miniature", embedder="clop")
+    data["evaluation"]["classifier"] = "oracle"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, data))
+    found = problems(excinfo)
+    model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert f"reward_classifier: classifier 'miniature' reads miniature images only; the model '{model}' makes " \
+           "natural images. Use instead: clip, head, photo, skin-tone" in found
+    assert any(p.startswith("evaluation.classifier: classifier 'oracle' reads miniature images only") for p in found)
+    assert any(p.startswith("embedder: unknown embedder 'clop' (did you mean 'clip'?)") for p in found)
+    mini = shipped_data()
+    mini["reward_classifier"] = "photo"
+    with pytest.raises(ConfigError, match="reward_classifier: classifier 'photo' reads natural images only"):
+        load_config(write(tmp_path, mini))
 
 
 def test_batch_arithmetic_of_the_miniature_config() -> None:

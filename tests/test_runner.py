@@ -195,10 +195,12 @@ def test_a_registered_model_plugs_in_through_its_profile(tmp_path: Path, monkeyp
     monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-world", models.BuiltinModel(
         name="tiny-world", folder=lambda: ASSETS / "pipeline", profile=lambda: profile,
         load_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}))
-    assert run_cli(*SMALL, "--model", "tiny-world", "--classifier", "miniature", "--results", str(tmp_path)) == 0
+    # the miniature world's classifiers read only its own domain: a model of another domain is refused them
+    assert run_cli(*SMALL, "--model", "tiny-world", "--classifier", "miniature", "--results", str(tmp_path)) == 2
+    assert run_cli(*SMALL, "--model", "tiny-world", "--classifier", "clip:miniature", "--results", str(tmp_path)) == 0
     run = tmp_path / "occupations__tiny-world"
     info = json.loads((run / "run.json").read_text())
-    assert info["classifiers"] == ["miniature", "oracle"] and info["model"]["domain"] == "test"
+    assert info["classifiers"] == ["clip:miniature", "oracle"] and info["model"]["domain"] == "test"
     assert info["model"]["on_prompt"] == "mean pixel above 128 (test reader)"
     recs = records(run)
     for r in recs:  # each reading recomputed from the saved image
@@ -209,10 +211,10 @@ def test_a_registered_model_plugs_in_through_its_profile(tmp_path: Path, monkeyp
     first = [r for r in recs if r["prompt_index"] == 0 and r["guidance_scale"] == 7.5]
     assert on.value.item() == pytest.approx(sum(r["on_prompt"]["read"] == r["on_prompt"]["wanted"] for r in first) / 4)
     # the same weights as a plain folder: the default profile, nothing rides along, nothing is read
-    assert run_cli(*SMALL, "--model", str(ASSETS / "pipeline"), "--classifier", "miniature", "--embedder",
+    assert run_cli(*SMALL, "--model", str(ASSETS / "pipeline"), "--classifier", "clip:miniature", "--embedder",
                    "clip:miniature", "--results", str(tmp_path), "--name", "folder") == 0
     plain = json.loads((tmp_path / "folder" / "run.json").read_text())
-    assert plain["classifiers"] == ["miniature"] and plain["exact_classifiers"] == []
+    assert plain["classifiers"] == ["clip:miniature"] and plain["exact_classifiers"] == []
     assert plain["model"]["builtin"] is False
     assert plain["model"]["domain"] == "natural" and "on_prompt" not in records(tmp_path / "folder")[0]
 

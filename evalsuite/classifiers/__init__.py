@@ -1,8 +1,13 @@
 """Attribute classifiers and image embedders for audits (see docs/classifiers.md).
 
-Built in: classifiers `oracle` and `miniature` (the miniature world's exact oracle and supervised
-net), `clip[:<hub-id-or-folder>]` (CLIP zero-shot over the battery's class descriptions); embedder
-`clip[:<hub-id-or-folder>]`. Plug-ins: `package.module:factory` or `path/to/file.py:factory`.
+Built in, each valid on the image domains it declares (`domain_problems`): classifiers `oracle` and
+`miniature` (the miniature world's exact oracle and supervised net: miniature images only),
+`clip[:<hub-id-or-folder>]` (CLIP zero-shot over the battery's class descriptions: any domain),
+`photo[:<clip>]` (natural images: skin tone by face pixels, the rest by CLIP on the face),
+`skin-tone` (natural images: ITA / Fitzpatrick proxy / Monk scale of face pixels), `head:<folder>`
+(natural images: a linear head, e.g. FairFace-style, over CLIP embeddings of the face, from a local
+safetensors folder); face detector `opencv-haar`; embedder `clip[:<hub-id-or-folder>]`. Plug-ins:
+`package.module:factory` or `path/to/file.py:factory`.
 """
 
 from evalsuite.metrics import CONFIDENCE_THRESHOLD
@@ -12,27 +17,38 @@ from .base import (
     AttributeClassifier,
     AttributeOutput,
     ClassifierContext,
+    FaceDetector,
     ImageEmbedder,
     available_classifiers,
+    available_detectors,
     available_embedders,
     check_classifier_spec,
+    check_detector_spec,
     check_embedder_spec,
     check_images,
+    classify_faces,
     detects_people,
+    domain_problems,
+    face_crops,
     get_classifier,
+    get_detector,
     get_embedder,
     make_output,
     not_measurable,
     register_classifier,
+    register_detector,
     register_embedder,
+    registered,
     to_record,
+    uses_faces,
     validate_outputs,
 )
 
 __all__ = [
     "CONFIDENCE_THRESHOLD", "STATUSES", "AttributeClassifier", "AttributeOutput", "ClassifierContext",
-    "ImageEmbedder", "available_classifiers", "available_embedders", "check_classifier_spec",
-    "check_embedder_spec", "check_images", "detects_people", "get_classifier",
-    "get_embedder", "make_output", "not_measurable", "register_classifier", "register_embedder", "to_record",
-    "validate_outputs",
+    "FaceDetector", "ImageEmbedder", "available_classifiers", "available_detectors", "available_embedders",
+    "check_classifier_spec", "check_detector_spec", "check_embedder_spec", "check_images", "classify_faces",
+    "detects_people", "domain_problems", "face_crops", "get_classifier", "get_detector", "get_embedder", "make_output",
+    "not_measurable", "register_classifier", "register_detector", "register_embedder", "registered", "to_record",
+    "uses_faces", "validate_outputs",
 ]

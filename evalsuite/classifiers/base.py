@@ -128,21 +128,40 @@ def detects_people(classifier: object) -> bool | None:
 
 T = TypeVar("T")
 Factory = Callable[[ClassifierContext, str | None], Any]
-_BUILTIN_MODULES = tuple(f"evalsuite.classifiers.{m}" for m in ("miniature", "clip_zero_shot", "embedders"))
+_BUILTIN_MODULES = tuple(f"evalsuite.classifiers.{m}" for m in ("miniature", "clip_zero_shot", "embedders",
+                                                                  "faces", "skin_tone", "photo", "linear_head"))
 
 
 class _Registry(Generic[T]):
-    """Named factories `(ctx, arg) -> object`, plus plug-ins named `module:factory` or `file.py:factory`."""
+    """Named factories `(ctx, arg) -> object`, plus plug-ins named `module:factory` or `file.py:factory`.
+
+    Each name declares the image domains it is valid on (`evalsuite.models.ModelProfile.domain`:
+    "natural" for photographs and art of the world, a built-in model's own domain such as "miniature");
+    None means any domain. Plug-ins (`module:factory`) declare none: they are trusted on every domain."""
 
     def __init__(self, kind: str, protocol: type) -> None:
         self.kind, self.protocol = kind, protocol
         self.factories: dict[str, Factory] = {}
+        self.domains: dict[str, tuple[str, ...] | None] = {}
 
-    def register(self, name: str) -> Callable[[Factory], Factory]:
+    def register(self, name: str, domains: Sequence[str] | None = None) -> Callable[[Factory], Factory]:
         def decorate(factory: Factory) -> Factory:
             self.factories[name] = factory
+            self.domains[name] = None if domains is None else tuple(domains)
             return factory
         return decorate
+
+    def domain_problems(self, spec: str, domain: str, model: str) -> list[str]:
+        """Why `spec` must not read the images of `model`, whose domain is `domain` ([] = it may).
+        Found from the registry alone, before anything loads; unknown specs are `problems`' to report."""
+        _load_builtins()
+        head = spec.partition(":")[0]
+        valid = self.domains.get(head) if head in self.factories else None
+        if valid is None or domain in valid:
+            return []
+        instead = [n for n in sorted(self.factories) if domain in (self.domains[n] or (domain,))]
+        return [f"{self.kind} '{spec}' reads {' and '.join(valid)} images only; the model '{model}' makes "
+                f"{domain} images. Use instead: {', '.join(instead) or 'a plug-in made for them'}"]
 
     def names(self) -> list[str]:
         _load_builtins()
@@ -229,18 +248,79 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
+@runtime_checkable
+class FaceDetector(Protocol):
+    """uint8 images (n, H, W, 3) -> per image a float array (k, 5) of face boxes `x0, y0, x1, y1, score`
+    in pixels (x0, y0 inclusive, x1, y1 exclusive), largest first; (0, 5) where it finds no face. The
+    runner runs the battery's detector before the classifiers: an image with no face is "no_person" for
+    every classifier and is left out of the shares."""
+
+    name: str
+
+    def detect(self, images: np.ndarray) -> list[np.ndarray]: ...
+
+
+def uses_faces(classifier: object) -> bool:
+    """Whether the classifier reads the detector's face boxes: one with `uses_faces = True` is called as
+    `classify(images, attributes, faces=...)`, `faces` being the detector's per-image (k, 5) box arrays."""
+    return getattr(classifier, "uses_faces", False) is True
+
+
+def classify_faces(classifier: AttributeClassifier, images: np.ndarray, attributes: Sequence[AttributeSpec],
+                   faces: Sequence[np.ndarray] | None) -> dict[str, AttributeOutput]:
+    """`classifier`'s outputs after a face detector's `faces` (None: no detector ran): a classifier that
+    reads faces gets them, and an image with no face is "no_person" for every attribute, whatever the
+    classifier said (so it is left out of the shares and counted in the no-person rate)."""
+    if faces is None:
+        return classifier.classify(images, attributes)
+    if uses_faces(classifier):
+        outputs = cast(Any, classifier).classify(images, attributes, faces=faces)
+    else:
+        outputs = classifier.classify(images, attributes)
+    faceless = [len(boxes) == 0 for boxes in faces]
+    return {name: make_output(out.probs, ["no_person" if none else s for s, none in zip(out.status, faceless)])
+            for name, out in outputs.items()}
+
+
+def face_crops(images: np.ndarray, faces: Sequence[np.ndarray], size: int, margin: float = 0.25) -> np.ndarray:
+    """Per image, its largest face box grown by `margin` of the box side on every side (clipped to the
+    image), resized to size × size (bilinear); an image with no box is resized whole. uint8 (n, size,
+    size, 3)."""
+    from PIL import Image
+
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, (img, boxes) in enumerate(zip(images, faces, strict=True)):
+        h, w = img.shape[:2]
+        if len(boxes):
+            x0, y0, x1, y1 = (float(v) for v in boxes[0][:4])
+            grow_x, grow_y = margin * (x1 - x0), margin * (y1 - y0)
+            left, top = max(0, int(x0 - grow_x)), max(0, int(y0 - grow_y))
+            right, bottom = min(w, int(np.ceil(x1 + grow_x))), min(h, int(np.ceil(y1 + grow_y)))
+            img = img[top:bottom, left:right]
+        out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
 _CLASSIFIERS: _Registry[AttributeClassifier] = _Registry("classifier", AttributeClassifier)
 _EMBEDDERS: _Registry[ImageEmbedder] = _Registry("embedder", ImageEmbedder)
+_DETECTORS: _Registry[FaceDetector] = _Registry("detector", FaceDetector)
+_REGISTRIES: dict[str, _Registry[Any]] = {"classifier": _CLASSIFIERS, "embedder": _EMBEDDERS, "detector": _DETECTORS}
 
 
-def register_classifier(name: str) -> Callable[[Factory], Factory]:
-    """Decorator registering a factory `(ctx, arg) -> AttributeClassifier` under `name` (`name[:arg]`)."""
-    return _CLASSIFIERS.register(name)
+def register_classifier(name: str, domains: Sequence[str] | None = None) -> Callable[[Factory], Factory]:
+    """Decorator registering a factory `(ctx, arg) -> AttributeClassifier` under `name` (`name[:arg]`),
+    valid on the image `domains` named (None: any)."""
+    return _CLASSIFIERS.register(name, domains)
 
 
-def register_embedder(name: str) -> Callable[[Factory], Factory]:
+def register_embedder(name: str, domains: Sequence[str] | None = None) -> Callable[[Factory], Factory]:
     """Decorator registering a factory `(ctx, arg) -> ImageEmbedder` under `name`."""
-    return _EMBEDDERS.register(name)
+    return _EMBEDDERS.register(name, domains)
+
+
+def register_detector(name: str, domains: Sequence[str] | None = None) -> Callable[[Factory], Factory]:
+    """Decorator registering a factory `(ctx, arg) -> FaceDetector` under `name`."""
+    return _DETECTORS.register(name, domains)
 
 
 def get_classifier(spec: str, ctx: ClassifierContext) -> AttributeClassifier:
@@ -263,9 +343,35 @@ def check_embedder_spec(spec: str) -> list[str]:
     return _EMBEDDERS.problems(spec)
 
 
+def get_detector(spec: str, ctx: ClassifierContext) -> FaceDetector:
+    """A face detector from a spec, as for `get_classifier`."""
+    return _DETECTORS.get(spec, ctx)
+
+
+def check_detector_spec(spec: str) -> list[str]:
+    return _DETECTORS.problems(spec)
+
+
+def domain_problems(kind: str, spec: str, domain: str, model: str) -> list[str]:
+    """Why the `kind` ("classifier", "embedder", "detector") named by `spec` must not read the images of
+    `model`, whose image domain is `domain` ([] = it may); from the registries alone, nothing loads."""
+    return _REGISTRIES[kind].domain_problems(spec, domain, model)
+
+
 def available_classifiers() -> list[str]:
     return _CLASSIFIERS.names()
 
 
 def available_embedders() -> list[str]:
     return _EMBEDDERS.names()
+
+
+def available_detectors() -> list[str]:
+    return _DETECTORS.names()
+
+
+def registered(kind: str) -> dict[str, tuple[str, ...] | None]:
+    """The registered names of `kind` ("classifier", "embedder", "detector") and the image domains each
+    is valid on (None: any)."""
+    registry = _REGISTRIES[kind]
+    return {name: registry.domains[name] for name in registry.names()}

@@ -185,13 +185,13 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
                      for img in images])
 
 
-@register_classifier("oracle")
+@register_classifier("oracle", domains=("miniature",))
 def _oracle(ctx: ClassifierContext, arg: str | None) -> OracleClassifier:
     _no_arg("oracle", arg)
     return OracleClassifier()
 
 
-@register_classifier("miniature")
+@register_classifier("miniature", domains=("miniature",))
 def _supervised(ctx: ClassifierContext, arg: str | None) -> SupervisedClassifier:
     _no_arg("miniature", arg)
     return SupervisedClassifier(ctx)

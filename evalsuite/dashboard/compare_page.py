@@ -11,6 +11,7 @@ import pandas as pd
 
 from evalsuite.dashboard import figures
 from evalsuite.dashboard.compare import Comparison
+from evalsuite.dashboard.guidance import axis_name
 from evalsuite.dashboard.html import definition_list, gallery, interval, note, num, paragraphs, section, table
 from evalsuite.dashboard.pages import plot_html
 from evalsuite.metrics import CONFIDENCE_THRESHOLD
@@ -20,12 +21,12 @@ FIGURE_METRICS = ("shen_gap", "dominant_share", "normalized_entropy")
 
 def compare_page(c: Comparison, root: Path) -> str:
     labels = (f"A: {figures.short(c.a.name, 20)}", f"B: {figures.short(c.b.name, 20)}")
-    scales = ", ".join(f"{s:g}" for s in c.scales)
+    scales, axis = ", ".join(f"{s:g}" for s in c.scales), axis_name(c.a, c.b)
     facts = [
         ("Run A", f"{c.a.name} — model {c.a.model_label}, battery {c.a.battery.name} v{c.a.battery.version}"),
         ("Run B", f"{c.b.name} — model {c.b.model_label}, battery {c.b.battery.name} v{c.b.battery.version}"),
         ("Classifier", c.classifier), ("Prompts in common", str(len(c.prompts))),
-        ("Guidance scales in common", scales),
+        (f"{axis[:1].upper()}{axis[1:]} values in common", scales),
         ("Paired images", f"{c.n_pairs} (same prompt, scale and image index, different seeds: paired by position)"
          if c.by_position else f"{c.n_pairs} (same prompt, scale, image index and seed)"),
     ]
@@ -50,23 +51,23 @@ def compare_page(c: Comparison, root: Path) -> str:
         )
         keys = classes + [m for m in FIGURE_METRICS if m in set(mets["metric"])]
         plots = []
-        for p in paired_plots(frame, keys, labels, root, f"compare-a{i}"):
+        for p in paired_plots(frame, keys, labels, root, f"compare-a{i}", axis):
             what = f"share of {p.key}" if p.key in classes else figures.METRIC_TITLES.get(p.key, p.key)
             alt = (
-                f"Line chart against guidance scale ({scales}) of the {what} for {attr}: run A solid, run B "
+                f"Line chart against {axis} ({scales}) of the {what} for {attr}: run A solid, run B "
                 "dashed, shaded 95 % intervals, on paired seeds."
             )
             plots.append(plot_html(p, alt, f"{attr}: {what}, A vs B"))
-        delta = delta_plot(shares, classes, root, f"figures/compare-a{i}-delta.png")
+        delta = delta_plot(shares, classes, root, f"figures/compare-a{i}-delta.png", axis)
         if delta is not None:
             alt = (
-                f"Dot plot of the paired change in share (B minus A) of each {attr} class at each guidance "
-                f"scale, with 95 % error bars; the horizontal line marks no change. {_biggest(shares)}"
+                f"Dot plot of the paired change in share (B minus A) of each {attr} class at each {axis}, "
+                f"with 95 % error bars; the horizontal line marks no change. {_biggest(shares)}"
             )
             plots.append(plot_html(delta, alt, f"{attr}: change in share, B − A"))
         body = gallery(plots, "Run A solid, run B dashed; bands and bars are 95 % intervals.")
         body += table(
-            ["scale", "class", "A", "B", "B − A", "pairs", "prompts"],
+            [axis, "class", "A", "B", "B − A", "pairs", "prompts"],
             [
                 [
                     f"{r.guidance_scale:g}", r.panel, interval(r.a, r.a_lo, r.a_hi),
@@ -77,22 +78,22 @@ def compare_page(c: Comparison, root: Path) -> str:
             "Pooled shares on paired images (cluster-robust 95 % intervals)",
         )
         body += _metric_table(
-            mets, "Bias metrics per prompt on paired images, mean over prompts (95 % t-intervals)"
+            mets, "Bias metrics per prompt on paired images, mean over prompts (95 % t-intervals)", axis
         )
         flips = c.flips[c.flips["attribute"] == attr]
         body += table(
-            ["scale", "label changed", "pairs"],
+            [axis, "label changed", "pairs"],
             [[f"{r.guidance_scale:g}", num(r.rate), r.n_pairs] for r in flips.itertuples()],
             "Fraction of paired images whose label differs between A and B",
         )
         parts.append(section(f"Attribute: {attr}", body, f"c{i}"))
     if not c.legibility.empty:
-        parts.append(_legibility(c))
-    parts.append(_diversity(c, root, labels, scales))
+        parts.append(_legibility(c, axis))
+    parts.append(_diversity(c, root, labels, scales, axis))
     return "".join(parts)
 
 
-def _legibility(c: Comparison) -> str:
+def _legibility(c: Comparison, axis: str) -> str:
     """The judge classifiers' low-confidence rates among majority-class and other-class images."""
     body = paragraphs(
         f"Whose images lose legibility. Each image is put in a group by what {c.classifier} reads: the "
@@ -105,7 +106,7 @@ def _legibility(c: Comparison) -> str:
     )
     for (judge, attr), rows in c.legibility.groupby(["judge", "attribute"], sort=False):
         body += table(
-            ["scale", f"{attr} group", "A", "B", "images A", "images B", "prompts"],
+            [axis, f"{attr} group", "A", "B", "images A", "images B", "prompts"],
             [
                 [f"{r.guidance_scale:g}", r.group, interval(r.a, r.a_lo, r.a_hi), interval(r.b, r.b_lo, r.b_hi),
                  r.a_n, r.b_n, r.n_prompts]
@@ -124,7 +125,7 @@ def _biggest(shares: pd.DataFrame) -> str:
     return f"Largest change: {r['class']} at scale {r['guidance_scale']:g}, {change}."
 
 
-def _metric_table(rows: pd.DataFrame, caption: str) -> str:
+def _metric_table(rows: pd.DataFrame, caption: str, axis: str) -> str:
     body = [
         [
             f"{r.guidance_scale:g}", r.metric, interval(r.a, r.a_lo, r.a_hi), interval(r.b, r.b_lo, r.b_hi),
@@ -132,30 +133,30 @@ def _metric_table(rows: pd.DataFrame, caption: str) -> str:
         ]
         for r in rows.itertuples()
     ]
-    return table(["scale", "metric", "A", "B", "B − A", "prompts"], body, caption)
+    return table([axis, "metric", "A", "B", "B − A", "prompts"], body, caption)
 
 
-def _diversity(c: Comparison, root: Path, labels: tuple[str, str], scales: str) -> str:
+def _diversity(c: Comparison, root: Path, labels: tuple[str, str], scales: str, axis: str) -> str:
     if c.diversity.empty:
         return section("Mode collapse", note("No diversity comparison (see the notes above)."), "cdiv")
     keys = list(dict.fromkeys(c.diversity["metric"]))
     plots = []
-    for p in paired_plots(c.diversity.rename(columns={"metric": "panel"}), keys, labels, root, "compare-div"):
+    for p in paired_plots(c.diversity.rename(columns={"metric": "panel"}), keys, labels, root, "compare-div", axis):
         title = figures.METRIC_TITLES.get(p.key, p.key)
         alt = (
-            f"Line chart against guidance scale ({scales}) of the {title}, per prompt on paired images and "
+            f"Line chart against {axis} ({scales}) of the {title}, per prompt on paired images and "
             "averaged over prompts: run A solid, run B dashed, shaded 95 % intervals."
         )
         plots.append(plot_html(p, alt, f"{title}, A vs B"))
     body = gallery(plots, "Diversity on paired images: run A solid, run B dashed.")
     body += _metric_table(
-        c.diversity, "Diversity per prompt on paired images, mean over prompts (95 % t-intervals)"
+        c.diversity, "Diversity per prompt on paired images, mean over prompts (95 % t-intervals)", axis
     )
     return section("Mode collapse", body, "cdiv")
 
 
 def paired_plots(
-    frame: pd.DataFrame, keys: Sequence[str], labels: tuple[str, str], root: Path, stem: str
+    frame: pd.DataFrame, keys: Sequence[str], labels: tuple[str, str], root: Path, stem: str, axis: str
 ) -> list[figures.Plot]:
     """Per key (a class or a metric): run A and run B against scale, with bands.
 
@@ -174,13 +175,15 @@ def paired_plots(
             figures.band(ax, x, part["b"], part["b_lo"], part["b_hi"], cb, labels[1], "--")
             ax.set_title(figures.short(figures.METRIC_TITLES.get(key, f"share: {key}"), 40))
             figures.legend_below(ax, 2)
-            figures.scale_axis(ax, sorted(set(x)))
+            figures.scale_axis(ax, sorted(set(x)), axis)
         plots.append(figures.save(fig, root, f"figures/{stem}-{k}.png", key))
     return plots
 
 
-def delta_plot(frame: pd.DataFrame, classes: Sequence[str], root: Path, rel: str) -> figures.Plot | None:
-    """Paired change in share (B − A) per class against guidance scale, with 95 % error bars."""
+def delta_plot(
+    frame: pd.DataFrame, classes: Sequence[str], root: Path, rel: str, axis: str
+) -> figures.Plot | None:
+    """Paired change in share (B − A) per class against guidance, with 95 % error bars."""
     if frame.empty:
         return None
     scales = sorted(set(frame["guidance_scale"]))
@@ -198,7 +201,7 @@ def delta_plot(frame: pd.DataFrame, classes: Sequence[str], root: Path, rel: str
                 x, y, yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=3, color=color,
                 label=figures.short(cls, 16),
             )
-        figures.scale_axis(ax, scales)
+        figures.scale_axis(ax, scales, axis)
         ax.set_ylabel("change in share (B − A)")
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     return figures.save(fig, root, rel, "delta")

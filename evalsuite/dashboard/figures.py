@@ -79,10 +79,11 @@ def save(fig: Figure, root: Path, rel: str, key: str) -> Plot:
         return Plot(rel, (round(img.width * SHOWN), round(img.height * SHOWN)), key)
 
 
-def scale_axis(ax: Any, scales: Sequence[float]) -> None:
+def scale_axis(ax: Any, scales: Sequence[float], axis: str) -> None:
+    """Ticks at the run's guidance values, labelled with the guidance axis's name (`guidance.axis_name`)."""
     ax.set_xticks(list(scales))
     ax.set_xticklabels([f"{s:g}" for s in scales])
-    ax.set_xlabel("guidance scale")
+    ax.set_xlabel(axis)
 
 
 def band(ax: Any, x: Any, y: Any, lo: Any, hi: Any, color: Any, label: str, style: str = "-") -> None:
@@ -100,7 +101,7 @@ def legend_below(ax: Any, n: int) -> None:
 
 
 def _heat(
-    values: np.ndarray, xlabels: list[str], ylabels: list[str], size: tuple[float, float], title: str
+    values: np.ndarray, xlabels: list[str], ylabels: list[str], size: tuple[float, float], title: str, axis: str
 ) -> Figure:
     fig, ax = axes(size)
     with plt.rc_context(RC):
@@ -109,7 +110,7 @@ def _heat(
             annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white", cbar_kws={"label": "share"},
             xticklabels=xlabels, yticklabels=ylabels,
         )
-        ax.set_xlabel("guidance scale")
+        ax.set_xlabel(axis)
         ax.set_title(title)
         ax.tick_params(axis="y", rotation=0)
     return fig
@@ -122,8 +123,10 @@ def share_heatmaps(
     scales: Sequence[float],
     root: Path,
     stem: str,
+    *,
+    axis: str,
 ) -> list[Plot]:
-    """Per class: its share per prompt (rows) and guidance scale (columns), from groups.csv rows."""
+    """Per class: its share per prompt (rows) and guidance value (columns), from groups.csv rows."""
     size = (2.6 + 0.45 * len(scales), 1.0 + 0.25 * len(rows))
     plots = []
     for k, cls in enumerate(classes):
@@ -133,16 +136,16 @@ def share_heatmaps(
         ).reindex(index=list(rows), columns=list(scales))
         fig = _heat(
             grid.to_numpy(dtype=float), [f"{s:g}" for s in scales], [short(rows[p]) for p in rows], size,
-            f"share: {short(cls, 24)}",
+            f"share: {short(cls, 24)}", axis,
         )
         plots.append(save(fig, root, f"figures/{stem}-{k}.png", cls))
     return plots
 
 
 def pooled_heatmap(
-    agg: pd.DataFrame, classes: Sequence[str], scales: Sequence[float], root: Path, rel: str
+    agg: pd.DataFrame, classes: Sequence[str], scales: Sequence[float], root: Path, rel: str, *, axis: str
 ) -> Plot:
-    """Pooled share (over prompts) of each joint class (rows) per guidance scale (columns)."""
+    """Pooled share (over prompts) of each joint class (rows) per guidance value (columns)."""
     values = np.full((len(classes), len(scales)), np.nan)
     for i, cls in enumerate(classes):
         for j, scale in enumerate(scales):
@@ -150,12 +153,12 @@ def pooled_heatmap(
             if len(hit):
                 values[i, j] = float(hit["value"].iloc[0])
     size = (2.6 + 0.45 * len(scales), 1.0 + 0.28 * len(classes))
-    fig = _heat(values, [f"{s:g}" for s in scales], [short(c, 24) for c in classes], size, "pooled share")
+    fig = _heat(values, [f"{s:g}" for s in scales], [short(c, 24) for c in classes], size, "pooled share", axis)
     return save(fig, root, rel, "pooled")
 
 
-def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str) -> list[Plot]:
-    """Pooled class shares, then each bias metric, against guidance scale with 95 % bands (split all)."""
+def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str, *, axis: str) -> list[Plot]:
+    """Pooled class shares, then each bias metric, against guidance with 95 % bands (split all)."""
     if agg.empty:
         return []
     present = set(agg["metric"])
@@ -174,7 +177,7 @@ def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str)
         ax.set_title("pooled class shares")
         ax.set_ylim(0, 1)
         legend_below(ax, len(classes))
-        scale_axis(ax, scales)
+        scale_axis(ax, scales, axis)
     plots = [save(fig, root, f"figures/{stem}-shares.png", "shares")]
     for k, metric in enumerate(metrics):
         part = agg[agg["metric"] == metric].sort_values("guidance_scale")
@@ -187,12 +190,12 @@ def bias_plots(agg: pd.DataFrame, classes: Sequence[str], root: Path, stem: str)
                 ax.text(0.5, 0.97, f"∞ at scale {where} (not drawn)", transform=ax.transAxes, ha="center",
                         va="top", fontsize=8)
             ax.set_title(METRIC_TITLES.get(metric, metric))
-            scale_axis(ax, scales)
+            scale_axis(ax, scales, axis)
         plots.append(save(fig, root, f"figures/{stem}-m{k}.png", metric))
     return plots
 
 
-def diversity_plots(div: pd.DataFrame, root: Path, stem: str, images: int) -> list[Plot]:
+def diversity_plots(div: pd.DataFrame, root: Path, stem: str, images: int, *, axis: str) -> list[Plot]:
     """Per metric: per-prompt curves (thin, grey) and the mean over prompts with a 95 % t-band within the
     metric's range for groups of `images` images (`metrics.mean_interval`)."""
     if div.empty:
@@ -216,6 +219,6 @@ def diversity_plots(div: pd.DataFrame, root: Path, stem: str, images: int) -> li
             )
             ax.set_title(METRIC_TITLES.get(metric, metric))
             legend_below(ax, 1)
-            scale_axis(ax, scales)
+            scale_axis(ax, scales, axis)
         plots.append(save(fig, root, f"figures/{stem}-{k}.png", metric))
     return plots

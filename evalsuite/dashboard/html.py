@@ -152,14 +152,25 @@ table { border-collapse: collapse; font-size: .9rem; min-width: 50%; }
 caption { text-align: left; color: var(--muted); padding-bottom: .25rem; }
 th, td { border: 1px solid var(--line); padding: .3rem .5rem; text-align: left; vertical-align: top; }
 thead th { background: var(--panel); }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)); gap: .5rem;
-  margin: .25rem 0 1rem; }
-.grid figure { margin: 0; text-align: center; }
-.grid img { width: 100%; height: auto; display: block; border: 1px solid var(--line);
+table.sxs { min-width: 0; }
+table.sxs th, table.sxs td { padding: .25rem; text-align: center; }
+table.sxs th[scope="row"] { white-space: nowrap; }
+table.sxs td.seed { width: 6.5rem; min-width: 4rem; max-width: 6.5rem; text-align: left; font-size: .75rem;
+  line-height: 1.3; overflow-wrap: anywhere; word-break: break-all; }
+table.sxs td.seed code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
+table.sxs td.none { color: var(--muted); vertical-align: middle; }
+figure.shot { position: relative; display: block; width: 9rem; margin: 0 auto; line-height: 0; }
+figure.shot img { display: block; width: 100%; height: auto; outline: 1px solid var(--line);
   background: var(--panel); }
-.grid img.px { image-rendering: pixelated; }
-.grid figcaption { font-size: .78rem; line-height: 1.25; margin-top: .15rem; color: var(--fg); }
-.grid figcaption small { color: var(--muted); display: block; }
+figure.shot img.px { image-rendering: pixelated; }
+svg.faces { position: absolute; left: 0; top: 0; width: 100%; height: 100%; overflow: visible;
+  pointer-events: none; }
+svg.faces rect { fill: none; stroke: #ffd21f; stroke-width: 2px; filter: drop-shadow(0 0 1px #000); }
+svg.faces rect.more { stroke-dasharray: 4 3; }
+figure.shot figcaption { position: absolute; left: 0; right: 0; bottom: 0; margin: 0; padding: .1rem .25rem;
+  font-size: .72rem; line-height: 1.25; text-align: left; color: #fff; background: rgba(0, 0, 0, .62);
+  overflow-wrap: anywhere; }
+figure.shot figcaption .nf { display: block; color: #ffe58a; }
 .pair { display: flex; gap: .5rem; align-items: flex-start; }
 .pair figure { margin: 0; width: 88px; }
 .pair img { width: 88px; height: auto; image-rendering: pixelated; border: 1px solid var(--line); }
@@ -172,7 +183,8 @@ footer { color: var(--muted); font-size: .85rem; border-top: 1px solid var(--lin
   .facts { grid-template-columns: 1fr; }
   .facts dd { margin-bottom: .4rem; }
   .cards { grid-template-columns: 1fr; }
-  .grid { grid-template-columns: repeat(4, 1fr); }
+  figure.shot { width: 5.5rem; }
+  table.sxs td.seed { width: 4.5rem; max-width: 4.5rem; }
   table { font-size: .8rem; }
 }
 """

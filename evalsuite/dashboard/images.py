@@ -1,12 +1,16 @@
-"""Image grids per prompt and guidance scale, and near-duplicate alerts, from the records and their PNGs.
+"""The images page's seed × scale grids (per prompt: a row per image index, whose paired seed starts the
+same noise at every guidance value, and a column per guidance value), with the primary classifier's labels
+and the face detector's boxes over each image; and near-duplicate alerts.
 
 Images are re-encoded (never copied byte for byte) into the site as PNG thumbnails at most `THUMB` pixels
-on a side, under names built from indices only (no user text reaches a file name).
+on a side, under names built from indices only (no user text reaches a file name). Face boxes are drawn as
+an SVG overlay whose rectangles are placed in percent of the image's width and height, so they scale with
+the thumbnail; the pages' Content-Security-Policy forbids inline style attributes, which SVG geometry is not.
 """
 
 from __future__ import annotations
 
-import random
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +19,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from evalsuite.dashboard.guidance import at_value
 from evalsuite.dashboard.html import esc
+from evalsuite.errors import SuiteError
 from evalsuite.metrics import NEAR_DUPLICATE_COSINE, near_duplicate_pairs
 from evalsuite.results import RunView
 
 THUMB = 192
 PIXELATED_BELOW = 128  # small renders are scaled up without smoothing
 MAX_ALERTS = 24
+STATUS_TEXT = {"no_person": "no person", "not_measurable": "not measurable"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class Thumb:
     width: int
     height: int
     small: bool
+    source: tuple[int, int]  # the image's own width and height in pixels (what face boxes are given in)
 
 
 class ThumbWriter:
@@ -51,7 +59,7 @@ class ThumbWriter:
                 thumb.thumbnail((THUMB, THUMB))
                 (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
                 thumb.save(self.site / rel, format="PNG", optimize=False)
-                self.done[key] = Thumb(rel, thumb.width, thumb.height, small)
+                self.done[key] = Thumb(rel, thumb.width, thumb.height, small, (img.width, img.height))
         return self.done[key]
 
 
@@ -63,17 +71,85 @@ def cells(view: RunView) -> dict[tuple[int, float], list[dict[str, Any]]]:
     return {k: sorted(v, key=lambda r: r["image_index"]) for k, v in sorted(out.items())}
 
 
-def caption(view: RunView, rec: dict[str, Any], classifier: str, attributes: Sequence[str]) -> str:
-    """The classifier's labels of one image, e.g. 'tan · old', or why there is none."""
-    parts = []
-    for attr in attributes:
-        label = view.label(rec, classifier, attr)
-        status = view.status(rec, classifier, attr)
-        if label is not None:
-            parts.append(label)
-        elif status == "no_person":
-            return "no person found"
-    return " · ".join(parts) if parts else "not measurable"
+# ---------------------------------------------------------------- what is drawn over an image
+
+
+def labels(view: RunView, rec: dict[str, Any], classifier: str, attributes: Sequence[str]) -> list[str]:
+    """The classifier's reading of each attribute: its label, or its status where it has none ("age: not
+    measurable"); one "no person" where it found no one for any attribute."""
+    statuses = [view.status(rec, classifier, a) for a in attributes]
+    if statuses and all(s == "no_person" for s in statuses):
+        return [STATUS_TEXT["no_person"]]
+    out = []
+    for attr, status in zip(attributes, statuses, strict=True):
+        found = view.label(rec, classifier, attr)
+        out.append(found if found is not None else f"{attr}: {STATUS_TEXT.get(status, status)}")
+    return out
+
+
+def face_list(rec: dict[str, Any]) -> list[tuple[float, ...]] | None:
+    """The record's face boxes ``(x0, y0, x1, y1, score)`` in the image's pixels, largest first: None where
+    no face detector ran (no `faces` key, or null), [] where one ran and found no face."""
+    raw = rec.get("faces")
+    if raw is None:
+        return None
+    boxes = raw if isinstance(raw, list) else [raw]
+    for box in boxes:
+        if not isinstance(box, list) or len(box) != 5 or not all(_finite(v) for v in box):
+            raise SuiteError(f"record unit {rec.get('unit')} (image {rec.get('image')}): faces must be a list of "
+                             f"[x0, y0, x1, y1, score] boxes of numbers, got {raw!r}")
+    return [tuple(float(v) for v in box) for box in boxes]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """A face box in percent of the image's width (left, width) and height (top, height)."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    score: float
+
+
+def face_box(box: Sequence[float], size: tuple[int, int]) -> FaceBox:
+    """A box ``(x0, y0, x1, y1, score)`` in pixels of an image of `size` (width, height), in percent of the
+    image, clipped to it: [8, 16, 40, 48] on 64 × 64 pixels is left 12.5, top 25, width 50, height 50."""
+    w, h = size
+    x0, x1 = (min(max(v, 0.0), w) for v in sorted((box[0], box[2])))
+    y0, y1 = (min(max(v, 0.0), h) for v in sorted((box[1], box[3])))
+    return FaceBox(100 * x0 / w, 100 * y0 / h, 100 * (x1 - x0) / w, 100 * (y1 - y0) / h, float(box[4]))
+
+
+def _pct(value: float) -> str:
+    return f"{round(value, 3):g}%"
+
+
+def faces_svg(boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> str:
+    """The boxes as an overlay of outlined rectangles (the first, the largest face, solid; others dashed)."""
+    if not boxes:
+        return ""
+    rects = []
+    for k, box in enumerate(boxes):
+        b = face_box(box, size)
+        cls = "face" if k == 0 else "face more"
+        rects.append(f'<rect class="{cls}" x="{_pct(b.left)}" y="{_pct(b.top)}" width="{_pct(b.width)}" '
+                     f'height="{_pct(b.height)}"></rect>')
+    return f'<svg class="faces" aria-hidden="true" focusable="false">{"".join(rects)}</svg>'
+
+
+def faces_text(boxes: Sequence[Sequence[float]] | None) -> str:
+    """What the face detector found, in words ("" where none ran)."""
+    if boxes is None:
+        return ""
+    if not boxes:
+        return "no face found"
+    scores = ", ".join(f"{b[4]:.2f}" for b in boxes)
+    return f"{len(boxes)} face{'s' if len(boxes) > 1 else ''} (score {scores})"
 
 
 def _img(thumb: Thumb, alt: str, lazy: bool = True) -> str:
@@ -85,45 +161,75 @@ def _img(thumb: Thumb, alt: str, lazy: bool = True) -> str:
     )
 
 
-def grid_html(
-    view: RunView,
-    writer: ThumbWriter,
-    classifier: str,
-    attributes: Sequence[str],
-    max_per_cell: int,
-    seed: int = 0,
-) -> str:
-    """One heading per prompt, one grid per guidance scale, at most `max_per_cell` sampled images each."""
-    rng = random.Random(seed)
-    by_cell = cells(view)
-    parts: list[str] = []
-    for pi, prompt in view.prompts.items():
-        held = " (held out)" if pi in view.heldout else ""
-        parts.append(f'<h3 id="p{pi}">Prompt {pi}: “{esc(prompt)}”{esc(held)}</h3>')
-        for scale in view.scales:
-            group = by_cell.get((pi, scale), [])
-            if not group:
-                continue
-            chosen = sorted(rng.sample(range(len(group)), min(max_per_cell, len(group))))
-            shown = "all" if len(chosen) == len(group) else f"{len(chosen)} of {len(group)}, sampled"
-            figs = []
-            for i in chosen:
-                rec = group[i]
-                label = caption(view, rec, classifier, attributes)
-                alt = (
-                    f"Image {rec['image_index']} for prompt “{prompt}” at guidance scale {scale:g}; "
-                    f"{classifier} classifier label: {label}"
-                )
-                figs.append(
-                    f"<figure>{_img(writer(rec), alt)}<figcaption>{esc(label)}"
-                    f"<small>#{esc(rec['image_index'])} · seed "
-                    f"{esc(rec['seed'])}</small></figcaption></figure>"
-                )
-            parts.append(
-                f'<h4>Guidance scale {scale:g} <span class="note">({esc(shown)})</span></h4>'
-                f'<div class="grid">{"".join(figs)}</div>'
-            )
-    return "".join(parts)
+# ---------------------------------------------------------------- the seed × scale grid of one prompt
+
+
+@dataclass(frozen=True)
+class GridContext:
+    """What every cell of a run's grids needs: the run, its thumbnails, the labelling classifier, the
+    attributes it labels and the guidance axis's name."""
+
+    view: RunView
+    writer: ThumbWriter
+    classifier: str
+    attributes: tuple[str, ...]
+    axis: str
+
+
+def shot(ctx: GridContext, rec: dict[str, Any]) -> str:
+    """One image with its face boxes and labels drawn over it."""
+    thumb = ctx.writer(rec)
+    found, boxes = labels(ctx.view, rec, ctx.classifier, ctx.attributes), face_list(rec)
+    said = " · ".join(found)
+    faces = faces_text(boxes)
+    alt = (f"Image {rec['image_index']} of prompt “{rec['prompt']}” at {at_value(ctx.axis, rec['guidance_scale'])}, "
+           f"seed {rec['seed']}; {ctx.classifier} classifier: {said or 'no attributes'}"
+           + (f"; face detector: {faces}" if faces else ""))
+    lines = " · ".join(f"<span>{esc(t)}</span>" for t in found) + (
+        f'<span class="nf">{esc(faces)}</span>' if boxes == [] else "")
+    caption = f"<figcaption>{lines}</figcaption>" if lines else ""
+    return f'<figure class="shot">{_img(thumb, alt)}{faces_svg(boxes or [], thumb.source)}{caption}</figure>'
+
+
+def seed_cell(row: Sequence[dict[str, Any]]) -> str:
+    """The row's paired seed (every seed, should the scales disagree), in a cell of its own that wraps."""
+    seeds = list(dict.fromkeys(str(r["seed"]) for r in row))
+    return '<td class="seed">' + "<br>".join(f"<code>{esc(s)}</code>" for s in seeds) + "</td>"
+
+
+def shown_text(shown: Sequence[int], total: int) -> str:
+    """How many of a prompt's image indices the grid shows."""
+    if len(shown) == total:
+        return f"All {total} image indices"
+    return f"Image indices {shown[0]}–{shown[-1]}: the first {len(shown)} of {total}"
+
+
+def prompt_grid(ctx: GridContext, pi: int, by_key: dict[tuple[int, int, float], dict[str, Any]],
+                max_rows: int) -> str:
+    """One prompt's grid: a row per image index (the first `max_rows`), a column per guidance value."""
+    view, scales = ctx.view, ctx.view.scales
+    indices = sorted({ii for (p, ii, _) in by_key if p == pi})
+    shown = indices[:max_rows]
+    head = "".join(f'<th scope="col">{esc(at_value(ctx.axis, s))}</th>' for s in scales)
+    rows = []
+    for ii in shown:
+        row = [by_key[(pi, ii, s)] if (pi, ii, s) in by_key else None for s in scales]
+        tds = "".join(f"<td>{shot(ctx, r)}</td>" if r else '<td class="none">no image</td>' for r in row)
+        rows.append(f'<tr><th scope="row">#{ii}</th>{seed_cell([r for r in row if r])}{tds}</tr>')
+    held = " (held out)" if pi in view.heldout else ""
+    caption = f"{shown_text(shown, len(indices))}, each at {len(scales)} values of {ctx.axis}"
+    return (
+        f'<h3 id="p{pi}">Prompt {pi}: “{esc(view.prompts[pi])}”{esc(held)}</h3>'
+        f'<div class="table-wrap"><table class="sxs"><caption>{esc(caption)}</caption>'
+        f'<thead><tr><th scope="col">image</th><th scope="col">seed</th>{head}</tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table></div>'
+    )
+
+
+def seed_grids(ctx: GridContext, max_rows: int) -> str:
+    """Every prompt's seed × scale grid, in prompt order."""
+    by_key = {(r["prompt_index"], r["image_index"], r["guidance_scale"]): r for r in ctx.view.records}
+    return "".join(prompt_grid(ctx, pi, by_key, max_rows) for pi in ctx.view.prompts)
 
 
 @dataclass(frozen=True)
@@ -152,17 +258,18 @@ def near_duplicates(view: RunView, threshold: float = NEAR_DUPLICATE_COSINE) -> 
     return alerts[:MAX_ALERTS], len(alerts)
 
 
-def alerts_html(view: RunView, alerts: Sequence[Alert], writer: ThumbWriter) -> str:
+def alerts_html(view: RunView, alerts: Sequence[Alert], writer: ThumbWriter, axis: str) -> str:
     items = []
     for al in alerts:
         prompt = view.prompts.get(al.prompt_index, "")
+        where = at_value(axis, al.scale)
         imgs = ""
         for rec in (al.a, al.b):
-            alt = f"Image {rec['image_index']} of prompt “{prompt}” at scale {al.scale:g}"
+            alt = f"Image {rec['image_index']} of prompt “{prompt}” at {where}"
             label = f"<figcaption>#{esc(rec['image_index'])}</figcaption>"
             imgs += f"<figure>{_img(writer(rec), alt)}{label}</figure>"
         items.append(
-            f'<div class="card"><p>“{esc(prompt)}”, scale {al.scale:g}: cosine '
+            f'<div class="card"><p>“{esc(prompt)}”, {esc(where)}: cosine '
             f'{al.cosine:.3f}</p><div class="pair">{imgs}</div></div>'
         )
     return f'<div class="dups">{"".join(items)}</div>'

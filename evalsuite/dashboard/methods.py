@@ -140,6 +140,7 @@ def methods_page(views: Sequence[RunView]) -> str:
                 "these images self-identified."
             )
             + _classes_table(views)
+            + _method_table(views)
             + _detector_table(views),
             "inferred",
         )
@@ -220,6 +221,19 @@ def _detector_table(views: Sequence[RunView]) -> str:
     rows = [[view.name, clf, answers[view.detects_people(clf)]] for view in views for clf in view.classifiers]
     return table(["run", "classifier", "does it look for a person?"], rows,
                  "Which images the shares count, per classifier")
+
+
+def _method_table(views: Sequence[RunView]) -> str:
+    """Per run, classifier and attribute: how it was measured, where the classifier says (run.json's
+    `classifier_methods`: e.g. the skin-tone scale and method of `photo`), and the face detector run first."""
+    rows = [[view.name, clf, attribute, method]
+            for view in views for clf, methods in (view.info.get("classifier_methods") or {}).items()
+            for attribute, method in methods.items()]
+    rows += [[view.name, "(face detector)", "every attribute",
+              f"{view.info['detector']} runs first: an image with no face found is no_person for every classifier"]
+             for view in views if view.info.get("detector")]
+    return table(["run", "classifier", "attribute", "how it is measured (method and scale)"], rows,
+                 "Methods and scales, as the classifiers recorded them") if rows else ""
 
 
 def _classes_table(views: Sequence[RunView]) -> str:

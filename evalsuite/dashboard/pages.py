@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from evalsuite.dashboard import figures
+from evalsuite.dashboard.guidance import at_value, axis_name
 from evalsuite.dashboard.html import (
     definition_list,
     esc,
@@ -74,7 +75,7 @@ def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> st
         ("Battery", f"{battery.name} version {battery.version}"),
         ("Battery description", battery.description or "—"),
         ("Prompts", f"{len(view.prompts)} ({n_held} held out)"),
-        ("Guidance scales", scales_text(view.scales)),
+        (f"{capital(axis_name(view))} values", scales_text(view.scales)),
         (
             "Images",
             f"{info.get('n_images', len(view.records))} ({battery.images_per_prompt} per prompt and scale, "
@@ -105,9 +106,13 @@ def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> st
     )
 
 
+def capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _headline(view: RunView) -> str:
-    """Shen gap per attribute and mean Vendi score per guidance scale (all prompts)."""
-    clf, scales = view.primary_classifier, view.scales
+    """Shen gap per attribute and mean Vendi score per guidance value (all prompts)."""
+    clf, scales, axis = view.primary_classifier, view.scales, axis_name(view)
     agg = view.aggregate[(view.aggregate["classifier"] == clf) & (view.aggregate["split"] == "all")]
     rows = []
     for attr, _ in view.attributes(clf):
@@ -117,7 +122,7 @@ def _headline(view: RunView) -> str:
     if "vendi" in view.diversity_wide:
         rows.append(["Vendi score (mean)", *[interval(*div_mean(view, s, "vendi")) for s in scales]])
     return table(
-        ["measure", *[f"scale {s:g}" for s in scales]], rows,
+        ["measure", *[at_value(axis, s) for s in scales]], rows,
         f"Headline ({clf} classifier, all prompts; 95 % intervals)",
     )
 
@@ -142,7 +147,7 @@ def div_mean(view: RunView, scale: float, metric: str) -> tuple[float, float, fl
 
 
 def bias_page(view: RunView, site: Site) -> str:
-    clf, scales = view.primary_classifier, view.scales
+    clf, scales, axis = view.primary_classifier, view.scales, axis_name(view)
     groups = view.groups[view.groups["classifier"] == clf]
     agg = view.aggregate[view.aggregate["classifier"] == clf]
     measured = dict(view.attributes(clf))
@@ -168,10 +173,11 @@ def bias_page(view: RunView, site: Site) -> str:
         everything = rows_a[rows_a["split"] == "all"]
         stem = f"{site.slug}-a{i}"
         if "×" in attr:
-            heat = figures.pooled_heatmap(everything, classes, scales, site.root, f"figures/{stem}-heat.png")
+            heat = figures.pooled_heatmap(everything, classes, scales, site.root, f"figures/{stem}-heat.png",
+                                          axis=axis)
             alt = (
                 f"Heatmap of the pooled share of each joint {attr} class (rows: {', '.join(classes)}) at "
-                f"each guidance scale (columns: {scales_text(scales)}), all prompts, {clf} classifier."
+                f"each {axis} (columns: {scales_text(scales)}), all prompts, {clf} classifier."
             )
             heats = [plot_html(heat, alt, f"{attr}: pooled share of each joint class")]
         else:
@@ -179,35 +185,33 @@ def bias_page(view: RunView, site: Site) -> str:
                 plot_html(
                     p,
                     f"Heatmap of the share of {attr} class {p.key} for each of the "
-                    f"{len(view.prompts)} prompts (rows) at guidance scales {scales_text(scales)} "
+                    f"{len(view.prompts)} prompts (rows) at {axis} {scales_text(scales)} "
                     f"(columns); brighter means a larger share. Pooled share: "
                     f"{trend(everything, 'share:' + p.key)}.",
                     f"{attr} = {p.key}, per prompt",
                 )
-                for p in figures.share_heatmaps(rows_g, classes, view.prompts, scales, site.root, stem)
+                for p in figures.share_heatmaps(rows_g, classes, view.prompts, scales, site.root, stem, axis=axis)
             ]
         lines = []
-        for p in figures.bias_plots(everything, classes, site.root, stem):
+        for p in figures.bias_plots(everything, classes, site.root, stem, axis=axis):
             if p.key == "shares":
                 alt = (
-                    f"Line chart of the pooled shares of the {attr} classes against guidance scale with "
-                    "shaded "
+                    f"Line chart of the pooled shares of the {attr} classes against {axis} with shaded "
                     "95 % intervals; " + "; ".join(f"{c}: {trend(everything, 'share:' + c)}" for c in classes)
                 )
                 lines.append(plot_html(p, alt, f"{attr}: pooled class shares"))
             else:
                 title = figures.METRIC_TITLES.get(p.key, p.key)
                 alt = (
-                    f"Line chart of the {title} of {attr} against guidance scale with a shaded 95 % "
-                    "interval: "
+                    f"Line chart of the {title} of {attr} against {axis} with a shaded 95 % interval: "
                     f"{trend(everything, p.key)}."
                 )
                 lines.append(plot_html(p, alt, f"{attr}: {title}"))
         body = (
             _infinite_kl_note(view, attr, classes, everything)
-            + gallery(heats, "Share of each class per prompt and guidance scale.")
+            + gallery(heats, f"Share of each class per prompt and {axis}.")
             + gallery(lines, "Pooled over all prompts; bands are 95 % intervals.")
-            + _metric_table(rows_a, scales)
+            + _metric_table(rows_a, scales, axis)
         )
         parts.append(section(f"Attribute: {attr}", body, f"a{i}"))
     parts.append(_other_classifiers(view))
@@ -245,7 +249,7 @@ def _infinite_kl_note(view: RunView, attr: str, classes: tuple[str, ...], agg: p
     )
 
 
-def _metric_table(rows: pd.DataFrame, scales: list[float]) -> str:
+def _metric_table(rows: pd.DataFrame, scales: list[float], axis: str) -> str:
     metrics = [m for m in TABLE_METRICS if m in set(rows["metric"])]
     body = []
     for split in ("all", "train", "heldout"):
@@ -255,7 +259,7 @@ def _metric_table(rows: pd.DataFrame, scales: list[float]) -> str:
             n = part.loc[np.isclose(part["guidance_scale"], scale), "n_prompts"]
             body.append([split, f"{scale:g}", *cells, num(n.max() if len(n) else np.nan)])
     return table(
-        ["split", "scale", *metrics, "prompts"], body, "Bias metrics averaged over prompts (95 % t-intervals)"
+        ["split", axis, *metrics, "prompts"], body, "Bias metrics averaged over prompts (95 % t-intervals)"
     )
 
 
@@ -277,6 +281,7 @@ def _other_classifiers(view: RunView) -> str:
         "Across classifiers",
         body
         + table(
-            ["classifier", "attribute", *[f"scale {s:g}" for s in view.scales]], rows, "Shen gap, all prompts"
+            ["classifier", "attribute", *[at_value(axis_name(view), s) for s in view.scales]], rows,
+            "Shen gap, all prompts"
         ),
     )

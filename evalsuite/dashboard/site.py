@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evalsuite.dashboard import collapse, compare, compare_page, images, methods, pages
-from evalsuite.dashboard.html import CSS, CSS_FILE, page
+from evalsuite.dashboard.guidance import values_phrase
+from evalsuite.dashboard.html import CSS, CSS_FILE, esc, page
 from evalsuite.errors import SuiteError
 from evalsuite.folders import building, check_output_target
 from evalsuite.results import RunView, open_run
@@ -28,7 +29,9 @@ def load_runs(runs: Sequence[Path]) -> list[RunView]:
 
 
 def build_dashboard(runs: Sequence[Path], out: Path, *, max_images_per_cell: int = 8) -> Path:
-    """Build the dashboard of one run, or of two runs with a comparison page; returns index.html's path."""
+    """Build the dashboard of one run, or of two runs with a comparison page; returns index.html's path.
+    The images page shows each prompt's first `max_images_per_cell` image indices at every guidance value
+    (so at most that many images per prompt and guidance value)."""
     runs, out = [Path(r) for r in runs], Path(out).resolve()
     if not 1 <= len(runs) <= 2:
         raise SuiteError(f"dashboard: give one or two results folders, got {len(runs)}")
@@ -83,7 +86,7 @@ def _write_site(
     )
     intro = (
         "<p>An audit of text-to-image generation for demographic bias (perceived attributes) and mode "
-        'collapse across classifier-free guidance scales. Read the <a href="methods.html">methods</a> '
+        f'collapse across {esc(values_phrase(*views))}. Read the <a href="methods.html">methods</a> '
         "before the numbers.</p>"
     )
     write("index.html", "Audit overview", intro + extra + f'<div class="cards">{cards}</div>')

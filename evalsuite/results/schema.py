@@ -68,7 +68,9 @@ class OnPrompt(TypedDict):
 
 class Record(TypedDict, total=False):
     """One image. Every key of RECORD_KEYS is present; `on_prompt` only where the model under audit has
-    an exact reader of what its images show (the built-in miniature model: the occupation's hat)."""
+    an exact reader of what its images show (the built-in miniature model: the occupation's hat); `faces`
+    only where a face detector ran: its boxes `[x0, y0, x1, y1, score]` in pixels, largest first ([]: none
+    found, and every classifier's entries are "no_person")."""
 
     unit: int
     prompt_index: int
@@ -84,12 +86,13 @@ class Record(TypedDict, total=False):
     clip_score: float | None
     classifiers: dict[str, dict[str, dict[str, Any]]]
     on_prompt: OnPrompt
+    faces: list[list[float]]
 
 
 def make_record(*, unit: int, prompt_index: int, prompt: str, heldout: bool, slots: Mapping[str, str],
                 guidance_scale: float, image_index: int, seed: int, image: str, sha256: str,
                 embedding: Sequence[float], clip_score: float, classifiers: Mapping[str, Mapping[str, Any]],
-                on_prompt: OnPrompt | None = None) -> Record:
+                on_prompt: OnPrompt | None = None, faces: Sequence[Sequence[float]] | None = None) -> Record:
     """A record as the runner writes it: the embedding rounded to 6 decimals, the CLIP score to 4."""
     record: Record = {
         "unit": unit, "prompt_index": prompt_index, "prompt": prompt, "heldout": heldout, "slots": dict(slots),
@@ -99,6 +102,8 @@ def make_record(*, unit: int, prompt_index: int, prompt: str, heldout: bool, slo
     }
     if on_prompt is not None:
         record["on_prompt"] = on_prompt
+    if faces is not None:
+        record["faces"] = [[round(float(v), 2) for v in box] for box in faces]
     return record
 
 
