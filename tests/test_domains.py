@@ -159,3 +159,16 @@ def test_the_classifiers_command_lists_each_name_with_its_domains(capsys: pytest
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["miniature", "miniature"] in lines and ["photo", "natural"] in lines and ["clip", "any"] in lines
     assert ["opencv-haar", "natural"] in lines
+
+
+def test_the_default_battery_on_a_photo_model_never_scores_with_the_miniature_cnn(
+        sd_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """prompts/occupations.yaml, no flag, on a diffusers folder: the natural set is chosen (photo with its
+    default CLIP, which this offline machine cannot fetch: one message, exit 2, nothing written) and
+    never the miniature classifier the battery names for its own model."""
+    results = tmp_path / "results"
+    code = main(["-q", "run", str(ROOT / "prompts" / "occupations.yaml"), "--model", str(sd_folder), "--results",
+                 str(results), "--device", "cpu", "--limit-prompts", "1", "--images-per-prompt", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "could not load CLIP 'openai/clip-vit-large-patch14'" in err and "Traceback" not in err
+    assert not results.exists() or not any(results.iterdir())

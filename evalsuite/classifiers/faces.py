@@ -3,7 +3,7 @@
 `opencv-haar` (the built-in detector): OpenCV's boosted Haar-feature frontal-face cascade
 `haarcascade_frontalface_alt.xml` on the grey image. `opencv-haar-profile`: the same, plus the profile
 cascade `haarcascade_profileface.xml` on the image and on its mirror image (the cascade knows one side
-only); it finds faces seen from the side too, at about three times the time.
+only); it finds faces seen from the side too, at about four times the time.
 Sources: Viola & Jones, "Rapid Object Detection using a Boosted Cascade of Simple Features", CVPR 2001
 (the cascade, the integral image); Lienhart & Maydt, "An Extended Set of Haar-like Features for Rapid
 Object Detection", ICIP 2002 (the extended features and the frontal cascades, trained by Lienhart); the
