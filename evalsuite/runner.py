@@ -10,9 +10,12 @@ images checked against the recorded SHA-256), the records of a batch cut off mid
 lost. When every batch is done, the shards are
 merged into `records.jsonl` in unit order and the metric tables are written.
 
-The runner is generic: a model is known through its `evalsuite.models.ModelProfile` (which exact
-readers ride along, whether an exact reader judges each image on-prompt), the folder's format and its writing
-are `evalsuite.results`', the numbers `evalsuite.analysis`'.
+The runner is generic: a model is known through its `evalsuite.models.ModelProfile` (its image domain,
+which exact readers ride along, whether an exact reader judges each image on-prompt), the folder's format
+and its writing are `evalsuite.results`', the numbers `evalsuite.analysis`'. The battery's `domains` entry
+for the model's domain names the classifier and the face detector; classifiers, detectors and embedders
+made for another domain are refused before anything loads (`_scoring_problems`), and the detector runs on
+each batch before the classifiers (`evalsuite.classifiers.classify_faces`: no face, "no_person").
 """
 
 from __future__ import annotations

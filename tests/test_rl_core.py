@@ -505,12 +505,26 @@ def test_the_trainer_credits_each_group_with_the_registered_function(monkeypatch
                       base_images=None)
         text_emb = {"a doctor": torch.tensor([1.0, 0.0]), "a nurse": torch.tensor([0.0, 1.0])}
         rewards = compute_rewards(cfg, batch, Reader(), Embedder(), attrs, text_emb)
+        calls = len(seen)
+
+        class Detector:  # the battery's face detector: no face in image 4
+            name = "detector"
+
+            def detect(self, images: np.ndarray) -> list[np.ndarray]:
+                return [np.zeros((0, 5)) if i == 4 else np.array([[0.0, 0.0, 4.0, 4.0, 1.0]])
+                        for i in range(len(images))]
+
+        detected = compute_rewards(cfg, batch, Reader(), Embedder(), attrs, text_emb, Detector())
     finally:
         unregister_reward("probe_first_class")
+    # with a detector, the faceless image reads no_person (probabilities 0): invalid, its group's lowest - 1
+    assert detected.outputs["skin_tone"].status[4] == "no_person"
+    assert detected.valid.tolist() == [True, True, False, True, False, True]
+    assert detected.total[4].item() == pytest.approx(min(detected.total[3].item(), detected.total[5].item()) - 1)
     # one call per group, with that group's rows, prompt embedding and confidence, and the default option
-    assert [power for _, power in seen] == ["one", "one"]
+    assert [power for _, power in seen[:calls]] == ["one", "one"]
     assert seen[0][0].probs[0].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0, 0]]
-    assert [g.text_emb.tolist() for g, _ in seen] == [[1.0, 0.0], [0.0, 1.0]]
+    assert [g.text_emb.tolist() for g, _ in seen[:calls]] == [[1.0, 0.0], [0.0, 1.0]]
     assert seen[1][0].confidence.tolist() == [0.9, 0.9, 1.0] and seen[0][0].base_emb is None
     # the raw credits are the function's values: P(class 0) of each image
     assert rewards.parts["probe_first_class"].tolist() == [1.0, 0.0, 0.5, 0.9, 0.9, 0.0]
