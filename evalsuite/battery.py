@@ -14,6 +14,14 @@ each key in use. In short::
     classifier: miniature; intersections*: [[skin_tone, age]]
     domains*: {natural: {classifier: photo, detector: opencv-haar}}  # per image domain; else `classifier`
 
+Upper bounds keep a battery's work finite and its results folder readable (`evalsuite validate` and
+loading refuse more): images_per_prompt <= MAX_IMAGES_PER_PROMPT (100 000), steps <= MAX_STEPS (1000),
+guidance_scales <= MAX_SCALES (64) values, prompts (the expansion of templates x slots) <= MAX_PROMPTS
+(100 000), and images in all (prompts x scales x images_per_prompt) <= MAX_IMAGES (10 000 000). Each is
+far above a real audit (published bias audits render 10^4-10^6 images; the shipped battery 2 112); the
+total is what one run can still finish and analyse: at a fast 10 images/s, 10^7 images are 12 GPU-days,
+their records (with a CLIP embedding each, ~10 kB) about 100 GB, and the analysis reads every record.
+
 `load_battery` validates everything and reports every problem at once in one `ConfigError`.
 `Battery.to_dict()` (saved beside results) loads back through `battery_from_dict` to an equal battery.
 """
@@ -30,7 +38,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalsuite.errors import ConfigError, did_you_mean
-from evalsuite.validation import Check, choice, integer, number, read_fields, read_yaml, scales, setting, show
+from evalsuite.validation import (
+    Check,
+    choice,
+    declared,
+    integer,
+    number,
+    read_fields,
+    read_yaml,
+    scales,
+    setting,
+    show,
+)
 
 BATTERY_SCHEMA_VERSION = 1
 TARGET_TOLERANCE = 1e-6
@@ -40,6 +59,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # a unit's seed is a 63-bit hash XOR this seed, and torch generators take seeds below 2**64
 SEED_MAX = 2**63 - 1
+# upper bounds on a battery's work (see the module docstring for why these values)
+MAX_IMAGES_PER_PROMPT = 100_000
+MAX_STEPS = 1_000
+MAX_SCALES = 64
+MAX_PROMPTS = 100_000
+MAX_IMAGES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,14 @@ def _schema_version(c: Check, key: str, value: Any) -> int | None:
     if type(value) is not int or value != BATTERY_SCHEMA_VERSION:
         return c.wrong(key, f"the int {BATTERY_SCHEMA_VERSION}", value)
     return value
+
+
+def _guidance_scales(c: Check, key: str, value: Any) -> tuple[float, ...] | None:
+    """Guidance scales (`validation.scales`), at most MAX_SCALES of them."""
+    if isinstance(value, (list, tuple)) and len(value) > MAX_SCALES:
+        c.add(key, f"must list at most {MAX_SCALES} scales, got {len(value)}")
+        return None
+    return scales(c, key, value)
 
 
 def _name(c: Check, key: str, value: Any) -> str | None:
@@ -176,10 +209,11 @@ class Battery:
         _heldout, (), doc="slot -> values reserved for evaluation (the RL trainer never trains on them)")
     attributes: tuple[AttributeSpec, ...] = setting(
         _attributes, doc="attribute -> classes (class -> text description) and an optional target distribution")
-    guidance_scales: tuple[float, ...] = setting(scales, doc="classifier-free guidance scales (1 = no guidance)")
-    images_per_prompt: int = setting(integer(1), doc="images per prompt and guidance scale")
+    guidance_scales: tuple[float, ...] = setting(
+        _guidance_scales, doc=f"classifier-free guidance scales (1 = no guidance; at most {MAX_SCALES})")
+    images_per_prompt: int = setting(integer(1, MAX_IMAGES_PER_PROMPT), doc="images per prompt and guidance scale")
     seed: int = setting(integer(0, SEED_MAX), doc="base random seed of every image's seed")
-    steps: int = setting(integer(1), doc="sampler steps")
+    steps: int = setting(integer(1, MAX_STEPS), doc="sampler steps")
     eta: float = setting(number("[0, 1]"), 0.0, doc="DDIM eta: 0 deterministic, 1 DDPM-like ancestral sampling")
     classifier: str = setting(lambda c, k, v: c.text(k, v),
                               doc="attribute classifier for images of any domain not listed in `domains`")
@@ -262,20 +296,45 @@ class Battery:
         """
         c = Check()
         data = self.to_dict()
-        for option, key, value, low in (("--images-per-prompt", "images_per_prompt", images_per_prompt, 1),
-                                        ("--steps", "steps", steps, 1), ("--seed", "seed", seed, 0)):
-            if value is not None:
-                data[key] = c.integer(option, value, low, SEED_MAX if key == "seed" else None)
-        if guidance_scales is not None:
-            data["guidance_scales"] = c.scales("--guidance-scales", guidance_scales)
-        if eta is not None:
-            data["eta"] = c.number("--eta", eta, 0.0, 1.0)
+        fields = declared(Battery)
+        for option, key, value in (("--images-per-prompt", "images_per_prompt", images_per_prompt),
+                                   ("--steps", "steps", steps), ("--seed", "seed", seed),
+                                   ("--guidance-scales", "guidance_scales", guidance_scales), ("--eta", "eta", eta)):
+            if value is not None:  # the field's own check (and bounds), naming the option
+                checked = fields[key].metadata["check"](c, option, value)
+                data[key] = list(checked) if isinstance(checked, tuple) else checked
         limit = c.integer("--limit-prompts", limit_prompts, 1) if limit_prompts is not None else None
         if c.problems:
             raise ConfigError("options", c.problems)
         if limit is not None:
             _limit(data, limit)
         return battery_from_dict(data, self.source)
+
+
+def battery_plugins(battery: Battery) -> list[tuple[str, str]]:
+    """(key, spec) of every code plug-in the battery names (`module:factory` / `file.py:factory`): its
+    `classifier`, and each domain's classifier and detector."""
+    from evalsuite.classifiers import is_plugin
+
+    keys = [("classifier", battery.classifier)]
+    for domain, setup in battery.domains:
+        keys.append((f"domains.{domain}.classifier", setup.classifier))
+        if setup.detector:
+            keys.append((f"domains.{domain}.detector", setup.detector))
+    return [(key, spec) for key, spec in keys if is_plugin(spec)]
+
+
+def battery_plugin_problems(battery: Battery, domain: str, with_classifier: bool = True) -> list[str]:
+    """The plug-ins the battery would load for images of `domain`, its detector and (`with_classifier`:
+    no --classifier replaces it) its classifier, refused unless the user opted in
+    (`evalsuite.classifiers.plugin_problems`)."""
+    from evalsuite.classifiers import plugin_problems
+
+    setup = battery.setup_for(domain)
+    used = {setup.detector, *([setup.classifier] if with_classifier else [])}
+    where = battery.source or battery.name
+    return [problem for key, spec in battery_plugins(battery) if spec in used
+            for problem in plugin_problems(spec, f"{where}: {key}")]
 
 
 def load_battery(path: str | os.PathLike[str]) -> Battery:
@@ -330,7 +389,7 @@ def _relations(c: Check, v: dict[str, Any]) -> None:
             elif name in members[:j]:
                 c.add(key, f"duplicate attribute {name!r}")
     if len(c.problems) == before and templates is not None and slot_items is not None \
-            and all(values is not None for values in slots.values()):
+            and all(values is not None for values in slots.values()) and _within_bounds(c, v, templates, slots):
         seen: dict[str, str] = {}
         for prompt in _expand(templates, {k: val or () for k, val in slots.items()}, dict(v.get("heldout") or ()),
                               v.get("articles") != "as_written"):
@@ -338,6 +397,28 @@ def _relations(c: Check, v: dict[str, Any]) -> None:
                 c.add("templates", f"prompt text {prompt.text!r} is produced twice "
                                    f"(by {seen[prompt.text]!r} and {prompt.template!r})")
             seen.setdefault(prompt.text, prompt.template)
+
+
+def prompt_count(templates: Sequence[str], slots: Mapping[str, Sequence[str] | None]) -> int:
+    """How many prompts the templates expand to (without expanding them)."""
+    return sum(math.prod(len(slots.get(name) or ()) for name in _fields(t)) for t in templates)
+
+
+def _within_bounds(c: Check, v: Mapping[str, Any], templates: Sequence[str],
+                   slots: Mapping[str, Sequence[str] | None]) -> bool:
+    """At most MAX_PROMPTS prompts and MAX_IMAGES images in all; False (and a problem) otherwise."""
+    n_prompts = prompt_count(templates, slots)
+    if n_prompts > MAX_PROMPTS:
+        c.add("templates", f"the templates expand over their slots to {n_prompts:,} prompts; at most "
+                           f"{MAX_PROMPTS:,} are allowed (use fewer slot values or templates)")
+        return False
+    scales_, images = v.get("guidance_scales"), v.get("images_per_prompt")
+    if scales_ is not None and images is not None and n_prompts * len(scales_) * images > MAX_IMAGES:
+        c.add("images_per_prompt", f"{n_prompts:,} prompts x {len(scales_)} guidance scales x {images:,} images "
+                                   f"per prompt = {n_prompts * len(scales_) * images:,} images; a run may make at "
+                                   f"most {MAX_IMAGES:,}")
+        return False
+    return True
 
 
 def _attribute(c: Check, key: str, name: str, raw: Any) -> AttributeSpec:

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the denoiser (UNet or transformer; for SD 1.x/2.x also the VAE decoder): "
                           "pays on GPUs for long runs; on a CPU it needs a C++ compiler")
+    run.add_argument("--allow-plugins", action="store_true",
+                     help="let the battery name code plug-ins ('module:factory', 'file.py:factory') and import "
+                          "them (sets EVALSUITE_ALLOW_PLUGINS=1); plug-ins given on the command line need no flag")
     run.add_argument("--no-t5", action="store_true", dest="drop_t5",
                      help="load an SD3 model without its T5 text encoder (its T5 context is then zeros): less "
                           "memory, weaker prompt following; refused for other models")
@@ -97,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
+    if args.allow_plugins:
+        from .classifiers import PLUGINS_ENV
+
+        os.environ[PLUGINS_ENV] = "1"
     from .battery import load_battery
     from .runner import RunOptions, run_battery
 
@@ -117,17 +124,25 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    from .battery import load_battery
-    from .classifiers import check_classifier_spec
+    from .battery import battery_plugins, load_battery
+    from .classifiers import PLUGINS_ENV, check_classifier_spec, check_detector_spec
 
     failed = []
     for path in args.batteries:
         try:
             b = load_battery(path)
-            if problems := check_classifier_spec(b.classifier):
-                raise SuiteError(f"{path}: classifier: " + "; ".join(problems))
+            checks = [("classifier", b.classifier, check_classifier_spec)]
+            for domain, setup in b.domains:
+                checks.append((f"domains.{domain}.classifier", setup.classifier, check_classifier_spec))
+                if setup.detector:
+                    checks.append((f"domains.{domain}.detector", setup.detector, check_detector_spec))
+            if problems := [f"{path}: {key}: {p}" for key, spec, check in checks for p in check(spec)]:
+                raise SuiteError("\n".join(problems))
             print(f"{path}: ok ({len(b.prompts())} prompts x {len(b.guidance_scales)} scales x "
                   f"{b.images_per_prompt} images)")
+            for key, spec in battery_plugins(b):
+                print(f"{path}: {key}: '{spec}' is a code plug-in: `evalsuite run` imports it only with "
+                      f"--allow-plugins or {PLUGINS_ENV}=1")
         except SuiteError as exc:
             failed.append(str(exc))
     if failed:

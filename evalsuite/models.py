@@ -335,6 +335,8 @@ def adapter_problems(lora: str | None, scale: float, window: float = 1.0, compil
     problems = []
     if lora and not Path(lora).expanduser().exists():
         problems.append(f"--lora: adapter '{lora}' not found")
+    elif lora:
+        problems += adapter_weight_problems(lora)
     if not math.isfinite(scale):
         problems.append(f"--lora-scale: must be a finite number, got {scale}")
     elif scale != 1.0 and not lora:
@@ -349,6 +351,36 @@ def adapter_problems(lora: str | None, scale: float, window: float = 1.0, compil
     return problems
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weights that load by unpickling
+SAFE_SUFFIX = ".safetensors"
+
+
+def adapter_weight_problems(lora: str) -> list[str]:
+    """Why the adapter `lora` (a file or a folder) cannot load as safetensors, one message ([] = it can).
+
+    Adapters load from safetensors only (`load_adapter` asks diffusers for nothing else): unpickling a
+    .bin/.pt/.ckpt/.pkl file can run any code it holds. A file must be a .safetensors file; a folder must
+    hold one at its top level (where `load_lora_weights` looks). The message names the pickled files."""
+    path = Path(lora).expanduser()
+    rule = ("adapters load from safetensors only (unpickling weights can run code): convert it with "
+            "safetensors.torch.save_file, or load the adapter you trust and save it again as .safetensors")
+    if path.is_file():
+        if path.suffix.lower() == SAFE_SUFFIX:
+            return []
+        kind = "pickled weights" if path.suffix.lower() in PICKLE_SUFFIXES else f"not a {SAFE_SUFFIX} file"
+        return [f"--lora: adapter file '{path}' is {kind}; {rule}"]
+    if not path.is_dir():
+        return []
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    if any(name.lower().endswith(SAFE_SUFFIX) for name in files):
+        return []
+    pickled = [name for name in files if name.lower().endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        return [f"--lora: adapter folder '{path}' holds pickled weights ({', '.join(pickled)}) and no "
+                f"{SAFE_SUFFIX} file; {rule}"]
+    return [f"--lora: adapter folder '{path}' holds no {SAFE_SUFFIX} weights file at its top level"]
+
+
 def adapter_steps(steps: int, window: float) -> int:
     """How many denoising steps, from the first (noisiest), a LoRA with `--lora-window window` acts on:
     ceil(steps x window), at least 1 (the rule of the RL trainer's `timestep_window`)."""
@@ -356,16 +388,19 @@ def adapter_steps(steps: int, window: float) -> int:
 
 
 def load_adapter(pipe: Any, lora: str, scale: float = 1.0) -> None:
-    """Load a LoRA adapter (a diffusers/PEFT folder or a kohya safetensors file) into `pipe`, every
-    adapted module (UNet, text encoders) at strength `scale`: each LoRA update is multiplied by it, so 0 is
+    """Load a LoRA adapter (a diffusers/PEFT folder or a kohya safetensors file; safetensors only:
+    `adapter_weight_problems`) into `pipe`, every adapted module (UNet, text encoders) at strength
+    `scale`: each LoRA update is multiplied by it, so 0 is
     the base model, 1 the adapter as trained, values between interpolate, values above 1 extrapolate and
     negative values reverse the adapter's direction (the "LoRA scale" of diffusers and WebUIs)."""
     problems = adapter_problems(lora, scale)
     if problems:
         raise SuiteError("; ".join(problems))
-    try:
-        pipe.load_lora_weights(str(Path(lora).expanduser()), adapter_name=ADAPTER_NAME)
-    except (OSError, ValueError, KeyError) as exc:
+    from safetensors import SafetensorError
+
+    try:  # safetensors only: diffusers never falls back to unpickling a .bin
+        pipe.load_lora_weights(str(Path(lora).expanduser()), adapter_name=ADAPTER_NAME, use_safetensors=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise SuiteError(f"--lora: could not load adapter '{lora}': {str(exc).splitlines()[0]}") from exc
     if scale != 1.0:
         try:

@@ -76,6 +76,8 @@ def publish_run(run: Path, out: Path, *, push_to_hub: str | None = None, token: 
     import datasets
 
     run, out = Path(run), Path(out).resolve()
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)  # before anything is read or written
     check_output_target(out, MARKER, "published dataset")
     view = open_run(run)
     _ = view.records  # every record checked before anything is written
@@ -91,6 +93,18 @@ def publish_run(run: Path, out: Path, *, push_to_hub: str | None = None, token: 
     if push_to_hub:
         _push(out, push_to_hub, token)
     return out
+
+
+def check_repo_id(repo_id: str) -> None:
+    """SuiteError unless `repo_id` is a Hub dataset id ("name" or "namespace/name")."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise SuiteError(f"--push-to-hub: {repo_id!r} is not a Hub repo id ('name' or 'namespace/name'): {exc}; "
+                         "nothing was written") from None
 
 
 def _push(out: Path, repo_id: str, token: str | None) -> None:

@@ -8,7 +8,14 @@ most the batch in flight. Running the same command again resumes: finished batch
 images checked against the recorded SHA-256), the records of a batch cut off mid-write are dropped
 (`store.repair_shards`), and because batches are fixed, the regenerated batch equals the one that was
 lost. When every batch is done, the shards are
-merged into `records.jsonl` in unit order and the metric tables are written.
+merged into `records.jsonl` in unit order and the metric tables are written. Units are computed from their
+number when their batch comes (`Plan`), so memory does not grow with the battery (`evalsuite.battery` bounds it).
+
+One run writes a folder at a time: the main process holds its lock (`evalsuite.locks.folder_lock`) from
+before the model loads (a folder that does not exist yet: from its creation, after the model loaded) to the
+end, and a second run is refused naming the first's process, on every process of a launch. Nothing is
+created before the model loads. A write that fails (a full disk) is one `SuiteError` naming the file, with
+no partial file left; the same command resumes.
 
 The runner is generic: a model is known through its `evalsuite.models.ModelProfile` (its image domain,
 which exact readers ride along, whether an exact reader judges each image on-prompt), the folder's format
@@ -20,6 +27,7 @@ each batch before the classifiers (`evalsuite.classifiers.classify_faces`: no fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +35,8 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,7 @@ from . import __version__
 from .battery import Battery, Prompt
 from .errors import SuiteError
 from .generate import make_generator, unit_seed
+from .locks import folder_lock
 from .models import DEFAULT_MODEL, LoadedModel, builtin_model
 from .results import schema, store
 
@@ -86,25 +96,43 @@ class Unit:
         return f"images/p{self.prompt_index:03d}/g{self.guidance_scale:g}/i{self.image_index:04d}.png"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    battery: Battery
-    units: list[Unit]
-    batch_size: int
-    batches: list[list[Unit]] = field(init=False)
+    """The run's work units, numbered prompt-major, then scale, then image, and cut into fixed batches of
+    `batch_size` (the last may be shorter). A unit is computed from its number when asked for, so memory
+    does not grow with the battery: only the prompts are held."""
 
-    def __post_init__(self) -> None:
-        self.batches = [self.units[i:i + self.batch_size] for i in range(0, len(self.units), self.batch_size)]
+    battery: Battery
+    batch_size: int
+    prompts: tuple[Prompt, ...]
+
+    @property
+    def n_units(self) -> int:
+        return len(self.prompts) * len(self.battery.guidance_scales) * self.battery.images_per_prompt
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_units // self.batch_size)
+
+    def unit(self, number: int) -> Unit:
+        """Unit `number`: its prompt, scale and image index, and its seed (paired across scales)."""
+        b = self.battery
+        per_prompt = len(b.guidance_scales) * b.images_per_prompt
+        pi, rest = divmod(number, per_prompt)
+        gi, ii = divmod(rest, b.images_per_prompt)
+        prompt = self.prompts[pi]
+        seed = unit_seed(b.name, prompt.text, ii) ^ b.seed
+        return Unit(number, pi, prompt, float(b.guidance_scales[gi]), ii, seed)
+
+    def batch(self, index: int) -> list[Unit]:
+        """The units of batch `index`."""
+        start = index * self.batch_size
+        return [self.unit(k) for k in range(start, min(start + self.batch_size, self.n_units))]
 
 
 def plan_units(battery: Battery, batch_size: int) -> Plan:
-    units: list[Unit] = []
-    for pi, prompt in enumerate(battery.prompts()):
-        for g in battery.guidance_scales:
-            for ii in range(battery.images_per_prompt):
-                seed = unit_seed(battery.name, prompt.text, ii) ^ battery.seed
-                units.append(Unit(len(units), pi, prompt, float(g), ii, seed))
-    return Plan(battery, units, batch_size)
+    """The battery's work units in batches of `batch_size` (computed lazily: `Plan`)."""
+    return Plan(battery, batch_size, battery.prompts())
 
 
 def default_run_name(battery: Battery, options: RunOptions) -> str:
@@ -121,23 +149,56 @@ def default_run_name(battery: Battery, options: RunOptions) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts)).strip("-")
 
 
-def fingerprint(battery: Battery, options: RunOptions) -> str:
-    """What must match for a folder to be resumed: everything that changes an image or a record."""
-    described = battery.to_dict()
-    if not described["eta"]:  # eta 0: the fingerprint of folders made before the key existed
-        del described["eta"]
-    model = None if options.model == DEFAULT_MODEL else options.model  # the default model, named or not
-    keys: dict[str, Any] = {"battery": described, "model": model, "revision": options.revision,
-            "lora": options.lora, "dtype": options.dtype, "batch_size": options.batch_size,
-            "classifiers": list(options.classifiers), "embedder": options.embedder,
-            "compile": options.compile}
-    if options.lora_scale != 1.0:  # absent at 1: the fingerprint of folders made before the option existed
-        keys["lora_scale"] = float(options.lora_scale)  # 2 and 2.0: one run
-    if options.lora_window != 1.0:
-        keys["lora_window"] = float(options.lora_window)
-    if options.drop_t5:  # absent when false: the fingerprint of folders made before the option existed
+def fingerprint_keys(battery: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """What must match for a folder to be resumed, from a battery's `to_dict()` and the options' `to_dict()`
+    (or run.json's `battery` and `options`): everything that changes an image or a record."""
+    described = dict(battery)
+    if not described.get("eta"):  # eta 0: the fingerprint of folders made before the key existed
+        described.pop("eta", None)
+    model = options.get("model")
+    keys: dict[str, Any] = {
+        "battery": described, "model": None if model == DEFAULT_MODEL else model,  # the default model, named or not
+        "revision": options.get("revision"), "lora": options.get("lora"), "dtype": options.get("dtype"),
+        "batch_size": options.get("batch_size"), "classifiers": list(options.get("classifiers") or ()),
+        "embedder": options.get("embedder"), "compile": options.get("compile")}
+    # each absent at its default: the fingerprint of folders made before the option existed
+    if options.get("lora_scale", 1.0) != 1.0:
+        keys["lora_scale"] = float(options["lora_scale"])  # 2 and 2.0: one run
+    if options.get("lora_window", 1.0) != 1.0:
+        keys["lora_window"] = float(options["lora_window"])
+    if options.get("drop_t5"):
         keys["drop_t5"] = True
+    return keys
+
+
+def fingerprint(battery: Battery, options: RunOptions) -> str:
+    """The hash of `fingerprint_keys`: a folder resumes only under the same one."""
+    keys = fingerprint_keys(battery.to_dict(), options.to_dict())
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(info: Mapping[str, Any], battery: Battery, options: RunOptions) -> list[str]:
+    """What differs between the run a folder's run.json describes and this one, key by key
+    ("battery.images_per_prompt: 4 in the folder, 8 now"), from the inputs of the fingerprint."""
+    recorded: dict[str, Any] = info["battery"] if isinstance(info.get("battery"), dict) else {}
+    used: dict[str, Any] = info["options"] if isinstance(info.get("options"), dict) else {}
+    old = fingerprint_keys(recorded, used)
+    new = fingerprint_keys(battery.to_dict(), options.to_dict())
+    old_flat = {**{f"battery.{k}": v for k, v in recorded.items()}, **{k: v for k, v in old.items() if k != "battery"}}
+    new_flat = {**{f"battery.{k}": v for k, v in battery.to_dict().items()},
+                **{k: v for k, v in new.items() if k != "battery"}}
+    return [f"{key}: {_shown(old_flat.get(key))} in the folder, {_shown(new_flat.get(key))} now"
+            for key in dict.fromkeys([*old_flat, *new_flat]) if _plain(old_flat.get(key)) != _plain(new_flat.get(key))]
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON would read it back (tuples as lists), for comparing run.json with this run."""
+    return json.loads(json.dumps(value))
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def git_commit() -> str | None:
@@ -200,6 +261,7 @@ def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
     """Unknown classifier, detector and embedder specs, and any of them made for another image domain
     than the model's (the miniature world's classifiers on a photograph model, say): from the
     registries and the model's profile alone, before anything loads."""
+    from .battery import battery_plugin_problems
     from .classifiers import check_classifier_spec, check_detector_spec, check_embedder_spec, domain_problems
     from .models import model_profile
 
@@ -215,6 +277,7 @@ def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
                                ("embedder", (options.embedder,), check_embedder_spec)):
         for spec in specs:
             problems += check(spec) or domain_problems(kind, spec, domain, model)
+    problems += battery_plugin_problems(battery, domain, with_classifier=not options.classifiers)
     if problems and not options.classifiers and setup.classifier == battery.classifier and battery.domains:
         listed = ", ".join(name for name, _ in battery.domains)
         problems.append(f"the battery {battery.source or battery.name} names classifiers for {listed} images "
@@ -223,36 +286,87 @@ def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
     return problems
 
 
+@dataclass
+class _Scoring:
+    """What a run loads before it touches its folder: the model, its generator and what scores its images."""
+
+    loaded: LoadedModel
+    generator: Any
+    classifiers: dict[str, Any]
+    detector: Any
+    detector_spec: str | None
+    embedder: Any
+
+    @property
+    def specs(self) -> list[str]:
+        return list(self.classifiers)
+
+
+class _FolderLock:
+    """The run folder's lock (`evalsuite.locks.folder_lock`), held by the main process for the rest of the
+    run. `take` is collective: every process calls it at the same point and raises the main process's
+    refusal, so that a refusal ends them all."""
+
+    def __init__(self, state: Any, run_dir: Path, stack: contextlib.ExitStack) -> None:
+        self.state, self.run_dir, self.stack, self.held = state, run_dir, stack, False
+
+    def take(self, create: bool) -> None:
+        """Lock the folder if it exists (or, with `create`, after creating it); not again if held."""
+        from accelerate.utils import gather_object
+
+        refusal = None
+        if self.state.is_main_process and not self.held and (create or self.run_dir.is_dir()):
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.stack.enter_context(folder_lock(self.run_dir, "evalsuite run"))
+                self.held = True
+            except SuiteError as exc:
+                refusal = str(exc)
+            except OSError as exc:
+                refusal = f"{self.run_dir}: cannot create the results folder ({exc.strerror or exc})"
+        refusals = [r for r in gather_object([refusal]) if r]
+        if refusals:
+            raise SuiteError(refusals[0])
+
+
 def run_battery(battery: Battery, options: RunOptions) -> Path:
     """Generate, classify and analyse `battery` under `options`; return the run folder."""
     from accelerate import PartialState
 
-    from .analysis import metric_tables
-    from .classifiers import (
-        ClassifierContext,
-        classify_faces,
-        get_classifier,
-        get_detector,
-        get_embedder,
-        to_record,
-    )
-    from .metrics import confusion_problems
-    from .models import load_model, resolve_device
-    from .summary import summary_table
+    from .models import resolve_device
 
     _validate(battery, options)
     import torch
 
     # cpu=True is what makes accelerate join the processes of a multi-process launch without a GPU (gloo)
     state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
     device = str(state.device) if options.device == "auto" else resolve_device(options.device)
     run_dir = options.results_dir / (options.name or default_run_name(battery, options))
-    store.check_writable(options.results_dir)
-    plan = plan_units(battery, options.batch_size)
+    store.check_writable(options.results_dir)  # creates nothing: a model that fails to load leaves no folder
     fp = fingerprint(battery, options)
-    # the model, generator and classifiers are built before the folder is touched: a refusal (an eta the
-    # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
+
+    def check() -> None:  # every process: a refusal ends them all
+        store.check_run_folder(run_dir, fp, options.overwrite, lambda info: config_differences(info, battery, options))
+
+    check()
+    with contextlib.ExitStack() as stack:
+        lock = _FolderLock(state, run_dir, stack)
+        lock.take(create=False)  # a folder that exists is locked before anything heavy loads
+        # the model, generator and classifiers are built before the folder is written: a refusal (an eta the
+        # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
+        scoring = _load_scoring(battery, options, device)
+        lock.take(create=True)
+        check()  # again under the lock: another run may have written the folder in between
+        return _run_locked(state, battery, options, run_dir, fp, scoring)
+
+
+def _load_scoring(battery: Battery, options: RunOptions, device: str) -> _Scoring:
+    """Load the model, its generator, the classifiers, the detector and the embedder; SuiteError with every
+    problem a classifier finds in the battery."""
+    from .classifiers import ClassifierContext, get_classifier, get_detector, get_embedder
+    from .metrics import confusion_problems
+    from .models import load_model
+
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
                         lora=options.lora, lora_scale=options.lora_scale,
                         lora_window=options.lora_window, drop_t5=options.drop_t5)
@@ -271,79 +385,105 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
                  for p in confusion_problems(m, battery.attribute(attr).classes)]
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
-    embedder = get_embedder(options.embedder, ctx)
+    return _Scoring(loaded, generator, classifiers, detector, setup.detector, get_embedder(options.embedder, ctx))
+
+
+def _start_run_json(run_dir: Path, battery: Battery, options: RunOptions, scoring: _Scoring, fp: str, world: int,
+                    info: dict[str, Any], resumed: bool) -> dict[str, Any]:
+    """Main process: run.json (status running, earlier sessions kept) and battery.yaml; returns run.json's data."""
+    for prompt in battery.prompts():
+        if unknown := scoring.loaded.unknown_words(prompt.text):
+            log.warning("prompt %r: words outside the model's vocabulary: %s", prompt.text, ", ".join(unknown))
+    new = _run_info(battery, options, scoring.loaded, scoring.classifiers, scoring.detector_spec, fp, world)
+    before = {k: info.get(k) for k in _SESSION_KEYS}
+    if resumed and any(before[k] is not None and before[k] != new.get(k) for k in _SESSION_KEYS):
+        log.warning("%s: resuming a run begun with other versions, commit or device (kept in run.json "
+                    "'earlier_sessions'); its earlier images may differ from these at the bit level", run_dir)
+        new["earlier_sessions"] = [*info.get("earlier_sessions", []), before]
+    info = {**info, **new, "status": "running"}
+    info.setdefault("created", store.now())
+    store.write_json_atomic(run_dir / "run.json", info)
+    store.save_battery(run_dir / "battery.yaml", battery)
+    return info
+
+
+def _make_batch(run_dir: Path, battery: Battery, scoring: _Scoring, batch: list[Unit],
+                text_emb: dict[str, np.ndarray]) -> tuple[list[schema.Record], float]:
+    """Generate, score and write one batch's images; its records and the generation time."""
+    from .classifiers import classify_faces, to_record
+
+    images, dt = timed_generate(scoring.generator, batch)
+    faces = scoring.detector.detect(images) if scoring.detector is not None else None
+    outputs = {name: classify_faces(clf, images, battery.attributes, faces)
+               for name, clf in scoring.classifiers.items()}
+    emb = scoring.embedder.embed_images(images)
+    on_prompt = _read_on_prompt(scoring.loaded, images, batch)
+    records = [schema.make_record(
+        unit=u.unit, prompt_index=u.prompt_index, prompt=u.prompt.text, heldout=u.prompt.heldout,
+        slots=dict(u.prompt.slots), guidance_scale=u.guidance_scale, image_index=u.image_index, seed=u.seed,
+        image=u.image_path(), sha256=store.write_png(run_dir / u.image_path(), images[i]), embedding=emb[i],
+        clip_score=100 * max(float(np.dot(emb[i], text_emb[u.prompt.text])), 0.0),
+        classifiers={n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
+        on_prompt=on_prompt[i], faces=None if faces is None else faces[i].tolist())
+        for i, u in enumerate(batch)]
+    return records, dt
+
+
+def _my_batches(n_batches: int, rank: int, world: int, done: set[int]) -> Iterator[int]:
+    """This process's batches still to make (batch b belongs to process b mod world), in order."""
+    return (b for b in range(rank, n_batches, world) if b not in done)
+
+
+def _run_locked(state: Any, battery: Battery, options: RunOptions, run_dir: Path, fp: str,
+                scoring: _Scoring) -> Path:
+    """The run proper, once the folder is checked and locked: resume, generate, merge, analyse."""
+    from accelerate.utils import gather_object
+
+    from .analysis import metric_tables
+    from .summary import summary_table
+
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    plan = plan_units(battery, options.batch_size)
     run_json = run_dir / "run.json"
-    store.check_run_folder(run_dir, fp, options.overwrite)  # every process: a refusal ends them all
     state.wait_for_everyone()
     if main:
         store.prepare_run_folder(run_dir, options.overwrite)
     state.wait_for_everyone()
     info = json.loads(run_json.read_text()) if run_json.exists() else {}
     resumed = info.get("status") in ("running", "complete")
-
     if main:
-        for prompt in battery.prompts():
-            if unknown := loaded.unknown_words(prompt.text):
-                log.warning("prompt %r: words outside the model's vocabulary: %s", prompt.text, ", ".join(unknown))
-        new = _run_info(battery, options, loaded, classifiers, setup.detector, fp, world)
-        before = {k: info.get(k) for k in _SESSION_KEYS}
-        if resumed and any(before[k] is not None and before[k] != new.get(k) for k in _SESSION_KEYS):
-            log.warning("%s: resuming a run begun with other versions, commit or device (kept in run.json "
-                        "'earlier_sessions'); its earlier images may differ from these at the bit level", run_dir)
-            new["earlier_sessions"] = [*info.get("earlier_sessions", []), before]
-        info = {**info, **new, "status": "running"}
-        info.setdefault("created", store.now())
-        store.write_json_atomic(run_json, info)
-        store.save_battery(run_dir / "battery.yaml", battery)
-
-    sizes = [len(b) for b in plan.batches]
-    if main and resumed:
-        store.repair_shards(run_dir, sizes, options.batch_size)
+        info = _start_run_json(run_dir, battery, options, scoring, fp, world, info, resumed)
+        if resumed:
+            store.repair_shards(run_dir, plan.n_units, options.batch_size)
     state.wait_for_everyone()
-    done = store.done_batches(run_dir, sizes, options.batch_size) if resumed else set()
-    mine = [b for b in range(len(plan.batches)) if b % world == rank and b not in done]
-    n_done = sum(len(plan.batches[b]) for b in done)
+    done = store.done_batches(run_dir, plan.n_units, options.batch_size) if resumed else set()
+    n_done = sum(store.batch_len(b, plan.n_units, options.batch_size) for b in done)
     if main and done:
-        log.info("resuming %s: %d of %d images already made", run_dir, n_done, len(plan.units))
-    texts = [p.text for p in battery.prompts()]
-    text_emb = dict(zip(texts, embedder.embed_texts(texts)))
+        log.info("resuming %s: %d of %d images already made", run_dir, n_done, plan.n_units)
+    texts = [p.text for p in plan.prompts]
+    text_emb = dict(zip(texts, scoring.embedder.embed_texts(texts)))
     shard = run_dir / f"records.rank{rank}.jsonl"
-    bar = progress(len(plan.units), n_done, main and log.isEnabledFor(logging.INFO))
+    bar = progress(plan.n_units, n_done, main and log.isEnabledFor(logging.INFO))
     gen_s = 0.0
-    for b in mine:
-        batch = plan.batches[b]
-        images, dt = timed_generate(generator, batch)
+    for b in _my_batches(plan.n_batches, rank, world, done):
+        batch = plan.batch(b)
+        made_records, dt = _make_batch(run_dir, battery, scoring, batch, text_emb)
         gen_s += dt
-        faces = detector.detect(images) if detector is not None else None
-        outputs = {name: classify_faces(clf, images, battery.attributes, faces)
-                   for name, clf in classifiers.items()}
-        emb = embedder.embed_images(images)
-        on_prompt = _read_on_prompt(loaded, images, batch)
-        made_records = [schema.make_record(
-            unit=u.unit, prompt_index=u.prompt_index, prompt=u.prompt.text, heldout=u.prompt.heldout,
-            slots=dict(u.prompt.slots), guidance_scale=u.guidance_scale, image_index=u.image_index, seed=u.seed,
-            image=u.image_path(), sha256=store.write_png(run_dir / u.image_path(), images[i]), embedding=emb[i],
-            clip_score=100 * max(float(np.dot(emb[i], text_emb[u.prompt.text])), 0.0),
-            classifiers={n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
-            on_prompt=on_prompt[i], faces=None if faces is None else faces[i].tolist())
-            for i, u in enumerate(batch)]
         store.append_records(shard, made_records)
         bar.update(len(batch) * (world if main else 1))
     bar.close()
-    from accelerate.utils import gather_object
-
     gen_s = max(gather_object([gen_s]))  # the slowest process: the run's generation wall time
     if not main:
         return run_dir
 
     t0 = time.perf_counter()
-    records = store.merge_shards(run_dir, len(plan.units))
-    tables = metric_tables(records, battery, confusions=_known_confusions(classifiers))
+    records = store.merge_shards(run_dir, plan.n_units)
+    tables = metric_tables(records, battery, confusions=_known_confusions(scoring.classifiers))
     store.write_tables(run_dir, tables)
-    text = summary_table(tables["groups"], tables["diversity"], classifier=specs[0],
+    text = summary_table(tables["groups"], tables["diversity"], classifier=scoring.specs[0],
                          attributes=[a.name for a in battery.attributes])
-    (run_dir / "summary.txt").write_text(text + "\n")
-    made = len(plan.units) - n_done
+    store.write_text(run_dir / "summary.txt", text + "\n")
+    made = plan.n_units - n_done
     info.update(status="complete", finished=store.now(), n_images=len(records), timings={
         "generate_s": round(gen_s, 2), "images_made": made,
         "images_per_s": round(made / gen_s, 2) if gen_s else None,

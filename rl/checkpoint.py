@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from evalsuite.errors import SuiteError
 from evalsuite.folders import replace_folder
+
+from .lora import save_safetensors
 
 log = logging.getLogger("rl")
 
@@ -108,7 +110,7 @@ def save_checkpoint(folder: Path, *, step: int, trainable: Mapping[str, Tensor] 
     tmp.mkdir(parents=True)
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}
-        save_file(tensors, str(tmp / "lora.safetensors"))
+        save_safetensors(tensors, tmp / "lora.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(dict(rng), tmp / "rng.pt")
         for rank, own in enumerate(processes):

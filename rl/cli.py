@@ -2,7 +2,7 @@
 
     rl finetune [--config rl/configs/miniature.yaml] [--reward diversity] [--no-eval] [key=value ...]
     rl compare BASE_RUN TUNED_RUN [--classifier oracle] [--attribute skin_tone] [--reward-classifier miniature]
-               [--reference EXPLICIT_RUN [--class-slot tone]]
+               [--reference EXPLICIT_RUN [--class-slot tone]] [--overlap]
     rl kl-profile ADAPTER [--model miniature] [--prompt TEXT ...] [--guidance 7.5] [--images 16] [--steps 20]
 
 `--reward NAME` trains with the reward NAME: a reward the config lists keeps its weight and options (switched
@@ -13,18 +13,22 @@ loads. Run the same command again after an interruption: training resumes from t
 Several processes or GPUs: `accelerate launch -m rl.cli finetune ...`.
 
 `rl compare` prints the before/after tables of `eval/comparison.md` for any two results folders of the
-same battery, e.g. a base run and an `evalsuite run ... --lora ADAPTER` run. `rl kl-profile` prints
+same battery, e.g. a base run and an `evalsuite run ... --lora ADAPTER` run; runs of different batteries,
+prompts, steps, images per prompt, guidance scales, sampler or eta are refused (one message listing each
+difference) unless `--overlap` asks to compare the images they share, which the output then says. `rl kl-profile` prints
 where in the denoising chain an adapter departs from its base model (`rl.profile`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from evalsuite.errors import SuiteError
+from evalsuite.models import adapter_weight_problems
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "miniature.yaml"
 
@@ -40,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                          "config lists keeps its weight and options (weight 0 becomes 1); any other replaces "
                          "the config's rewards, alone at weight 1")
     ft.add_argument("--no-eval", action="store_true", help="skip the before/after battery evaluation")
+    ft.add_argument("--allow-plugins", action="store_true",
+                    help="let the config name code plug-ins ('module:factory', 'file.py:factory') as its "
+                         "reward_classifier, evaluation.classifier or embedder (sets EVALSUITE_ALLOW_PLUGINS=1)")
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     cmp = sub.add_parser("compare", help="base -> tuned tables of two results folders")
     cmp.add_argument("base", type=Path, help="results folder of the base model")
@@ -54,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                           "the base model has drawing the same classes when asked for them")
     cmp.add_argument("--class-slot", default=None,
                      help="the reference battery's slot that names the class (default tone)")
+    cmp.add_argument("--overlap", action="store_true",
+                     help="compare runs that differ (battery, prompts, steps, images per prompt, guidance scales, "
+                          "sampler, eta) on the images they share: the same prompt, scale and image index")
     kp = sub.add_parser("kl-profile", help="per-step KL of an adapter to its base model")
     kp.add_argument("adapter", type=Path, help="adapter folder (as rl finetune saves it)")
     kp.add_argument("--model", default="miniature", help="base model: miniature, a local folder or a hub id")
@@ -76,6 +86,8 @@ def _kl_profile(args: argparse.Namespace) -> None:
         ("seed", args.seed, args.seed >= 0, "must be >= 0")) if not ok]
     if not args.adapter.is_dir():
         problems.append(f"adapter '{args.adapter}': no such folder")
+    else:  # safetensors only, refused before the model loads
+        problems += [p.removeprefix("--lora: ") for p in adapter_weight_problems(str(args.adapter))]
     if problems:
         raise SuiteError("; ".join(problems))
     from diffusers import DDIMScheduler
@@ -90,6 +102,21 @@ def _kl_profile(args: argparse.Namespace) -> None:
     print(profile_table(kl_profile(pipe, prompts, args.guidance, args.images, args.steps, args.eta, args.seed)))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    """`rl compare`: the before/after tables of two comparable runs (or of their overlap, `--overlap`)."""
+    from .compare import class_table, compare_runs, expected_table, open_pair, to_markdown, validity_by_class
+
+    names = (args.classifier, args.attribute, args.reward_classifier)
+    if args.class_slot is not None and args.reference is None:
+        raise SuiteError("--class-slot: given without --reference (it names the reference battery's slot)")
+    note = open_pair(args.base, args.tuned, *names, overlap=args.overlap).note  # refuses runs that differ
+    expected = "" if args.reference is None else "\n" + expected_table(
+        args.base, args.tuned, args.reference, *names, class_slot=args.class_slot or "tone", overlap=args.overlap)
+    table = compare_runs(args.base, args.tuned, *names, overlap=args.overlap)
+    by_class = validity_by_class(args.base, args.tuned, *names, overlap=args.overlap)
+    print(note + to_markdown(table, *names) + "\n" + class_table(by_class, *names) + expected)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from evalsuite.cli import configure_logging
 
@@ -97,22 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.quiet)
     try:
         if args.command == "compare":
-            from .compare import class_table, compare_runs, expected_table, to_markdown, validity_by_class
-
-            names = (args.classifier, args.attribute, args.reward_classifier)
-            if args.class_slot is not None and args.reference is None:
-                raise SuiteError("--class-slot: given without --reference (it names the reference battery's slot)")
-            expected = "" if args.reference is None else "\n" + expected_table(
-                args.base, args.tuned, args.reference, *names, class_slot=args.class_slot or "tone")
-            table = compare_runs(args.base, args.tuned, *names)
-            print(to_markdown(table, *names) + "\n" + class_table(validity_by_class(args.base, args.tuned, *names),
-                                                                    *names) + expected)
+            _compare(args)
             return 0
         if args.command == "kl-profile":
             _kl_profile(args)
             return 0
         from .config import load_config, with_reward
 
+        if args.allow_plugins:
+            from evalsuite.classifiers import PLUGINS_ENV
+
+            os.environ[PLUGINS_ENV] = "1"
         cfg = load_config(args.config, args.overrides)
         if args.reward:
             cfg = with_reward(cfg, args.reward)

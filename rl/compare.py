@@ -1,5 +1,10 @@
 """Before/after table of an RL run: the base and tuned evaluation results folders, side by side.
 
+The two runs must be comparable (`open_pair`): the same battery (name, version, prompts), steps, images
+per prompt, guidance scales, sampler and eta; runs that differ are refused, or, with ``overlap``, compared
+on the images both hold (the same prompt, guidance scale and image index), their metrics computed again
+from those records.
+
 Reads only the two results folders, through `evalsuite.results.open_run` (their metric tables and
 records; docs/results-format.md), never a model. For each split (training and held-out prompts) and guidance
 scale it lists, base -> tuned:
@@ -29,8 +34,9 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from evalsuite.errors import SuiteError
+from evalsuite.errors import SuiteError, did_you_mean
 from evalsuite.legibility import GROUPS, Expected, expected_low_confidence, low_confidence_by_group
 from evalsuite.results import RunView, majority_classes, open_run
 
@@ -84,32 +90,117 @@ COLUMNS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate", "reward
 
 def open_runs(classifier: str, attribute: str, reward_classifier: str, *folders: Path) -> list[RunView]:
     """The finished results folders, read; one SuiteError naming every folder that is not one or lacks the
-    classifiers or the attribute asked for."""
-    problems, views = [], []
+    classifiers or the attribute asked for (a problem several folders share is said once, naming them all)."""
+    problems: dict[str, list[str]] = {}  # problem -> the folders that have it
+    views = []
     for folder in folders:
         try:
             view = open_run(folder)
             found = view.classifiers
         except SuiteError as exc:
-            problems.append(f"{folder}: not a finished results folder ({exc})")
+            problems.setdefault(f"not a finished results folder ({exc})", []).append(str(folder))
             continue
         views.append(view)
         for clf in dict.fromkeys((classifier, reward_classifier)):
             if clf not in found:
-                problems.append(f"{folder}: no classifier '{clf}' in its records; it has: {', '.join(found) or 'none'}")
+                problems.setdefault(f"no classifier '{clf}' in its records; it has: {', '.join(found) or 'none'}",
+                                    []).append(str(folder))
         if attribute not in view.battery.attribute_names:
-            problems.append(f"{folder}: no attribute '{attribute}' in its battery; it has: "
-                            f"{', '.join(view.battery.attribute_names)}")
+            names = view.battery.attribute_names
+            problems.setdefault(f"no attribute '{attribute}' in the battery{did_you_mean(attribute, names)}",
+                                []).append(str(folder))
     if problems:
-        raise SuiteError("; ".join(problems))
+        raise SuiteError("; ".join(f"{', '.join(where)}: {problem}" for problem, where in problems.items()))
     return views
 
 
-def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
-                 splits: tuple[str, ...] = ("train", "heldout")) -> list[Row]:
-    """One row per (split, guidance scale) present in both runs, in split then scale order."""
+def _settings(view: RunView) -> dict[str, Any]:
+    """What two runs must share to be compared: the battery and how its images were made."""
+    b, recorded = view.battery, view.info.get("options")
+    options: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    return {"battery.name": b.name, "battery.version": b.version, "steps": b.steps,
+            "images_per_prompt": b.images_per_prompt, "guidance_scales": [float(g) for g in b.guidance_scales],
+            "sampler": options.get("sampler"), "eta": b.eta}
+
+
+def differences(base: RunView, tuned: RunView) -> list[str]:
+    """How the two runs differ in what a comparison needs them to share, one entry per key with both
+    values (the prompts by count and example); [] for comparable runs. A sampler only one run recorded
+    is not held against the other."""
+    a, b = _settings(base), _settings(tuned)
+    out = [f"{key}: {a[key]!r} vs {b[key]!r}" for key in a
+           if a[key] != b[key] and not (key == "sampler" and None in (a[key], b[key]))]
+    pa, pb = ({p.text for p in v.battery.prompts()} for v in (base, tuned))
+    if pa != pb:
+        def some(texts: set[str]) -> str:
+            shown = sorted(texts)[:2]
+            return f"{len(texts)} ({', '.join(map(repr, shown))}{', ...' if len(texts) > 2 else ''})" if texts else "0"
+        out.append(f"prompts: {some(pa - pb)} only in base vs {some(pb - pa)} only in tuned")
+    return out
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The two runs a comparison reads, and `note`: what `--overlap` left out ("" when nothing)."""
+
+    base: RunView
+    tuned: RunView
+    note: str = ""
+
+
+def open_pair(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
+              overlap: bool = False) -> Pair:
+    """The base and tuned runs, read (`open_runs`) and checked to be comparable (`differences`): the same
+    battery (name, version, prompts), steps, images per prompt, guidance scales, sampler and eta.
+
+    Runs that differ are one SuiteError listing each difference, unless `overlap`: then both are cut to
+    the images they share (the same prompt, guidance scale and image index), their metric tables are
+    computed again from those records (`evalsuite.analysis.metric_tables`), and the note says so."""
     views = open_runs(classifier, attribute, reward_classifier, base, tuned)
-    a, b = (_metrics(v, classifier, attribute, reward_classifier) for v in views)
+    found = differences(*views)
+    if not found:
+        return Pair(views[0], views[1])
+    if not overlap:
+        raise SuiteError(f"{base} and {tuned} are not comparable runs (rl compare needs runs of the same battery "
+                         f"made the same way); they differ in " + "; ".join(found)
+                         + ". To compare only the prompts, guidance scales and images they share, add --overlap")
+    return _overlap(views[0], views[1], found)
+
+
+def _key(record: dict[str, Any]) -> tuple[str, float, int]:
+    return str(record["prompt"]), float(record["guidance_scale"]), int(record["image_index"])
+
+
+def _overlap(base: RunView, tuned: RunView, found: list[str]) -> Pair:
+    """Both runs cut to their shared images (`open_pair`)."""
+    from evalsuite.analysis import metric_tables
+
+    shared = {_key(r) for r in base.records} & {_key(r) for r in tuned.records}
+    if not shared:
+        raise SuiteError(f"{base.path} and {tuned.path} share no image (the same prompt, guidance scale and image "
+                         "index): there is nothing to compare; they differ in " + "; ".join(found))
+    cut = []
+    for view in (base, tuned):
+        records = [r for r in view.records if _key(r) in shared]
+        tables = metric_tables(records, view.battery)
+        kept = RunView(view.path, view.info, view.battery, tables["groups"], tables["aggregate"], tables["diversity"])
+        kept.__dict__["records"] = records  # the cached records: the shared ones only
+        cut.append(kept)
+    prompts = {p for p, _, _ in shared}
+    scales = sorted({g for _, g, _ in shared})
+    note = (f"Compared on their overlap (--overlap): {len(shared)} images of each run, the same prompt, guidance "
+            f"scale and image index in both ({len(prompts)} prompts, guidance scales "
+            f"{', '.join(f'{g:g}' for g in scales)}); metrics computed again from those images. The runs differ "
+            "in " + "; ".join(found) + ".\n\n")
+    return Pair(cut[0], cut[1], note)
+
+
+def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
+                 splits: tuple[str, ...] = ("train", "heldout"), overlap: bool = False) -> list[Row]:
+    """One row per (split, guidance scale) present in both runs, in split then scale order (runs that are
+    not comparable: `open_pair`)."""
+    pair = open_pair(base, tuned, classifier, attribute, reward_classifier, overlap)
+    a, b = (_metrics(v, classifier, attribute, reward_classifier) for v in (pair.base, pair.tuned))
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
     return [Row(s, g, {m: a.get((s, g, m), math.nan) for m in COLUMNS},
@@ -140,13 +231,15 @@ class ClassRow:
 
 
 def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
-                      splits: tuple[str, ...] = ("train", "heldout")) -> list[ClassRow]:
+                      splits: tuple[str, ...] = ("train", "heldout"), overlap: bool = False) -> list[ClassRow]:
     """Low-confidence rate of majority-class and other-class images, base and tuned (module docstring).
 
     The majority class of a prompt is the `classifier` label most common among all the base run's images
-    of that prompt (`evalsuite.results.majority_classes`). Reads the records of both folders, nothing else.
+    of that prompt (`evalsuite.results.majority_classes`). Reads the records of both folders, nothing else
+    (with `overlap`, the images both share: `open_pair`).
     """
-    views = open_runs(classifier, attribute, reward_classifier, base, tuned)
+    pair = open_pair(base, tuned, classifier, attribute, reward_classifier, overlap)
+    views = [pair.base, pair.tuned]
     base_records, tuned_records = views[0].records, views[1].records
     majority = majority_classes(base_records, classifier, attribute, views[0].battery.attribute(attribute).classes)
     a = low_confidence_by_group(base_records, majority, classifier, reward_classifier, attribute)
@@ -175,7 +268,7 @@ def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_cl
 
 def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, attribute: str,
                    reward_classifier: str, class_slot: str = "tone",
-                   splits: tuple[str, ...] = ("train", "heldout")) -> str:
+                   splits: tuple[str, ...] = ("train", "heldout"), overlap: bool = False) -> str:
     """Markdown: each run's low-confidence rate against the rate `reference` predicts for its images.
 
     `reference` is a base-model run of a battery naming the class in `class_slot` ("a photo of a
@@ -184,7 +277,8 @@ def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, at
     for a tuned model that draws every class; the expected rate is how legibly the base model draws the
     tuned model's mix of classes when asked for them.
     """
-    views = open_runs(classifier, attribute, reward_classifier, base, tuned, reference)
+    pair = open_pair(base, tuned, classifier, attribute, reward_classifier, overlap)
+    views = [pair.base, pair.tuned, *open_runs(classifier, attribute, reward_classifier, reference)]
     ref = views[2].records
     runs = {name: expected_low_confidence(view.records, ref, classifier, reward_classifier, attribute, class_slot)
             for name, view in (("base", views[0]), ("tuned", views[1]))}

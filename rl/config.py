@@ -8,6 +8,9 @@ every field at length (units, interactions, what was measured). The reward names
 batch arithmetic, the model source, the battery and the attributes it balances, and the classifier specs
 (`rl.config_checks`), and reports every problem of the file and of the overrides at once in one
 ConfigError ("key: message").
+Paths: a battery named in the file is read relative to the file's folder, one given as `battery=PATH`
+relative to the working directory, and the config holds it absolute; output_dir is relative to the
+working directory (`load_config`).
 `TrainConfig.to_dict()` loads back through `config_from_dict` to an equal config.
 """
 
@@ -20,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -286,7 +290,12 @@ _SECTIONS: dict[str, type[Any]] = {name: f.metadata["check"].cls for name, f in 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a config file, apply `key=value` overrides (dotted keys; values read as YAML) and validate;
-    every problem of the file and the overrides is reported in one ConfigError."""
+    every problem of the file and the overrides is reported in one ConfigError.
+
+    Paths: the file's `battery` is relative to the folder of the config file (so a config works from any
+    working directory, the shipped ones included); a `battery=PATH` override, typed on the command line,
+    is relative to the working directory. Either way the config holds it as an absolute path.
+    `output_dir` stays as written: relative to the working directory, like any output path of a command."""
     source, c = str(path), Check()
     data: Any = None
     try:
@@ -296,14 +305,17 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     work = copy.deepcopy(dict(data)) if isinstance(data, Mapping) else {}
     for override in overrides:
         _override(c, work, override)
-    config = _build(c, work if isinstance(data, Mapping) else data, source) if data is not None else None
+    given = any(o.partition("=")[0].strip() == "battery" for o in overrides)
+    base = None if given else Path(os.path.abspath(path)).parent
+    config = _build(c, work if isinstance(data, Mapping) else data, source, base) if data is not None else None
     if c.problems or config is None:
         raise ConfigError(source, c.problems)
     return config
 
 
 def config_from_dict(data: Mapping[str, Any], source: str) -> TrainConfig:
-    """Validate config data (as read from YAML) and build a TrainConfig, or raise one ConfigError."""
+    """Validate config data (as read from YAML) and build a TrainConfig, or raise one ConfigError. A
+    relative battery path is taken relative to the working directory (`to_dict` holds it absolute)."""
     c = Check()
     config = _build(c, data, source)
     if c.problems or config is None:
@@ -381,17 +393,39 @@ def _assign(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
     return None
 
 
-def _build(c: Check, data: Any, source: str) -> TrainConfig | None:
+def _build(c: Check, data: Any, source: str, base: Path | None = None) -> TrainConfig | None:
+    """Check `data` and build the config; `base`: the folder a relative battery path is read from (None:
+    the working directory)."""
     if not isinstance(data, Mapping):
         c.problems.append(f"top level must be a mapping of config keys, got {show(data)}")
         return None
     values = read_fields(c, TrainConfig, data) or {}
+    if isinstance(values.get("battery"), str):
+        values["battery"] = _battery_path(c, values["battery"], base, source)
     raws = {name: dict(data[name]) if isinstance(data.get(name), Mapping) else {} for name in _SECTIONS}
     cross_checks(c, values, raws)
     if c.problems:
         return None
     return TrainConfig(**{**values, **{name: cls(**values[name]) for name, cls in _SECTIONS.items()}},
                        source=source)
+
+
+def _battery_path(c: Check, value: str, base: Path | None, source: str) -> str | None:
+    """The absolute path of the battery `value` (relative paths: to `base`, the config file's folder, or
+    to the working directory where `base` is None). Where the config file's folder has no such file, one
+    problem names both that path and the config file, and the battery's own checks are skipped (None)."""
+    given = Path(value).expanduser()
+    path = Path(os.path.abspath(given if given.is_absolute() or base is None else base / given))
+    if base is None or given.is_absolute() or path.exists():
+        return str(path)
+    hint = ""
+    if Path(os.path.abspath(given)).exists():
+        hint = (f"; '{os.path.abspath(given)}' exists relative to the working directory, but paths in a config "
+                f"file are read relative to its folder: write {os.path.relpath(os.path.abspath(given), base)!r} "
+                "or an absolute path, or give battery=PATH on the command line")
+    c.add("battery", f"{value!r}: no such file {str(path)!r} (relative to the folder of the config file "
+                     f"{source!r}){hint}")
+    return None
 
 
 def _plain(value: Any) -> Any:

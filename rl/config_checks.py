@@ -2,7 +2,8 @@
 
 Batch arithmetic (the batch sizes divide the samples per epoch), the tracker sizes, the KL window, the
 model source, the battery and the attributes the rewards balance, and the classifier and embedder specs
-(known, and made for the model's image domain: `evalsuite.classifiers.domain_problems`). Each
+(known, made for the model's image domain: `evalsuite.classifiers.domain_problems`, and no code plug-in
+unless the user opted in: `evalsuite.classifiers.plugin_problems`). Each
 problem is added to the `Check` of the config being read, so that one ConfigError reports them all.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evalsuite.battery import Battery, load_battery
-from evalsuite.classifiers import check_classifier_spec, check_embedder_spec, domain_problems
+from evalsuite.classifiers import check_classifier_spec, check_embedder_spec, domain_problems, plugin_problems
 from evalsuite.errors import ConfigError, SuiteError, did_you_mean
 from evalsuite.models import check_model_source, model_profile
 from evalsuite.validation import Check
@@ -66,6 +67,7 @@ def cross_checks(c: Check, values: Mapping[str, Any], raws: Mapping[str, Mapping
         check = check_classifier_spec if kind == "classifier" else check_embedder_spec
         found = check(value) or (domain_problems(kind, value, domain, values["model"]) if domain else [])
         c.problems.extend(f"{key}: {p}" for p in found)
+        c.problems.extend(plugin_problems(value, key))  # a config must not run code by itself
     if spec and spec == evaluator and evaluation.get("allow_same_classifier") is False:
         c.add("evaluation.classifier",
               f"{evaluator!r} is also the reward_classifier: a reward classifier equal to the evaluation "

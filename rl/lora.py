@@ -23,7 +23,9 @@ the added term B A x is zero.
   ``ss_text_encoder_dim`` / ``ss_text_encoder_alpha`` when a text encoder is adapted, and
   ``evalsuite_adapter_info`` (the adapter_info.json text).
 
-The folder is written under a temporary name next to ``out_dir`` and renamed into place.
+Both safetensors files have their header in a fixed order (metadata keys sorted: `canonical_safetensors`),
+so the same adapter always gives the same bytes. The folder is written under a temporary name next to
+``out_dir`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from evalsuite.errors import SuiteError
@@ -215,6 +217,38 @@ def load_kohya(path: Path | str) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header in a fixed order: ``__metadata__`` first with its keys
+    sorted, then the tensors in the order of their data. safetensors (0.8) writes the metadata in the
+    iteration order of a Rust HashMap, which differs from process to process (and from one call to the
+    next), so identical weights and metadata would otherwise give files with different bytes and hashes.
+    The header is padded with spaces to a multiple of 8 bytes, as safetensors pads it."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: Path | str,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the header in a fixed order (`canonical_safetensors`), so that the
+    same tensors and metadata always give the same bytes, whatever order the metadata dict was built in."""
+    from safetensors.torch import save
+
+    Path(path).write_bytes(canonical_safetensors(save(dict(tensors), metadata=dict(metadata) if metadata else None)))
+
+
+def canonicalise_file(path: Path | str) -> None:
+    """Rewrite a safetensors file written by another library (diffusers' `save_lora_weights`) with its
+    header in the fixed order of `canonical_safetensors`."""
+    path = Path(path)
+    path.write_bytes(canonical_safetensors(path.read_bytes()))
+
+
 def _has_lora(model: nn.Module | None) -> bool:
     return model is not None and bool(getattr(model, "peft_config", None)) and bool(_lora_layers(model))
 
@@ -261,6 +295,7 @@ def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | 
             tmp, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=te_layers,
             safe_serialization=True, unet_lora_adapter_metadata=_config_dict(unet),
             text_encoder_lora_adapter_metadata=None if text_encoder is None else _config_dict(text_encoder))
+        canonicalise_file(tmp / DIFFUSERS_WEIGHTS)
         (tmp / INFO_FILE).write_text(info_text + "\n")
         unet_cfg = info["adapter"]["unet"]
         kmeta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet_cfg["rank"]),
@@ -275,7 +310,7 @@ def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | 
             kmeta["ss_text_encoder_alpha"] = str(te_cfg["alpha"])
         (tmp / "kohya").mkdir()
         kohya_file = str(tmp / "kohya" / f"{name}.safetensors")
-        save_file(kohya_state_dict(unet, text_encoder), kohya_file, metadata=kmeta)
+        save_safetensors(kohya_state_dict(unet, text_encoder), kohya_file, metadata=kmeta)
         replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

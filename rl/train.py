@@ -32,9 +32,11 @@ Choices made here (documented in rl/configs/miniature.yaml too):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,10 +75,11 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .compare import class_table, compare_runs, to_markdown, validity_by_class
+from .compare import class_table, compare_runs, open_pair, to_markdown, validity_by_class
 from .config import TrainConfig, config_from_dict
 from .ddim import ddim_step_kl
 from .lora import adapters_disabled, add_lora, cast_frozen, lora_named_parameters, save_adapter
+from .output import claim_output, on_main
 from .rewards import REWARDS, GroupInputs, confidence_reward
 from .sampling import (
     SDPipeline,
@@ -118,15 +121,26 @@ class Rewards(NamedTuple):
 
 
 def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
-    """Run the recipe (module docstring) on every process of the launch; return the output folder."""
+    """Run the recipe (module docstring) on every process of the launch; return the output folder.
+
+    Before anything loads, the main process claims the output folder (`rl.output.claim_output`: a new,
+    empty or RL output folder, marked and locked for the whole training); a refusal ends every process."""
     from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available(),
+                      gradient_accumulation_steps=cfg.training.gradient_accumulation_steps * cfg.train_timesteps)
+    out = Path(cfg.output_dir)
+    with contextlib.ExitStack() as stack:
+        on_main(acc, lambda: claim_output(out, stack))
+        return _train(cfg, acc, out, evaluate)
+
+
+def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Path:
+    """The recipe, in the claimed output folder `out`."""
     from accelerate.utils import gather_object
 
     # ------------------------------------------------------------ build
-    acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available(),
-                      gradient_accumulation_steps=cfg.training.gradient_accumulation_steps * cfg.train_timesteps)
     rank, world = acc.process_index, acc.num_processes
-    out = Path(cfg.output_dir)
     battery = load_battery(cfg.battery)
     train_prompts = [p.text for p in battery.prompts() if not p.heldout]
     if not train_prompts:
@@ -254,11 +268,14 @@ def train(cfg: TrainConfig, *, evaluate: bool = True) -> Path:
         _evaluate(cfg, battery, out / "eval" / "final", lora=out / "adapter")
         acc.wait_for_everyone()  # the main process has written eval/final: the other processes end here
         if acc.is_main_process and (out / "eval" / "base" / "run.json").exists():
-            table = compare_runs(out / "eval" / "base", out / "eval" / "final", cfg.evaluation.classifier,
-                                 cfg.reward_attributes[0], cfg.reward_classifier)
+            # a resumed run may evaluate with other evaluation settings than its base evaluation had (they
+            # are not part of the run): then the two are compared on the images they share, and it says so
+            runs = (out / "eval" / "base", out / "eval" / "final")
             names = (cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier)
-            by_class = validity_by_class(out / "eval" / "base", out / "eval" / "final", *names)
-            (out / "eval" / "comparison.md").write_text(to_markdown(table, *names) + "\n"
+            note = open_pair(*runs, *names, overlap=True).note
+            table = compare_runs(*runs, *names, overlap=True)
+            by_class = validity_by_class(*runs, *names, overlap=True)
+            (out / "eval" / "comparison.md").write_text(note + to_markdown(table, *names) + "\n"
                                                         + class_table(by_class, *names))
     return out
 
@@ -611,6 +628,8 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
 
     def essence(d: dict[str, Any]) -> dict[str, Any]:
         d = json.loads(json.dumps(d))
+        if isinstance(d.get("battery"), str):  # held absolute since configs resolve it; relative before
+            d["battery"] = os.path.abspath(d["battery"])
         for key in ("evaluation", "checkpoint_every", "keep_checkpoints"):
             d.pop(key, None)
         for key in ("epochs", "compile"):  # compiling changes speed, not the run

@@ -138,7 +138,7 @@ classifier: miniature
                            "templates[0]", "attributes.age.target"}
     assert "unknown key 'templtes'" in by_key["templtes"] and "did you mean 'templates'" in by_key["templtes"]
     assert "must be a number >= 1" in by_key["guidance_scales[1]"] and "0.5" in by_key["guidance_scales[1]"]
-    assert "must be an int >= 1, got str 'ten'" in by_key["images_per_prompt"]
+    assert "must be an int in [1, 100000], got str 'ten'" in by_key["images_per_prompt"]  # the bound of issue 21
     assert "non-empty list" in by_key["slots.occupation"]
     assert "undefined slot {city}" in by_key["templates[0]"]
     assert "sum to 1" in by_key["attributes.age.target"] and "0.9" in by_key["attributes.age.target"]

@@ -133,16 +133,18 @@ def make(ctx):
 '''
 
 
-def test_the_detector_runs_before_the_classifiers(sd_folder: Path, tmp_path: Path) -> None:
+def test_the_detector_runs_before_the_classifiers(sd_folder: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A plug-in detector that finds a face in every other image of a batch: those images keep the
     classifier's reading, the others are no_person, and the no-person rate of each group is their share."""
+    monkeypatch.setenv("EVALSUITE_ALLOW_PLUGINS", "0")  # --allow-plugins sets it: restored after the test
     plugin = tmp_path / "detector.py"
     plugin.write_text(DETECTOR)
     battery = small_battery(tmp_path, domains={"natural": {"classifier": f"clip:{CLIP}",
                                                            "detector": f"{plugin}:make"}})
     results = tmp_path / "results"
     assert main(["-q", "run", str(battery), "--results", str(results), "--name", "r", "--device", "cpu",
-                 "--model", str(sd_folder), "--embedder", f"clip:{CLIP}", "--batch-size", "4"]) == 0
+                 "--model", str(sd_folder), "--embedder", f"clip:{CLIP}", "--batch-size", "4", "--allow-plugins"]) == 0
     records = [json.loads(line) for line in (results / "r" / "records.jsonl").read_text().splitlines()]
     for i, rec in enumerate(records):
         found = i % 4 % 2 == 0  # batches of 4: the detector numbers images within its batch

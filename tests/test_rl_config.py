@@ -46,7 +46,10 @@ def write(tmp_path: Path, data: dict) -> Path:
 
 
 def shipped_data() -> dict:
-    return yaml.safe_load(MINIATURE.read_text(encoding="utf-8"))
+    """The shipped miniature config's data, its battery path made absolute (it is relative to rl/configs/)."""
+    data = yaml.safe_load(MINIATURE.read_text(encoding="utf-8"))
+    data["battery"] = str(ROOT / "prompts" / "occupations.yaml")
+    return data
 
 
 def problems(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
@@ -55,7 +58,7 @@ def problems(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
 
 def test_shipped_miniature_config_loads() -> None:
     cfg = load_config(MINIATURE)
-    assert (cfg.model, cfg.battery, cfg.seed) == ("miniature", "prompts/occupations.yaml", 0)
+    assert (cfg.model, cfg.battery, cfg.seed) == ("miniature", str(ROOT / "prompts" / "occupations.yaml"), 0)
     assert cfg.sampling.guidance_scales == (1.0, 3.0, 7.5) and cfg.sampling.eta == 1.0
     assert cfg.training.mixed_precision == "no" and cfg.training.advantage == "pooled"
     assert cfg.lora.targets == ("to_q", "to_k", "to_v", "to_out.0")

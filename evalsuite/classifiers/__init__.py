@@ -14,6 +14,7 @@ from evalsuite.metrics import CONFIDENCE_THRESHOLD
 from evalsuite.results.schema import STATUSES
 
 from .base import (
+    PLUGINS_ENV,
     AttributeClassifier,
     AttributeOutput,
     ClassifierContext,
@@ -33,8 +34,11 @@ from .base import (
     get_classifier,
     get_detector,
     get_embedder,
+    is_plugin,
     make_output,
     not_measurable,
+    plugin_problems,
+    plugins_allowed,
     register_classifier,
     register_detector,
     register_embedder,
@@ -45,10 +49,10 @@ from .base import (
 )
 
 __all__ = [
-    "CONFIDENCE_THRESHOLD", "STATUSES", "AttributeClassifier", "AttributeOutput", "ClassifierContext",
+    "CONFIDENCE_THRESHOLD", "STATUSES", "PLUGINS_ENV", "AttributeClassifier", "AttributeOutput", "ClassifierContext",
     "FaceDetector", "ImageEmbedder", "available_classifiers", "available_detectors", "available_embedders",
     "check_classifier_spec", "check_detector_spec", "check_embedder_spec", "check_images", "classify_faces",
-    "detects_people", "domain_problems", "face_crops", "get_classifier", "get_detector", "get_embedder", "make_output",
-    "not_measurable", "register_classifier", "register_detector", "register_embedder", "registered", "to_record",
-    "uses_faces", "validate_outputs",
+    "detects_people", "domain_problems", "face_crops", "get_classifier", "get_detector", "get_embedder", "is_plugin",
+    "make_output", "not_measurable", "plugin_problems", "plugins_allowed", "register_classifier", "register_detector",
+    "register_embedder", "registered", "to_record", "uses_faces", "validate_outputs",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -305,6 +306,33 @@ _CLASSIFIERS: _Registry[AttributeClassifier] = _Registry("classifier", Attribute
 _EMBEDDERS: _Registry[ImageEmbedder] = _Registry("embedder", ImageEmbedder)
 _DETECTORS: _Registry[FaceDetector] = _Registry("detector", FaceDetector)
 _REGISTRIES: dict[str, _Registry[Any]] = {"classifier": _CLASSIFIERS, "embedder": _EMBEDDERS, "detector": _DETECTORS}
+
+
+PLUGINS_ENV = "EVALSUITE_ALLOW_PLUGINS"  # set to 1 (or pass --allow-plugins) to let files name code plug-ins
+
+
+def is_plugin(spec: str) -> bool:
+    """Whether `spec` names code to import (`package.module:factory` or `path/to/file.py:factory`) rather
+    than a registered name (`name` or `name:arg`, e.g. `clip:openai/...` or `head:/folder`)."""
+    _load_builtins()
+    head, sep, _ = spec.partition(":")
+    return bool(sep) and all(head not in r.factories for r in (_CLASSIFIERS, _EMBEDDERS, _DETECTORS))
+
+
+def plugins_allowed() -> bool:
+    """Whether files (batteries, RL configs) may name code plug-ins: only where the user opted in, with
+    `EVALSUITE_ALLOW_PLUGINS=1` in the environment or `--allow-plugins` on the command line (which sets it)."""
+    return os.environ.get(PLUGINS_ENV, "") == "1"
+
+
+def plugin_problems(spec: str, where: str) -> list[str]:
+    """Why a file may not name `spec` (at `where`: its path and key) unless the user opted in: a shared
+    battery or config must not run code by itself. [] for registered names, or when plug-ins are allowed."""
+    if not is_plugin(spec) or plugins_allowed():
+        return []
+    return [f"{where}: '{spec}' is a code plug-in, which a file cannot load by itself (it would run that code): "
+            f"pass it on the command line instead (--classifier / --embedder), or trust this file's plug-ins "
+            f"with --allow-plugins or {PLUGINS_ENV}=1"]
 
 
 def register_classifier(name: str, domains: Sequence[str] | None = None) -> Callable[[Factory], Factory]:

@@ -53,14 +53,28 @@ class ThumbWriter:
         if key not in self.done:
             sid = self.scale_ids.setdefault(key[1], len(self.scale_ids))
             rel = f"images/{self.slug}/p{key[0]:04d}_g{sid:02d}_i{key[2]:05d}.png"
-            with Image.open(self.view.image_path(rec)) as img:
-                small = max(img.size) < PIXELATED_BELOW
-                thumb = img.convert("RGB")
-                thumb.thumbnail((THUMB, THUMB))
-                (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
-                thumb.save(self.site / rel, format="PNG", optimize=False)
-                self.done[key] = Thumb(rel, thumb.width, thumb.height, small, (img.width, img.height))
+            thumb, size = self._read(rec)
+            (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
+            thumb.save(self.site / rel, format="PNG", optimize=False)
+            self.done[key] = Thumb(rel, thumb.width, thumb.height, max(size) < PIXELATED_BELOW, size)
         return self.done[key]
+
+    def _read(self, rec: dict[str, Any]) -> tuple[Image.Image, tuple[int, int]]:
+        """The record's image as an RGB thumbnail, and the image's own size; SuiteError naming the file and
+        the record where it cannot be read (a damaged or truncated PNG)."""
+        path = self.view.image_path(rec)
+        try:
+            with Image.open(path) as img:
+                size = (img.width, img.height)
+                thumb = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+            raise SuiteError(
+                f"{path}: cannot read the image of record unit {rec.get('unit')} (prompt {rec.get('prompt_index')}, "
+                f"guidance {rec.get('guidance_scale')}, image {rec.get('image_index')}) in "
+                f"{self.view.path / 'records.jsonl'}: {exc}; the image is damaged: regenerate the run with the "
+                "same `evalsuite run` command and --overwrite") from None
+        thumb.thumbnail((THUMB, THUMB))
+        return thumb, size
 
 
 def cells(view: RunView) -> dict[tuple[int, float], list[dict[str, Any]]]:

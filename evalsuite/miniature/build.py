@@ -133,14 +133,14 @@ def build_world(out: Path, config: BuildConfig = BuildConfig(), threads: int | N
         model.save_pretrained(folder, safe_serialization=True)
 
     clip = stage("clip", 1, lambda rng: train_clip(data, tokenizer, config.clip_steps, rng),
-                 lambda f: CLIPModel.from_pretrained(f).eval(), save_pretrained)
+                 lambda f: CLIPModel.from_pretrained(f, use_safetensors=True).eval(), save_pretrained)
     bf16 = cpu_has_bf16()
     vae = stage("vae", 2, lambda rng: train_vae(data, config.vae_steps, rng, bf16=bf16),
-                lambda f: AutoencoderKL.from_pretrained(f).eval(), save_pretrained)
+                lambda f: AutoencoderKL.from_pretrained(f, use_safetensors=True).eval(), save_pretrained)
     noise_scheduler = DDPMScheduler(**BETAS, prediction_type=PREDICTION_TYPE)
     unet = stage("unet", 3, lambda rng: train_unet(data, vae, clip, tokenizer, noise_scheduler,
                                                    config.unet_steps, rng, bf16=bf16),
-                 lambda f: UNet2DConditionModel.from_pretrained(f).eval(), save_pretrained)
+                 lambda f: UNet2DConditionModel.from_pretrained(f, use_safetensors=True).eval(), save_pretrained)
     net = stage("classifier", 4, lambda rng: train_classifier(data, vae, config.classifier_steps, rng),
                 load_classifier, save_classifier)
     text_encoder = CLIPTextModel(clip.config.text_config)

@@ -53,7 +53,8 @@ def _generator(world: Path, steps: int) -> Any:
     from ..models import LoadedModel, use_math_attention
 
     pipe = StableDiffusionPipeline.from_pretrained(world / "pipeline", safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+                                                   feature_extractor=None, requires_safety_checker=False,
+                                                   use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     use_math_attention(pipe.unet)
     loaded = LoadedModel(pipe=pipe, model_id="miniature", revision=None, dtype="float32", device="cpu")
