@@ -277,8 +277,9 @@ def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
                                ("embedder", (options.embedder,), check_embedder_spec)):
         for spec in specs:
             problems += check(spec) or domain_problems(kind, spec, domain, model)
+    wrong_domain = bool(domain_problems("classifier", setup.classifier, domain, model))
     problems += battery_plugin_problems(battery, domain, with_classifier=not options.classifiers)
-    if problems and not options.classifiers and setup.classifier == battery.classifier and battery.domains:
+    if wrong_domain and not options.classifiers and setup.classifier == battery.classifier and battery.domains:
         listed = ", ".join(name for name, _ in battery.domains)
         problems.append(f"the battery {battery.source or battery.name} names classifiers for {listed} images "
                         f"under `domains`, none for {domain} images: add `domains: {{{domain}: {{classifier: "

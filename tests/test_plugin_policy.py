@@ -55,6 +55,7 @@ def test_a_battery_cannot_run_code_by_itself(plugin: Path, tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert f"{battery}: classifier: '{plugin}:make' is a code plug-in, which a file cannot load by itself" in err
     assert "--allow-plugins or EVALSUITE_ALLOW_PLUGINS=1" in err and "Traceback" not in err
+    assert "none for miniature images" not in err  # the domain hint is for a classifier of another domain only
     assert not (tmp_path / "IMPORTED").exists() and not results.exists()
     # validate names it, and still says the battery is well formed
     assert main(["validate", str(battery)]) == 0
