@@ -119,8 +119,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
     run_dir = run_battery(battery, options)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # the other processes return before the summary is written
+    state = PartialState()
+    if state.is_main_process:  # the other processes return before the summary is written
         print((run_dir / "summary.txt").read_text(), end="")
+    # under `accelerate launch` every process leaves the process group together, once the main one is done:
+    # a process that exited while the others still held the group could abort at exit (gloo's threads)
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
