@@ -283,6 +283,15 @@ def classify_faces(classifier: AttributeClassifier, images: np.ndarray, attribut
             for name, out in outputs.items()}
 
 
+def required_faces(who: str, images: np.ndarray, faces: Sequence[np.ndarray] | None) -> Sequence[np.ndarray]:
+    """`faces` for a classifier that cannot work without the detector's boxes (`needs_faces`): SuiteError
+    naming classifier `who` where there are none, or not one box list per image."""
+    if faces is None or len(faces) != len(images):
+        raise SuiteError(f"classifier '{who}' reads detected faces: name a face detector for the model's domain "
+                         "in the battery (`domains: {natural: {detector: ...}}`)")
+    return faces
+
+
 def face_crops(images: np.ndarray, faces: Sequence[np.ndarray], size: int, margin: float = 0.25) -> np.ndarray:
     """Per image, its largest face box grown by `margin` of the box side on every side (clipped to the
     image), resized to size × size (bilinear); an image with no box is resized whole. uint8 (n, size,
@@ -316,7 +325,7 @@ def is_plugin(spec: str) -> bool:
     than a registered name (`name` or `name:arg`, e.g. `clip:openai/...` or `head:/folder`)."""
     _load_builtins()
     head, sep, _ = spec.partition(":")
-    return bool(sep) and all(head not in r.factories for r in (_CLASSIFIERS, _EMBEDDERS, _DETECTORS))
+    return bool(sep) and all(head not in r.factories for r in _REGISTRIES.values())
 
 
 def plugins_allowed() -> bool:

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from evalsuite.battery import AttributeSpec
-from evalsuite.errors import SuiteError
 
-from .base import AttributeOutput, ClassifierContext, check_images, face_crops, register_classifier
+from .base import AttributeOutput, ClassifierContext, check_images, face_crops, register_classifier, required_faces
 from .clip_zero_shot import ClipZeroShot
 from .embedders import clip_embedder
 from .skin_tone import SkinToneClassifier
@@ -50,9 +49,7 @@ class PhotoClassifier:
     def classify(self, images: np.ndarray, attributes: Sequence[AttributeSpec],
                  faces: Sequence[np.ndarray] | None = None) -> dict[str, AttributeOutput]:
         check_images(images, f"classifier '{self.name}'")
-        if faces is None or len(faces) != len(images):
-            raise SuiteError(f"classifier '{self.name}' reads detected faces: name a face detector for the "
-                             "model's domain in the battery (`domains: {natural: {detector: ...}}`)")
+        faces = required_faces(self.name, images, faces)
         by_pixels = [spec for spec in attributes if self.skin.measures(spec)]
         by_clip = [spec for spec in attributes if spec not in by_pixels]
         out = self.skin.classify(images, by_pixels, faces) if by_pixels else {}

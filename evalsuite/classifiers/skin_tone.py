@@ -32,7 +32,15 @@ import numpy as np
 from evalsuite.battery import AttributeSpec
 from evalsuite.errors import SuiteError
 
-from .base import AttributeOutput, ClassifierContext, check_images, make_output, not_measurable, register_classifier
+from .base import (
+    AttributeOutput,
+    ClassifierContext,
+    check_images,
+    make_output,
+    not_measurable,
+    register_classifier,
+    required_faces,
+)
 
 ITA_CATEGORIES = ("very_light", "light", "intermediate", "tan", "brown", "dark")
 ITA_BOUNDS = (55.0, 41.0, 28.0, 10.0, -30.0)  # lower bounds of the first five categories, in degrees
@@ -147,9 +155,7 @@ class SkinToneClassifier:
     def classify(self, images: np.ndarray, attributes: Sequence[AttributeSpec],
                  faces: Sequence[np.ndarray] | None = None) -> dict[str, AttributeOutput]:
         check_images(images, f"classifier '{self.name}'")
-        if faces is None or len(faces) != len(images):
-            raise SuiteError(f"classifier '{self.name}' reads the skin of detected faces: name a face detector "
-                             "for the model's domain in the battery (`domains: {natural: {detector: ...}}`)")
+        faces = required_faces(self.name, images, faces)
         self.check(attributes)
         out = {}
         for spec in attributes:
