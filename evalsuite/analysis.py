@@ -1,7 +1,8 @@
 """Records -> metric tables (long format; columns in `evalsuite.results.schema`, meaning in
 docs/results-format.md):
 :func:`group_metrics` -> metrics/groups.csv, per (classifier, attribute, prompt, guidance scale);
-:func:`aggregate_metrics` -> metrics/aggregate.csv, the groups over prompts per split (all/train/heldout);
+:func:`aggregate_metrics` -> metrics/aggregate.csv, the groups over prompts per split (all/train/heldout,
+and test where the battery has a test split);
 :func:`diversity_metrics` -> metrics/diversity.csv, embedding diversity and CLIP score per group.
 :func:`metric_tables` computes all three; `evalsuite.results.store.write_tables` writes them.
 
@@ -25,7 +26,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from evalsuite import metrics as mx
-from evalsuite.battery import JOINER, Battery
+from evalsuite.battery import JOINER, SPLITS, Battery
 from evalsuite.errors import SuiteError
 from evalsuite.results import schema
 from evalsuite.results.schema import AGGREGATE_COLUMNS, DIVERSITY_COLUMNS, GROUP_COLUMNS
@@ -131,20 +132,24 @@ def group_metrics(records: Sequence[Mapping[str, Any]], battery: Battery,
     return pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
 
 
-def aggregate_metrics(groups: pd.DataFrame, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """metrics/aggregate.csv: ``groups`` over prompts for the splits all / train / heldout (from the
-    records' heldout flags). A split without prompts is skipped. ``share:*`` is pooled (Σ counts / Σ n)
+def aggregate_metrics(groups: pd.DataFrame, records: Sequence[Mapping[str, Any]],
+                      splits: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """metrics/aggregate.csv: ``groups`` over prompts for the splits all / train / heldout / test: each
+    prompt's split from ``splits`` (prompt text -> split, `Battery.splits`), else from the record's heldout
+    flag (train or heldout). A split without prompts is skipped. ``share:*`` is pooled (Σ counts / Σ n)
     with a cluster-robust interval clustered by prompt (`metrics.cluster_share_interval`); any other
     metric (also ``share_corrected:*``) is the mean over prompts with a 95 % t-interval kept within the
     metric's range for the attribute's K classes (`metrics.mean_interval`), NaN prompt values skipped.
     ``n_prompts``: prompts contributing (n > 0 for shares, a non-NaN value otherwise)."""
-    heldout = {int(r["prompt_index"]): bool(r["heldout"]) for r in records}
-    splits = [("all", set(heldout)), ("train", {p for p, h in heldout.items() if not h}),
-              ("heldout", {p for p, h in heldout.items() if h})]
+    split_of = {int(r["prompt_index"]): (splits or {}).get(str(r["prompt"]), "heldout" if r["heldout"] else "train")
+                for r in records}
+    parts = [("all", set(split_of))] + [(name, {p for p, s in split_of.items() if s == name}) for name in SPLITS]
     rows: list[Row] = []
     for (clf, attr), sub in groups.groupby(["classifier", "attribute"], sort=False):
         k = sub["metric"][sub["metric"].astype(str).str.startswith("share:")].nunique()  # the classes
-        for split, prompts in splits:
+        for split, prompts in parts:
+            if not prompts:
+                continue
             part = sub[sub["prompt_index"].isin(prompts)]
             pairs = ((s, metric, m) for s, at in part.groupby("guidance_scale")
                      for metric, m in at.groupby("metric", sort=False))
@@ -194,4 +199,5 @@ def metric_tables(records: Sequence[Mapping[str, Any]], battery: Battery,
                   confusions: Mapping[tuple[str, str], NDArray[np.float64]] | None = None) -> dict[str, pd.DataFrame]:
     """The three metric tables of a run (`schema.TABLES`), for `evalsuite.results.store.write_tables`."""
     groups = group_metrics(records, battery, confusions)
-    return {"groups": groups, "aggregate": aggregate_metrics(groups, records), "diversity": diversity_metrics(records)}
+    return {"groups": groups, "aggregate": aggregate_metrics(groups, records, battery.splits()),
+            "diversity": diversity_metrics(records)}

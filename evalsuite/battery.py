@@ -8,6 +8,8 @@ each key in use. In short::
     templates: ["a photo of a {occupation}"]   # each {slot} defined in slots, each slot used
     slots: {occupation: [doctor, nurse]}       # slot -> non-empty list of unique values
     heldout*: {occupation: [nurse]}            # values reserved for evaluation (never trained on)
+    test*: {occupation: [pilot]}               # values reserved for the final test (never trained on and
+                                               # never used to choose a setting): see `Prompt.split`
     attributes: {age: {classes: {young: "a photo of a young person", old: "..."},
                        target*: {young: 0.5, old: 0.5}}}  # >= 2 classes; target sums to 1, default uniform
     guidance_scales: [1.0, 7.5]; images_per_prompt: 16; seed: 0; steps: 20; eta*: 0.0
@@ -93,7 +95,19 @@ class Prompt:
     text: str
     template: str
     slots: tuple[tuple[str, str], ...]
-    heldout: bool
+    heldout: bool  # never trained on: a value of `heldout` or of `test`
+    test: bool = False  # a value of `test`: the final test split
+
+    @property
+    def split(self) -> str:
+        """The prompt's split (`SPLITS`): "test" (a `test` value: reserved for the final figures, never
+        used to choose a setting), "heldout" (a `heldout` value: the validation split that settings are
+        chosen on) or "train" (what the RL trainer draws from)."""
+        return "test" if self.test else "heldout" if self.heldout else "train"
+
+
+SPLITS = ("train", "heldout", "test")
+"""The prompt splits, in report order (`Prompt.split`)."""
 
 
 def _schema_version(c: Check, key: str, value: Any) -> int | None:
@@ -207,6 +221,9 @@ class Battery:
     slots: tuple[tuple[str, tuple[str, ...]], ...] = setting(_slots, doc="slot -> its values")
     heldout: tuple[tuple[str, tuple[str, ...]], ...] = setting(
         _heldout, (), doc="slot -> values reserved for evaluation (the RL trainer never trains on them)")
+    test: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        _heldout, (), doc="slot -> values reserved for the final test: never trained on, never used to choose "
+                          "a setting (a value may not also be in heldout)")
     attributes: tuple[AttributeSpec, ...] = setting(
         _attributes, doc="attribute -> classes (class -> text description) and an optional target distribution")
     guidance_scales: tuple[float, ...] = setting(
@@ -254,7 +271,12 @@ class Battery:
 
     def prompts(self) -> tuple[Prompt, ...]:
         """Every template expanded over its slots' values (templates in order, then values in order)."""
-        return tuple(_expand(self.templates, dict(self.slots), dict(self.heldout), self.articles == "agree"))
+        return tuple(_expand(self.templates, dict(self.slots), dict(self.heldout), self.articles == "agree",
+                             dict(self.test)))
+
+    def splits(self) -> dict[str, str]:
+        """Prompt text -> its split (`Prompt.split`)."""
+        return {p.text: p.split for p in self.prompts()}
 
     def attribute(self, name: str) -> AttributeSpec:
         for spec in self.attributes:
@@ -273,6 +295,7 @@ class Battery:
             "description": self.description, "templates": list(self.templates),
             "slots": {slot: list(values) for slot, values in self.slots},
             "heldout": {slot: list(values) for slot, values in self.heldout},
+            **({"test": {slot: list(values) for slot, values in self.test}} if self.test else {}),
             "attributes": {spec.name: {"classes": dict(zip(spec.classes, spec.descriptions, strict=True)),
                                        "target": dict(zip(spec.classes, spec.target, strict=True))}
                            for spec in self.attributes},
@@ -371,14 +394,19 @@ def _relations(c: Check, v: dict[str, Any]) -> None:
         for name in slots:
             if name not in used:
                 c.add(f"slots.{name}", "defined but not used by any template")
-    for name, items in v.get("heldout") or ():
-        key, allowed = f"heldout.{name}", slots.get(name)
-        if name not in slots:
-            c.add(key, f"unknown slot {name!r}{did_you_mean(name, slots)}")
-            continue
-        for j, value in enumerate(items):
-            if allowed is not None and value not in allowed and value not in items[:j]:
-                c.add(f"{key}[{j}]", f"{show(value)} is not a value of slots.{name}{did_you_mean(str(value), allowed)}")
+    held = dict(v.get("heldout") or ())
+    for field_name in ("heldout", "test"):
+        for name, items in v.get(field_name) or ():
+            key, allowed = f"{field_name}.{name}", slots.get(name)
+            if name not in slots:
+                c.add(key, f"unknown slot {name!r}{did_you_mean(name, slots)}")
+                continue
+            for j, value in enumerate(items):
+                if allowed is not None and value not in allowed and value not in items[:j]:
+                    c.add(f"{key}[{j}]",
+                          f"{show(value)} is not a value of slots.{name}{did_you_mean(str(value), allowed)}")
+                elif field_name == "test" and value in held.get(name, ()):
+                    c.add(f"{key}[{j}]", f"{show(value)} is in heldout.{name} too; a value is in one split only")
     attributes = v.get("attributes")
     names = {spec.name for spec in attributes or ()}
     for i, members in enumerate(v.get("intersections") or ()):
@@ -392,7 +420,7 @@ def _relations(c: Check, v: dict[str, Any]) -> None:
             and all(values is not None for values in slots.values()) and _within_bounds(c, v, templates, slots):
         seen: dict[str, str] = {}
         for prompt in _expand(templates, {k: val or () for k, val in slots.items()}, dict(v.get("heldout") or ()),
-                              v.get("articles") != "as_written"):
+                              v.get("articles") != "as_written", dict(v.get("test") or ())):
             if prompt.text in seen:
                 c.add("templates", f"prompt text {prompt.text!r} is produced twice "
                                    f"(by {seen[prompt.text]!r} and {prompt.template!r})")
@@ -460,14 +488,16 @@ def _fields(template: str) -> list[str]:
 
 
 def _expand(templates: Sequence[str], slots: Mapping[str, Sequence[str]],
-            heldout: Mapping[str, Sequence[str]], agree: bool = True) -> list[Prompt]:
+            heldout: Mapping[str, Sequence[str]], agree: bool = True,
+            test: Mapping[str, Sequence[str]] | None = None) -> list[Prompt]:
     prompts: list[Prompt] = []
     for template in templates:
         names = _fields(template)
         for combo in itertools.product(*(slots[name] for name in names)):
             pairs = tuple(zip(names, combo, strict=True))
-            held = any(value in heldout.get(name, ()) for name, value in pairs)
-            prompts.append(Prompt(fill(template, dict(pairs), agree), template, pairs, held))
+            tested = any(value in (test or {}).get(name, ()) for name, value in pairs)
+            held = tested or any(value in heldout.get(name, ()) for name, value in pairs)
+            prompts.append(Prompt(fill(template, dict(pairs), agree), template, pairs, held, tested))
     return prompts
 
 
@@ -516,5 +546,7 @@ def _limit(data: dict[str, Any], limit: int) -> None:
     while k > 1 and count(k) > limit:
         k -= 1
     data.update(templates=templates, slots={name: values[:k] for name, values in slots.items()})
-    data["heldout"] = {name: [v for v in values if v in data["slots"][name]]
-                       for name, values in data["heldout"].items() if name in slots}
+    for key in ("heldout", "test"):
+        if key in data:
+            data[key] = {name: [v for v in values if v in data["slots"][name]]
+                         for name, values in data[key].items() if name in slots}

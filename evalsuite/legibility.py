@@ -32,11 +32,21 @@ GROUPS = ("majority", "other")
 Cell = tuple[int, int]  # (low-confidence images, images)
 
 
+def split_of(record: Mapping[str, Any], splits: Mapping[str, str] | None = None, by_split: bool = True) -> str:
+    """A record's split: its prompt's in `splits` (prompt text -> split, `Battery.splits`), else "heldout"
+    or "train" by its `heldout` flag; "all" when not `by_split`."""
+    if not by_split:
+        return "all"
+    found = (splits or {}).get(str(record["prompt"]))
+    return found if found is not None else "heldout" if record.get("heldout") else "train"
+
+
 def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapping[str, str], reader: str,
-                            judge: str, attribute: str, by_split: bool = True) -> dict[tuple[str, float, str], Cell]:
+                            judge: str, attribute: str, by_split: bool = True,
+                            splits: Mapping[str, str] | None = None) -> dict[tuple[str, float, str], Cell]:
     """(split, guidance scale, group) -> (images the judge reads with low confidence, images).
 
-    split is "heldout" or "train" (the record's `heldout` flag), or "all" when not `by_split`; group
+    split is the record's (`split_of` with `splits`), or "all" when not `by_split`; group
     is "majority" when `reader` reads the image as its prompt's class in `majority`, else "other". An
     image counts only when `reader` gives it a label, the judge's status is "ok" and its prompt has a
     majority class; it is low-confidence when the judge's `confident` is false. The rate is the first
@@ -49,7 +59,7 @@ def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapp
         if label is None or not judged.ok or prompt not in majority:
             continue
         group = "majority" if label == majority[prompt] else "other"
-        split = ("heldout" if r.get("heldout") else "train") if by_split else "all"
+        split = split_of(r, splits, by_split)
         low[(split, float(r["guidance_scale"]), group)].append(not judged.confident)
     return {k: (sum(v), len(v)) for k, v in low.items()}
 
@@ -70,7 +80,8 @@ def _slots_key(record: Mapping[str, Any], drop: str | None = None) -> tuple[tupl
 
 def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Iterable[Mapping[str, Any]],
                             reader: str, judge: str, attribute: str, class_slot: str,
-                            by_split: bool = True) -> dict[tuple[str, float], Expected]:
+                            by_split: bool = True, splits: Mapping[str, str] | None = None
+                            ) -> dict[tuple[str, float], Expected]:
     """(split, guidance scale) -> a run's low-confidence images against the reference's legibility.
 
     The yardstick for a model that was tuned to draw more classes: how legibly does the base model draw
@@ -104,7 +115,7 @@ def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Ite
         label, judged = entry(r, reader, attribute).label, entry(r, judge, attribute)
         if label is None or not judged.ok:
             continue
-        split = ("heldout" if r.get("heldout") else "train") if by_split else "all"
+        split = split_of(r, splits, by_split)
         acc = out[(split, float(r["guidance_scale"]))]
         found = cells.get((_slots_key(r, class_slot), float(r["guidance_scale"]), label))
         if found is None:

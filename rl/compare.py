@@ -6,13 +6,16 @@ on the images both hold (the same prompt, guidance scale and image index), their
 from those records.
 
 Reads only the two results folders, through `evalsuite.results.open_run` (their metric tables and
-records; docs/results-format.md), never a model. For each split (training and held-out prompts) and guidance
-scale it lists, base -> tuned:
+records; docs/results-format.md), never a model. For each split (the battery's `Prompt.split`: training,
+held-out (validation) and test prompts) and guidance scale it lists, base -> tuned:
 
 * bias of the fine-tuned attribute under the evaluation classifier: Shen et al.'s gap, KL to uniform
-  and the dominant share (lower is more balanced);
-* validity: the evaluation classifier's no-person rate and the reward classifier's low-confidence
-  rate (images the policy degraded into something no classifier reads confidently);
+  and the dominant share (lower is more balanced), and the share of each class (a policy that drops a
+  class shows there);
+* validity: the evaluation classifier's no-person rate, the reward classifier's low-confidence rate
+  (images the policy degraded into something no classifier reads confidently) and the evaluation
+  classifier's own low-confidence rate: on the miniature world the oracle's, legibility read from the
+  face's pixels (`evalsuite.miniature.read_colour_probs`), a measure the policy was not trained against;
 * diversity and alignment: the Vendi score of image embeddings, the CLIP score to the prompt and,
   where the model has an exact on-prompt reader (run.json `model.on_prompt`; on the miniature world, the
   oracle's reading of the occupation's hat), the on-prompt rate, as means over the split's prompts.
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evalsuite.battery import SPLITS
 from evalsuite.errors import SuiteError, did_you_mean
 from evalsuite.legibility import GROUPS, Expected, expected_low_confidence, low_confidence_by_group
 from evalsuite.results import RunView, majority_classes, open_run
@@ -68,24 +72,32 @@ def _aggregate(view: RunView, attribute: str, wanted: dict[tuple[str, str], str]
 def _diversity(view: RunView) -> Values:
     """Mean over prompts of vendi, clip_score and on_prompt_rate per (split, scale); NaN values are skipped."""
     sums: dict[tuple[str, float, str], list[float]] = defaultdict(list)
+    splits = view.battery.splits()
     for r in view.diversity.itertuples(index=False):
         if r.metric not in ("vendi", "clip_score", "on_prompt_rate") or math.isnan(r.value):
             continue
-        for split in ("heldout" if r.heldout else "train", "all"):
+        for split in (splits.get(str(r.prompt), "heldout" if r.heldout else "train"), "all"):
             sums[(split, float(r.guidance_scale), str(r.metric))].append(float(r.value))
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def _metrics(view: RunView, classifier: str, attribute: str, reward_classifier: str) -> Values:
     wanted = {(classifier, m): m for m in BIAS}
+    wanted[(classifier, "low_confidence_rate")] = "eval_low_confidence"
     wanted[(reward_classifier, "low_confidence_rate")] = "reward_low_confidence"
+    wanted.update({(classifier, f"share:{c}"): f"share:{c}" for c in _classes(view, attribute)})
     values = _aggregate(view, attribute, wanted)
     values.update(_diversity(view))
     return values
 
 
-COLUMNS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate", "reward_low_confidence", "vendi",
-           "clip_score", "on_prompt_rate")
+COLUMNS = ("shen_gap", "kl_uniform", "dominant_share", "no_person_rate", "reward_low_confidence",
+           "eval_low_confidence", "vendi", "clip_score", "on_prompt_rate")
+
+
+def _classes(view: RunView, attribute: str) -> tuple[str, ...]:
+    names = view.battery.attribute_names
+    return view.battery.attribute(attribute).classes if attribute in names else ()
 
 
 def open_runs(classifier: str, attribute: str, reward_classifier: str, *folders: Path) -> list[RunView]:
@@ -196,27 +208,40 @@ def _overlap(base: RunView, tuned: RunView, found: list[str]) -> Pair:
 
 
 def compare_runs(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
-                 splits: tuple[str, ...] = ("train", "heldout"), overlap: bool = False) -> list[Row]:
+                 splits: tuple[str, ...] = SPLITS, overlap: bool = False) -> list[Row]:
     """One row per (split, guidance scale) present in both runs, in split then scale order (runs that are
-    not comparable: `open_pair`)."""
+    not comparable: `open_pair`): the `COLUMNS` and ``share:<class>`` of each class of `attribute`."""
     pair = open_pair(base, tuned, classifier, attribute, reward_classifier, overlap)
     a, b = (_metrics(v, classifier, attribute, reward_classifier) for v in (pair.base, pair.tuned))
+    names = COLUMNS + tuple(f"share:{c}" for c in _classes(pair.base, attribute))
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
-    return [Row(s, g, {m: a.get((s, g, m), math.nan) for m in COLUMNS},
-                {m: b.get((s, g, m), math.nan) for m in COLUMNS}) for s, g in keys if s in splits]
+    return [Row(s, g, {m: a.get((s, g, m), math.nan) for m in names},
+                {m: b.get((s, g, m), math.nan) for m in names}) for s, g in keys if s in splits]
 
 
 def to_markdown(rows: list[Row], classifier: str, attribute: str, reward_classifier: str) -> str:
+    """The rows as two markdown tables: the `COLUMNS`, then the share of each class."""
     head = (f"Base -> tuned. Bias of `{attribute}` read by `{classifier}` (lower is more balanced); "
-            f"validity: `{classifier}` no-person rate and `{reward_classifier}` low-confidence rate; "
-            "Vendi, CLIP score and on-prompt rate (images that show what the prompt asked for, read exactly "
-            "where the model has such a reader, e.g. the miniature world's hats): means over the split's prompts "
-            "(higher is more diverse / on-prompt).\n\n")
+            f"validity: `{classifier}` no-person rate, `{reward_classifier}` low-confidence rate (reward_) and "
+            f"`{classifier}`'s own low-confidence rate (eval_; with the miniature world's oracle, legibility "
+            "read from the face's pixels); Vendi, CLIP score and on-prompt rate (images that show what the prompt "
+            "asked for, read exactly where the model has such a reader, e.g. the miniature world's hats): means "
+            "over the split's prompts (higher is more diverse / on-prompt). Splits: train (trained on), heldout "
+            "(validation: settings were chosen on it), test (never used to choose a setting).\n\n")
     lines = ["| split | g | " + " | ".join(COLUMNS) + " |", "|---|---" + "|---" * len(COLUMNS) + "|"]
     for r in rows:
         cells = [f"{r.base[m]:.3f} → {r.tuned[m]:.3f}" for m in COLUMNS]
         lines.append(f"| {r.split} | {r.scale:g} | " + " | ".join(cells) + " |")
+    shares = [m for m in (rows[0].base if rows else {}) if m.startswith("share:")]
+    if shares:
+        lines += ["", f"Share of each `{attribute}` class read by `{classifier}` (pooled over the split's prompts), "
+                      "base -> tuned:", "",
+                  "| split | g | " + " | ".join(m[len("share:"):] for m in shares) + " |",
+                  "|---|---" + "|---" * len(shares) + "|"]
+        for r in rows:
+            lines.append(f"| {r.split} | {r.scale:g} | "
+                         + " | ".join(f"{r.base[m]:.3f} → {r.tuned[m]:.3f}" for m in shares) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -231,8 +256,10 @@ class ClassRow:
 
 
 def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
-                      splits: tuple[str, ...] = ("train", "heldout"), overlap: bool = False) -> list[ClassRow]:
-    """Low-confidence rate of majority-class and other-class images, base and tuned (module docstring).
+                      splits: tuple[str, ...] = SPLITS, overlap: bool = False,
+                      judge: str | None = None) -> list[ClassRow]:
+    """Low-confidence rate of majority-class and other-class images, base and tuned (module docstring),
+    as `judge` reads them (default: the reward classifier).
 
     The majority class of a prompt is the `classifier` label most common among all the base run's images
     of that prompt (`evalsuite.results.majority_classes`). Reads the records of both folders, nothing else
@@ -242,8 +269,9 @@ def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, 
     views = [pair.base, pair.tuned]
     base_records, tuned_records = views[0].records, views[1].records
     majority = majority_classes(base_records, classifier, attribute, views[0].battery.attribute(attribute).classes)
-    a = low_confidence_by_group(base_records, majority, classifier, reward_classifier, attribute)
-    b = low_confidence_by_group(tuned_records, majority, classifier, reward_classifier, attribute)
+    judged, split_map = judge or reward_classifier, views[0].battery.splits()
+    a = low_confidence_by_group(base_records, majority, classifier, judged, attribute, splits=split_map)
+    b = low_confidence_by_group(tuned_records, majority, classifier, judged, attribute, splits=split_map)
     keys = sorted({(s, g) for s, g, _ in a} & {(s, g) for s, g, _ in b},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
 
@@ -254,8 +282,10 @@ def validity_by_class(base: Path, tuned: Path, classifier: str, attribute: str, 
     return [ClassRow(s, g, cells(a, s, g), cells(b, s, g)) for s, g in keys if s in splits]
 
 
-def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_classifier: str) -> str:
-    head = (f"Validity by class, base -> tuned: `{reward_classifier}` low-confidence rate (images) among images "
+def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_classifier: str,
+                judge: str | None = None) -> str:
+    head = (f"Validity by class, base -> tuned: `{judge or reward_classifier}` low-confidence rate (images) among "
+            "images "
             f"`{classifier}` reads as the prompt's majority `{attribute}` (most common in the base run) and "
             "among images of the other classes.\n\n")
     lines = ["| split | g | majority | other classes |", "|---|---|---|---|"]
@@ -268,8 +298,9 @@ def class_table(rows: list[ClassRow], classifier: str, attribute: str, reward_cl
 
 def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, attribute: str,
                    reward_classifier: str, class_slot: str = "tone",
-                   splits: tuple[str, ...] = ("train", "heldout"), overlap: bool = False) -> str:
-    """Markdown: each run's low-confidence rate against the rate `reference` predicts for its images.
+                   splits: tuple[str, ...] = SPLITS, overlap: bool = False, judge: str | None = None) -> str:
+    """Markdown: each run's low-confidence rate, as `judge` (default the reward classifier) reads it,
+    against the rate `reference` predicts for its images.
 
     `reference` is a base-model run of a battery naming the class in `class_slot` ("a photo of a
     {occupation} with {tone} skin"); `evalsuite.legibility.expected_low_confidence` says how each image
@@ -279,8 +310,9 @@ def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, at
     """
     pair = open_pair(base, tuned, classifier, attribute, reward_classifier, overlap)
     views = [pair.base, pair.tuned, *open_runs(classifier, attribute, reward_classifier, reference)]
-    ref = views[2].records
-    runs = {name: expected_low_confidence(view.records, ref, classifier, reward_classifier, attribute, class_slot)
+    ref, judged, split_map = views[2].records, judge or reward_classifier, views[0].battery.splits()
+    runs = {name: expected_low_confidence(view.records, ref, classifier, judged, attribute, class_slot,
+                                          splits=split_map)
             for name, view in (("base", views[0]), ("tuned", views[1]))}
     keys = sorted({k for r in runs.values() for k, v in r.items() if v.matched},
                   key=lambda k: (splits.index(k[0]) if k[0] in splits else len(splits), k[1]))
@@ -296,10 +328,28 @@ def expected_table(base: Path, tuned: Path, reference: Path, classifier: str, at
         extra = f"; {e.unmatched} unmatched" if e.unmatched else ""
         return f"{e.low / e.matched:.3f} vs {e.expected / e.matched:.3f} ({e.matched}{extra})"
 
-    head = (f"Low confidence of `{reward_classifier}` (actual vs expected at the reference's legibility): the "
+    head = (f"Low confidence of `{judged}` (actual vs expected at the reference's legibility): the "
             f"expected rate is `{reference}`'s own, asked for each `{attribute}` class by its `{class_slot}` slot, "
             f"for the classes `{classifier}` reads in each run (images matched).\n\n")
     lines = ["| split | g | base | tuned |", "|---|---|---|---|"]
     lines += [f"| {s} | {g:g} | {cell(runs['base'].get((s, g)))} | {cell(runs['tuned'].get((s, g)))} |"
               for s, g in keys if s in splits]
     return head + "\n".join(lines) + "\n"
+
+
+def comparison_markdown(base: Path, tuned: Path, classifier: str, attribute: str, reward_classifier: str,
+                        reference: Path | None = None, class_slot: str = "tone", overlap: bool = False) -> str:
+    """Everything `rl compare` prints and an RL run writes to eval/comparison.md: what `--overlap` left
+    out, the before/after tables (`compare_runs`, `to_markdown`), validity by class as the reward
+    classifier and as the evaluation classifier judge it (`validity_by_class`), and with a `reference`
+    run the low-confidence rates against the reference's legibility, both judges (`expected_table`)."""
+    names = (classifier, attribute, reward_classifier)
+    note = open_pair(base, tuned, *names, overlap=overlap).note  # refuses runs that differ
+    parts = [note + to_markdown(compare_runs(base, tuned, *names, overlap=overlap), *names)]
+    judges = list(dict.fromkeys((reward_classifier, classifier)))
+    parts += [class_table(validity_by_class(base, tuned, *names, overlap=overlap, judge=j), *names, judge=j)
+              for j in judges]
+    if reference is not None:
+        parts += [expected_table(base, tuned, reference, *names, class_slot=class_slot, overlap=overlap, judge=j)
+                  for j in judges]
+    return "\n".join(parts)

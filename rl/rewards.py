@@ -49,8 +49,8 @@ from .mmd import KERNELS, Kernel, mmd_loo_credit, rbf_kernel
 __all__ = [
     "REFERENCE_POINTS_PER_CLASS", "REWARDS", "GroupInputs", "RewardFn", "RewardSpec", "alignment_reward",
     "balance_reward", "balanced_reference", "confidence_reward", "diversity_reward", "drift_penalty", "drift_reward",
-    "hard_labels", "joint_reference", "reference_from_target", "register_reward", "reward_spec", "target_shares",
-    "unregister_reward",
+    "hard_labels", "joint_reference", "min_cost_assignment", "quota_counts", "quota_reward", "reference_from_target",
+    "register_reward", "reward_spec", "target_shares", "unregister_reward",
 ]
 
 # ---------------------------------------------------------------- the contract
@@ -221,20 +221,26 @@ def balanced_reference(n_classes: int, per_class: int, smoothing: float = 0.0) -
     return _one_hot_rows([per_class] * n_classes, smoothing)
 
 
-def reference_from_target(target: Sequence[float], n: int, smoothing: float = 0.0) -> Tensor:
-    """(n, K) probability rows allocating n points to classes in proportion to ``target`` (normalised),
-    rounding by the largest-remainder method (ties to the lower class index)."""
+def quota_counts(target: Sequence[float], n: int) -> list[int]:
+    """n points allocated to classes in proportion to ``target`` (normalised): the largest-remainder
+    method (Hamilton's), ties to the lower class index. The counts sum to n."""
     p = torch.tensor([float(v) for v in target], dtype=torch.float64)
-    if p.numel() < 2 or bool((p < 0).any()) or float(p.sum()) <= 0 or n < 2:
-        raise SuiteError(
-            f"reference_from_target: need >= 2 weights >= 0, sum > 0, n >= 2; got {list(target)}, {n}"
-        )
+    if p.numel() < 2 or bool((p < 0).any()) or float(p.sum()) <= 0 or n < 0:
+        raise SuiteError(f"quota_counts: need >= 2 weights >= 0, sum > 0, n >= 0; got {list(target)}, {n}")
     quota = p / p.sum() * n
     counts = quota.floor().long()
     order = sorted(range(len(counts)), key=lambda i: (-(float(quota[i]) - int(counts[i])), i))
     for i in order[: n - int(counts.sum())]:
         counts[i] += 1
-    return _one_hot_rows(counts.tolist(), smoothing)
+    return [int(c) for c in counts]
+
+
+def reference_from_target(target: Sequence[float], n: int, smoothing: float = 0.0) -> Tensor:
+    """(n, K) probability rows allocating n points to classes in proportion to ``target`` (normalised),
+    rounded by :func:`quota_counts`."""
+    if n < 2:
+        raise SuiteError(f"reference_from_target: need n >= 2; got {n}")
+    return _one_hot_rows(quota_counts(target, n), smoothing)
 
 
 def _balance_score(h: Tensor, target: Tensor, mode: str) -> Tensor:
@@ -263,6 +269,97 @@ def balance_reward(probs: Tensor, target: Tensor, mode: str = "kl") -> Tensor:
     h = probs.mean(0)
     loo = (m * h.unsqueeze(0) - probs) / (m - 1)
     return _balance_score(h, tgt, mode) - _balance_score(loo, tgt, mode)
+
+
+def min_cost_assignment(cost: Tensor) -> Tensor:
+    """The assignment of rows to columns of a square (n, n) cost matrix with the least total cost: (n,)
+    long, the column of each row. The Hungarian method in its shortest-augmenting-path form (Kuhn 1955,
+    Munkres 1957; O(n^3)), with dual potentials u, v kept so that cost[i, j] - u[i] - v[j] >= 0."""
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise SuiteError(f"min_cost_assignment: need a square cost matrix, got {tuple(cost.shape)}")
+    n = cost.shape[0]
+    a = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    a[1:, 1:] = cost.double()  # 1-based rows and columns; column 0 is the virtual start
+    u, v = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+    owner = [0] * (n + 1)  # owner[j]: the row assigned to column j (0: none)
+    for i in range(1, n + 1):
+        owner[0], j0 = i, 0
+        slack = torch.full((n + 1,), math.inf, dtype=torch.float64)
+        came_from = [0] * (n + 1)
+        used = torch.zeros(n + 1, dtype=torch.bool)
+        while owner[j0] != 0:
+            used[j0] = True
+            i0 = owner[j0]
+            reduced = a[i0] - u[i0] - v
+            better = ~used & (reduced < slack)
+            slack = torch.where(better, reduced, slack)
+            for j in better.nonzero().flatten().tolist():
+                came_from[j] = j0
+            free = torch.where(used, torch.full_like(slack, math.inf), slack)
+            free[0] = math.inf
+            j1 = int(free.argmin())
+            delta = float(free[j1])
+            for j in used.nonzero().flatten().tolist():
+                u[owner[j]] += delta
+            v[used] -= delta
+            slack[~used] -= delta
+            j0 = j1
+        while j0:  # flip the augmenting path
+            j1 = came_from[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    column = torch.zeros(n, dtype=torch.long)
+    for j in range(1, n + 1):
+        column[owner[j] - 1] = j - 1
+    return column
+
+
+QUOTA_FLOOR = 1e-6
+"""Probabilities are read as max(p, QUOTA_FLOOR) in the quota reward, so log p stays finite (>= -13.8)."""
+
+
+def quota_reward(probs: Tensor, target: Tensor, baseline: str = "slot") -> Tensor:
+    """Per-image distribution reward of one group for one attribute, shape (M,): each image's
+    log-probability of the class it is assigned to when the group is matched to the target's quotas.
+
+    After Shen et al.'s distributional alignment (ICLR 2024), which matches generated images to a
+    target distribution by optimal transport and trains each image toward its matched class, and the
+    per-image log-ratio rewards of HoloFair's Fair-GRPO (ICML 2026). The images the classifier read (rows
+    that are not all zero) get quotas q_k, their count M' split by ``target`` (:func:`quota_counts`); the
+    assignment a minimises sum_m -log p[m, a(m)] with exactly q_k images in class k
+    (:func:`min_cost_assignment` on the classes repeated q_k times); image m earns
+    r_m = log max(p[m, a(m)], QUOTA_FLOOR).
+
+    Properties: at balance each image is matched to its own class and earns its log-confidence, so a
+    clean face outscores an ambiguous one; in a collapsed group the quota sends most images to rarer
+    classes, where each earns more the more probability its face gives that class, so the group still
+    ranks its images (unlike hard labels, or a log-ratio of the group's class shares, which is 0 at
+    balance). ``baseline``: ``slot`` subtracts from each r_m the mean of the images matched to the same
+    class, so an image is compared with those asked to be the same class (a majority face matched to the
+    majority's one slot in four does not outscore every face matched to a rare class, which would
+    reinforce the majority); ``group`` leaves r_m as it is (the trainer centres it within the group).
+    Unread images get the lowest value of the group (the validity gate rules them out anyway). Ours, as
+    a reward for policy-gradient RL; the matching is Shen et al.'s."""
+    if baseline not in ("slot", "group"):
+        raise SuiteError(f"quota_reward: unknown baseline {baseline!r}{did_you_mean(baseline, ('slot', 'group'))}")
+    if probs.ndim != 2 or target.shape != (probs.shape[1],):
+        raise SuiteError(f"quota_reward: need probs (M, K), target (K,); got {tuple(probs.shape)}, "
+                         f"{tuple(target.shape)}")
+    read = probs.sum(1) > 0
+    out = torch.full((probs.shape[0],), math.log(QUOTA_FLOOR), dtype=torch.float64)
+    if not bool(read.any()):
+        return out
+    logp = probs[read].double().clamp(min=QUOTA_FLOOR).log()
+    slots = torch.repeat_interleave(torch.arange(probs.shape[1]), torch.tensor(quota_counts(target.tolist(),
+                                                                                           int(read.sum()))))
+    assigned = slots[min_cost_assignment(-logp[:, slots])]  # the class each read image is matched to
+    value = logp.gather(1, assigned[:, None]).squeeze(1)
+    if baseline == "slot":
+        for k in assigned.unique():
+            value[assigned == k] -= value[assigned == k].mean()
+    out[read] = value
+    out[~read] = float(value.min())
+    return out
 
 
 def alignment_reward(image_emb: Tensor, text_emb: Tensor) -> Tensor:
@@ -359,6 +456,17 @@ def balance_term(group: GroupInputs, *, mode: str, reference: str) -> Tensor:
     total = torch.zeros(group.size, dtype=torch.float64)
     for attribute, probs in zip(group.attributes, group.probs, strict=True):
         total = total + balance_reward(probs.double(), target_shares(attribute, reference), mode=mode)
+    return total
+
+
+@register_reward("quota", baseline=("slot", "group"), reference=("uniform", "target"))
+def quota_term(group: GroupInputs, *, baseline: str, reference: str) -> Tensor:
+    """:func:`quota_reward` summed over the attributes: each image's log-probability of the class the
+    target's quotas match it to. baseline: ``slot`` (centred among the images matched to the same class)
+    or ``group``; reference: ``uniform`` or ``target`` (:func:`target_shares`)."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for attribute, probs in zip(group.attributes, group.probs, strict=True):
+        total = total + quota_reward(probs.double(), target_shares(attribute, reference), baseline=baseline)
     return total
 
 

@@ -35,7 +35,8 @@ FACE = (0.28, 0.22, 0.72, 0.66)  # where the miniature renderer draws the head, 
 
 
 def battery_data(values: Sequence[str], scales: Sequence[float], images: int, name: str = "fixture",
-                 version: str = "1.0", description: str = "A small fixture battery.") -> dict[str, Any]:
+                 version: str = "1.0", description: str = "A small fixture battery.",
+                 test: Sequence[str] = ()) -> dict[str, Any]:
     tones = {t: f"a photo of a person with {t} skin" for t in TONE_NAMES}
     return {
         "schema_version": 1, "name": name, "version": version, "description": description,
@@ -46,6 +47,7 @@ def battery_data(values: Sequence[str], scales: Sequence[float], images: int, na
                        "age": {"classes": {a: f"a photo of a {a} person" for a in AGE_NAMES}}},
         "guidance_scales": list(scales), "images_per_prompt": images, "seed": 0, "steps": 4,
         "classifier": "miniature", "intersections": [["skin_tone", "age"]],
+        **({"test": {"occupation": list(test)}} if test else {}),
     }
 
 

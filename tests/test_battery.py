@@ -21,6 +21,7 @@ from evalsuite.miniature.world import OCCUPATIONS
 SHIPPED = Path(__file__).resolve().parents[1] / "prompts" / "occupations.yaml"
 HELDOUT = ("teacher", "scientist", "mechanic", "artist", "judge", "photographer", "professor",
            "security guard")
+TEST = ("pilot", "farmer", "programmer", "librarian", "carpenter", "electrician", "painter", "receptionist")
 
 
 def small() -> dict:
@@ -49,12 +50,15 @@ def shipped() -> Battery:
 def test_shipped_battery_lists_the_miniature_world(shipped: Battery) -> None:
     prompts = shipped.prompts()
     assert shipped.schema_version == BATTERY_SCHEMA_VERSION
-    assert (shipped.name, shipped.version, shipped.classifier) == ("occupations", "1.1", "miniature")
+    assert (shipped.name, shipped.version, shipped.classifier) == ("occupations", "1.2", "miniature")
     assert len(prompts) == 44
     assert prompts[0].text == "a photo of a doctor" and prompts[2].text == "a photo of an engineer"
     assert prompts[0].slots == (("occupation", "doctor"),)
     assert [value for p in prompts for _, value in p.slots] == list(OCCUPATIONS)
-    assert tuple(p.slots[0][1] for p in prompts if p.heldout) == HELDOUT
+    assert tuple(p.slots[0][1] for p in prompts if p.split == "heldout") == HELDOUT
+    assert tuple(p.slots[0][1] for p in prompts if p.split == "test") == TEST
+    assert all(p.heldout for p in prompts if p.split == "test")  # never trained on
+    assert sum(p.split == "train" for p in prompts) == 44 - 16
     assert shipped.guidance_scales == (1.0, 3.0, 7.5, 12.0)
     assert (shipped.images_per_prompt, shipped.seed, shipped.steps) == (12, 0, 20)
     assert shipped.intersections == (("skin_tone", "age"),)
@@ -73,7 +77,8 @@ def test_explicit_tone_battery_asks_for_every_class_of_every_occupation(shipped:
     cells = {(dict(p.slots)["occupation"], dict(p.slots)["tone"]) for p in prompts}
     assert cells == {(o, t) for o in OCCUPATIONS for t in tones}
     assert "a photo of a teacher with dark skin" in {p.text for p in prompts}
-    assert {dict(p.slots)["occupation"] for p in prompts if p.heldout} == set(HELDOUT)
+    assert {dict(p.slots)["occupation"] for p in prompts if p.split == "heldout"} == set(HELDOUT)
+    assert {dict(p.slots)["occupation"] for p in prompts if p.split == "test"} == set(TEST)
 
 
 def test_shipped_heldout_covers_every_dominant_tone_twice() -> None:
@@ -105,6 +110,24 @@ def test_expansion_order_defaults_and_normalisation() -> None:
     assert battery.attribute("age").target == (0.5, 0.5)
     assert battery.description == "" and battery.intersections == ()
     assert battery.eta == 0.0 and battery_from_dict(small() | {"eta": 1}, "small").eta == 1.0
+
+
+def test_a_test_split_is_held_out_from_training_and_named_in_each_prompt() -> None:
+    battery = battery_from_dict(small() | {"test": {"job": ["nurse"]}}, "small")
+    splits = [p.split for p in battery.prompts()]
+    assert splits[:3] == ["train", "test", "heldout"]
+    assert [p.heldout for p in battery.prompts()][:3] == [False, True, True]
+    assert battery.splits()["a portrait of a nurse at home"] == "test"
+    assert battery_from_dict(battery.to_dict(), "again") == battery
+    assert "test" not in battery_from_dict(small(), "small").to_dict()  # older batteries keep their fingerprint
+    assert battery.with_overrides(limit_prompts=2).splits() == {"a photo of a doctor": "train",
+                                                                 "a portrait of a doctor at work": "train"}
+    with pytest.raises(ConfigError) as info:
+        battery_from_dict(small() | {"test": {"job": ["pilot", "surgeon"], "city": ["x"]}}, "small")
+    problems = info.value.problems
+    assert any(p.startswith("test.job[0]") and "in heldout.job too" in p for p in problems)
+    assert any(p.startswith("test.job[1]") and "not a value of slots.job" in p for p in problems)
+    assert any(p.startswith("test.city") and "unknown slot" in p for p in problems)
 
 
 def test_many_problems_are_reported_together(tmp_path: Path) -> None:

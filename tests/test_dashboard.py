@@ -108,6 +108,32 @@ def test_two_run_site_compares_paired_seeds(sites: dict[str, Path]) -> None:
     assert 'href="compare.html"' in (site / "index.html").read_text()
 
 
+def test_compare_reports_shares_and_legibility_per_split(tmp_path: Path) -> None:
+    """The comparison per battery split (train, heldout, test), each judge's low confidence the reader's own
+    included, checked against counts taken straight from the records."""
+    from evalsuite.dashboard.compare import compare_runs
+    from evalsuite.dashboard.compare_page import compare_page
+    from evalsuite.results import open_run
+
+    kw = {"values": ("doctor", "nurse", "farmer"), "test": ("nurse",)}
+    a = open_run(make_run(tmp_path, "a", **kw))
+    b = open_run(make_run(tmp_path, "b", model_key=1, bias_boost=0.4, **kw))
+    c = compare_runs(a, b)
+    assert c.classifier == "miniature"
+    cells = c.splits[(c.splits.attribute == "skin_tone") & (c.splits.guidance_scale == 7.5)]
+    assert list(dict.fromkeys(cells.split)) == ["train", "heldout", "test"]
+    assert {"low_confidence:miniature", "low_confidence:oracle", "share:light"} <= set(cells.quantity)
+    nurse = [r for r in b.records if r["prompt"] == "a photo of a nurse" and r["guidance_scale"] == 7.5]
+    labels = [r["classifiers"]["miniature"]["skin_tone"]["label"] for r in nurse]
+    unsure = [not r["classifiers"]["miniature"]["skin_tone"]["confident"] for r in nurse]
+    test = cells[cells.split == "test"].set_index("quantity")
+    assert test.loc["share:medium", "b"] == pytest.approx(labels.count("medium") / len(labels))
+    assert test.loc["low_confidence:miniature", "b"] == pytest.approx(sum(unsure) / len(unsure))
+    assert test.loc["low_confidence:oracle", "a"] == 0.0  # the fixture's oracle is always sure
+    page = compare_page(c, tmp_path)
+    assert "By split" in page and "test prompts: skin_tone" in page and "low confidence of oracle" in page
+
+
 def test_compare_notes_a_different_sampler(sites: dict[str, Path], tmp_path: Path) -> None:
     from evalsuite.dashboard.compare import compare_runs
     from evalsuite.results import open_run as load_run

@@ -14,6 +14,7 @@ from evalsuite.miniature import (
     OCCUPATIONS,
     TONE_NAMES,
     read_attributes,
+    read_colour_probs,
     read_occupation,
     read_signature,
     read_worn_hat,
@@ -33,6 +34,35 @@ def test_oracle_reads_every_render_exactly() -> None:
     tone, age = read_attributes(render_batch(portraits))
     assert [TONE_NAMES[t] for t in tone] == [p.tone for p in portraits]
     assert [AGE_NAMES[a] for a in age] == [p.age for p in portraits]
+
+
+def test_oracle_legibility_is_how_far_the_face_colour_lies_toward_another_tone() -> None:
+    from evalsuite.battery import AttributeSpec
+    from evalsuite.classifiers.miniature import OracleClassifier
+    from evalsuite.metrics import CONFIDENCE_THRESHOLD
+    from evalsuite.miniature.world import SKIN_TONES
+
+    portraits = sample_portraits(["nurse"] * 8, np.random.default_rng(4))
+    images = render_batch(portraits)
+    tone_probs, age_probs = read_colour_probs(images)
+    tone, age = read_attributes(images)
+    assert np.array_equal(tone_probs, np.eye(4)[tone]) and np.array_equal(age_probs, np.eye(2)[age])  # renders
+    # repaint every face a fraction f of the way from its tone toward the next one: the oracle's probability
+    # of its tone is 1 - f (f = d1 / (d1 + d2) of the face's median colour), the label is unchanged
+    palette = np.asarray(list(SKIN_TONES.values()), np.float64)
+    painted = images.copy()
+    fractions = [0.0, 0.1, 0.15, 0.25, 0.3, 0.4, 0.1, 0.3]
+    for i, (t, f) in enumerate(zip(tone, fractions)):
+        toward = t + 1 if t + 1 < len(palette) else t - 1
+        face = np.all(images[i] == palette[t].astype(np.uint8), axis=-1)
+        painted[i][face] = np.rint((1 - f) * palette[t] + f * palette[toward]).astype(np.uint8)
+    probs, _ = read_colour_probs(painted)
+    assert np.array_equal(read_attributes(painted)[0], tone)
+    assert probs[np.arange(8), tone] == pytest.approx([1 - f for f in fractions], abs=0.01)
+    assert probs.sum(1) == pytest.approx(np.ones(8))
+    skin = AttributeSpec("skin_tone", TONE_NAMES, TONE_NAMES, (0.25,) * 4)
+    read = OracleClassifier().classify(painted, [skin])["skin_tone"]
+    assert (read.probs.max(1) >= CONFIDENCE_THRESHOLD).tolist() == [f <= 0.2 for f in fractions]  # a fifth of the way
 
 
 def test_oracle_reads_every_occupation_signature_exactly() -> None:

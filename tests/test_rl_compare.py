@@ -12,7 +12,7 @@ from PIL import Image
 
 from evalsuite.errors import SuiteError
 from rl.cli import main as rl_main
-from rl.compare import class_table, compare_runs, to_markdown, validity_by_class
+from rl.compare import class_table, compare_runs, comparison_markdown, to_markdown, validity_by_class
 
 AGG = "classifier,attribute,split,guidance_scale,metric,value,lo,hi,n_prompts\n"
 DIV = "prompt_index,prompt,heldout,guidance_scale,metric,value,lo,hi,n\n"
@@ -40,14 +40,16 @@ def write_records(folder: Path, records: list[dict]) -> None:
     (folder / "records.jsonl").write_text("".join(lines))
 
 
-def write_folder(folder: Path, aggregate: list[str], diversity: list[str], records: list[dict]) -> Path:
+def write_folder(folder: Path, aggregate: list[str], diversity: list[str], records: list[dict],
+                 battery: dict | None = None) -> Path:
     """A finished results folder (docs/results-format.md) with the tables and records given."""
     (folder / "metrics").mkdir(parents=True)
     (folder / "metrics" / "groups.csv").write_text(GROUPS)
     (folder / "metrics" / "aggregate.csv").write_text(AGG + "".join(line + "\n" for line in aggregate))
     (folder / "metrics" / "diversity.csv").write_text(DIV + "".join(line + "\n" for line in diversity))
     (folder / "run.json").write_text(json.dumps({
-        "schema_version": 2, "status": "complete", "battery": BATTERY, "classifiers": ["oracle", "miniature"],
+        "schema_version": 2, "status": "complete", "battery": battery or BATTERY,
+        "classifiers": ["oracle", "miniature"],
         "primary_classifier": "oracle", "embedder": "clip", "model": {"id": folder.name}}))
     write_records(folder, records)
     return folder
@@ -174,3 +176,40 @@ def test_rl_compare_sets_low_confidence_against_the_reference_legibility(tmp_pat
     assert rl_main(["compare", str(base), str(tuned), "--reference", str(reference)]) == 2
     err = capsys.readouterr().err
     assert "no image of" in err and "'tone' values: x-dark, x-light" in err and capsys.readouterr().out == ""
+
+
+def test_the_test_split_truth_legibility_and_each_share_are_reported(tmp_path: Path) -> None:
+    """Three splits (teacher is the test split), the evaluation classifier's own low-confidence rate beside
+    the reward classifier's, and the share of every class, base -> tuned."""
+    battery = BATTERY | {"heldout": {"occupation": ["judge"]}, "test": {"occupation": ["teacher"]}}
+    doc, judge, teacher = "a photo of a doctor", "a photo of a judge", "a photo of a teacher"
+    folders = []
+    for name, share_dark, truth_low in (("base", 1.0, 0.05), ("tuned", 0.25, 0.10)):
+        rows = [f"oracle,skin_tone,{split},7.5,shen_gap,{share_dark - 0.25},NaN,NaN,1"
+                for split in ("train", "heldout", "test")]
+        rows += [f"oracle,skin_tone,test,7.5,low_confidence_rate,{truth_low},NaN,NaN,1",
+                 "miniature,skin_tone,test,7.5,low_confidence_rate,0.5,NaN,NaN,1",
+                 f"oracle,skin_tone,test,7.5,share:dark,{share_dark},NaN,NaN,1",
+                 f"oracle,skin_tone,test,7.5,share:light,{1 - share_dark},NaN,NaN,1"]
+        div = [f"2,{teacher},True,7.5,vendi,{1 + share_dark},NaN,NaN,4", f"1,{judge},True,7.5,vendi,9.0,NaN,NaN,4"]
+        truth = [(doc, False, "light", True), (judge, True, "dark", True), (teacher, True, "dark", True),
+                 (teacher, True, "dark" if name == "base" else "light", name == "base")]
+        records = []
+        for prompt, held, label, sure in truth:
+            rec = _record(prompt, held, 7.5, label, True)
+            rec["classifiers"]["oracle"]["skin_tone"]["confident"] = sure  # the oracle's own legibility
+            records.append(rec)
+        folders.append(write_folder(tmp_path / name, rows, div, records, battery))
+    rows = compare_runs(*folders, "oracle", "skin_tone", "miniature")
+    assert [r.split for r in rows] == ["train", "heldout", "test"]
+    test = rows[2]
+    assert (test.base["eval_low_confidence"], test.tuned["eval_low_confidence"]) == (0.05, 0.10)
+    assert test.base["reward_low_confidence"] == 0.5
+    assert (test.base["share:dark"], test.tuned["share:dark"], test.tuned["share:light"]) == (1.0, 0.25, 0.75)
+    assert math.isnan(test.base["share:tan"])  # a class the table has no row of
+    assert (test.base["vendi"], rows[1].base["vendi"]) == (2.0, 9.0)  # teacher is test, judge heldout
+    by_truth = validity_by_class(*folders, "oracle", "skin_tone", "miniature", judge="oracle")
+    assert [(r.split, r.base["majority"], r.tuned["other"]) for r in by_truth][2] == ("test", (0.0, 2), (1.0, 1))
+    text = comparison_markdown(*folders, "oracle", "skin_tone", "miniature")
+    assert "| test | 7.5 | 0.000 → 0.750 | nan → nan | nan → nan | 1.000 → 0.250 |" in text  # light, ..., dark
+    assert "`oracle` low-confidence rate (images)" in text and "`miniature` low-confidence rate (images)" in text

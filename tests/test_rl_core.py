@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from functools import partial
@@ -34,9 +35,12 @@ from rl import (
     hard_labels,
     joint_reference,
     median_bandwidth,
+    min_cost_assignment,
     mmd2_unbiased,
     mmd_loo_credit,
     pooled_group_scores,
+    quota_counts,
+    quota_reward,
     rbf_kernel,
     reference_from_target,
     register_reward,
@@ -361,10 +365,66 @@ def test_the_registry_declares_each_reward_once() -> None:
         "alignment": ({}, False),
         "drift": ({"features": ("embedding",)}, True),
         "confidence": ({}, False),
+        "quota": ({"baseline": ("slot", "group"), "reference": ("uniform", "target")}, False),
     }
     assert reward_spec("diversity").defaults == {"kernel": "rbf", "features": "probs", "reference": "uniform"}
     with pytest.raises(SuiteError, match=r"unknown reward 'diversty' \(did you mean 'diversity'\?\); allowed: "):
         reward_spec("diversty")
+
+
+def test_min_cost_assignment_is_the_cheapest_permutation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 7):
+        for _ in range(10):
+            cost = torch.rand(n, n, generator=gen, dtype=torch.float64)
+            column = min_cost_assignment(cost)
+            assert sorted(column.tolist()) == list(range(n))
+            best = min(sum(float(cost[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
+            assert float(cost[torch.arange(n), column].sum()) == pytest.approx(best, abs=1e-12)
+    with pytest.raises(SuiteError, match="square"):
+        min_cost_assignment(torch.zeros(2, 3))
+
+
+def test_quota_counts_split_n_by_largest_remainder() -> None:
+    assert quota_counts([1, 1, 1, 1], 6) == [2, 2, 1, 1]
+    assert quota_counts([0.5, 0.3, 0.2], 7) == [4, 2, 1]  # 3.5, 2.1, 1.4 -> 3, 2, 1 + the largest remainder
+    assert quota_counts([1, 1], 0) == [0, 0]
+
+
+def test_quota_reward_at_balance_pays_a_clean_face_over_an_ambiguous_one() -> None:
+    uniform = torch.full((4,), 0.25, dtype=torch.float64)
+    clean = [0.97, 0.01, 0.01, 0.01]
+    probs = torch.tensor([clean, clean, clean[1:2] + clean[:1] + clean[2:], [0.01, 0.97, 0.01, 0.01],
+                          [0.01, 0.01, 0.97, 0.01], [0.01, 0.01, 0.97, 0.01], [0.01, 0.01, 0.01, 0.97],
+                          [0.01, 0.01, 0.49, 0.49]], dtype=torch.float64)  # the last: between tan and dark
+    for baseline in ("slot", "group"):
+        r = quota_reward(probs, uniform, baseline)
+        assert r[7] < r[6] and r[7] == r.min(), baseline  # the ambiguous face, matched to dark, earns least
+    # hand-computed: quotas (2, 2, 2, 2); the ambiguous face goes to dark with the clean dark one, so the
+    # dark slot holds log 0.97 = -0.030459 and log 0.49 = -0.713350, centred: +-0.341445
+    slot = quota_reward(probs, uniform, "slot")
+    assert slot.tolist() == pytest.approx([0, 0, 0, 0, 0, 0, 0.341445, -0.341445], abs=1e-6)
+    group = quota_reward(probs, uniform, "group")
+    assert group.tolist() == pytest.approx([math.log(0.97)] * 7 + [math.log(0.49)], abs=1e-12)
+
+
+def test_quota_reward_in_a_collapsed_group_still_ranks_the_images() -> None:
+    # eight faces all read as light; each gives a little more probability to the other tones than the last
+    eps = [1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]  # from the third, each twice the last
+    probs = torch.tensor([[1 - 3 * e, e, e, e] for e in eps], dtype=torch.float64)
+    r = quota_reward(probs, torch.full((4,), 0.25, dtype=torch.float64), "slot")
+    # the quota (2, 2, 2, 2) keeps the two clearest light faces light, the clearer earning more (hard labels
+    # would give every image the same credit); the other six go two by two to medium, tan and dark, where
+    # each earns log(its eps) minus its slot's mean: the one with more probability there earns more
+    assert r[0] > 0 > r[1] and r[0].item() == pytest.approx((math.log(1 - 3e-5) - math.log(1 - 3e-4)) / 2)
+    assert sorted(r[2:].tolist()) == pytest.approx([-math.log(2) / 2] * 3 + [math.log(2) / 2] * 3)  # eps ratios 2
+    assert r[2] < 0 < r[7] and r.sum().item() == pytest.approx(0.0, abs=1e-12)
+    # unread images (rows of zeros) get the group's lowest value
+    with_unread = torch.cat([probs, torch.zeros(1, 4, dtype=torch.float64)])
+    r2 = quota_reward(with_unread, torch.full((4,), 0.25, dtype=torch.float64), "slot")
+    assert r2[-1] == r2[:-1].min()
+    with pytest.raises(SuiteError, match="unknown baseline 'slots'"):
+        quota_reward(probs, torch.full((4,), 0.25, dtype=torch.float64), "slots")
 
 
 def _spec(name: str, classes: int, target: tuple[float, ...]) -> AttributeSpec:

@@ -102,6 +102,18 @@ def test_a_rerun_before_the_first_checkpoint_starts_an_empty_log(tmp_path: Path)
     assert [(r["loss"], r["reward_mean"]) for r in again] == [(r["loss"], r["reward_mean"]) for r in first]
 
 
+def test_the_same_seed_on_the_same_machine_gives_the_same_adapter_bytes(tmp_path: Path) -> None:
+    # what must be deterministic (docs/measured.md, "Reproducing the figures"): two fresh runs of one config
+    # and seed, here with the per-image quota reward, write byte-identical adapters; another seed does not
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert rl_main(["-q", "finetune", "--config", str(CONFIG), "--no-eval", "--reward", "quota",
+                        f"output_dir={tmp_path / name}", f"seed={seed}", *TOY[:-1], "training.epochs=2"]) == 0
+    adapter = [(tmp_path / name / "adapter" / "pytorch_lora_weights.safetensors").read_bytes() for name in "abc"]
+    assert adapter[0] == adapter[1] and adapter[0] != adapter[2]
+    assert [r["reward_mean"] for r in log(tmp_path / "a")] == [r["reward_mean"] for r in log(tmp_path / "b")]
+    assert "quota_mean" in log(tmp_path / "a")[0]
+
+
 def test_a_kl_penalty_keeps_the_policy_near_the_base_model(tmp_path: Path) -> None:
     # training.kl_coef (DPOK's per-step KL to the base model): the same toy run, penalised hard, stays nearer
     assert finetune(tmp_path / "weak", "training.epochs=3", "training.kl_coef=1e-6") == 0

@@ -92,9 +92,13 @@ class _WorldClassifier:
 
 
 class OracleClassifier(_WorldClassifier):
-    """The exact oracle (`evalsuite.miniature.read_attributes`): one-hot probs from the face and hair
-    pixels; "no_person" where too few skin or hair pixels are found. It reads 32×32 miniature images
-    only: `classify()` raises SuiteError on any other size (it is not meant for other models)."""
+    """The exact oracle (`evalsuite.miniature.read_attributes`): labels from the face and hair pixels;
+    "no_person" where too few skin or hair pixels are found. Its probabilities say how far the face's
+    median skin (hair) colour lies from the tone read toward the next nearest
+    (`evalsuite.miniature.read_colour_probs`), one-hot on renders, so its confidence is legibility read
+    from the truth.
+    It reads 32×32 miniature images only: `classify()` raises SuiteError on any other size (it is not
+    meant for other models)."""
 
     name = "oracle"
     detects_people = True
@@ -110,14 +114,16 @@ class OracleClassifier(_WorldClassifier):
         return super().classify(images, attributes)
 
     def _measure(self, images: np.ndarray) -> dict[str, tuple[np.ndarray, list[str]]]:
-        from evalsuite.miniature import read_attributes
+        from evalsuite.miniature import read_attributes, read_colour_probs
 
         tone, age = read_attributes(images)
+        shares = dict(zip(("skin_tone", "age"), read_colour_probs(images), strict=True))
         status = ["ok" if t >= 0 else "no_person" for t in tone]
         out = {}
         for name, labels in (("skin_tone", tone), ("age", age)):
             k = len(self.heads[name])
-            out[name] = (np.eye(k)[np.clip(labels, 0, k - 1)], status)
+            person = (labels >= 0)[:, None]
+            out[name] = (np.where(person, shares[name], np.eye(k)[np.clip(labels, 0, k - 1)]), status)
         return out
 
 

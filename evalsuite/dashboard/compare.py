@@ -5,6 +5,10 @@ pair differs only in the model. Shares are pooled over the common prompts with c
 intervals (clustered by prompt), and so is the paired change in share B − A; other metrics are computed
 per prompt on the paired images, then averaged over prompts with a t-interval within the metric's range
 (the change too). Every interval is `evalsuite.metrics`'; every entry is read by `evalsuite.results`.
+
+`Comparison.splits` repeats the shares and the legibility per split of the battery (`Prompt.split`: the
+prompts trained on, the held-out validation prompts, the test prompts), so a tuned model's figures on
+prompts it never saw and that chose no setting stand apart from the rest.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import pandas as pd
 
 from evalsuite import legibility
 from evalsuite import metrics as mx
+from evalsuite.battery import SPLITS
 from evalsuite.errors import SuiteError
 from evalsuite.results import RunView, majority_classes
+from evalsuite.results.schema import entry
 
 SHARE_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform")  # registered, fn(p)
 DIVERSITY = ("vendi", "mean_pairwise_cosine")  # registered, fn(embeddings)
@@ -39,6 +45,7 @@ class Comparison:
     diversity: pd.DataFrame
     flips: pd.DataFrame
     legibility: pd.DataFrame  # LEGIBILITY_COLUMNS: a judge classifier's low-confidence rate by group
+    splits: pd.DataFrame = field(default_factory=pd.DataFrame)  # SPLIT_COLUMNS: shares and legibility per split
     notes: list[str] = field(default_factory=list)
     by_position: bool = False  # no pair shared a seed: images are paired by position (prompt, scale, index)
 
@@ -184,8 +191,56 @@ def compare_runs(a: RunView, b: RunView) -> Comparison:
         pd.DataFrame(share_rows, columns=share_cols), pd.DataFrame(metric_rows, columns=metric_cols),
         pd.DataFrame(diversity, columns=["attribute", *metric_cols[1:]]),
         pd.DataFrame(flip_rows, columns=["attribute", "guidance_scale", "rate", "n_pairs"]),
-        pd.DataFrame(_legibility(a, b, clf, pairs, scales), columns=LEGIBILITY_COLUMNS), notes, by_position,
+        pd.DataFrame(_legibility(a, b, clf, pairs, scales), columns=LEGIBILITY_COLUMNS),
+        pd.DataFrame(_by_split(a, b, clf, pairs, scales), columns=SPLIT_COLUMNS), notes, by_position,
     )
+
+
+SPLIT_COLUMNS = ("split", "attribute", "guidance_scale", "quantity", "a", "a_lo", "a_hi", "b", "b_lo", "b_hi",
+                 "n_prompts")
+
+
+def _by_split(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, float], list[Pair]],
+              scales: list[float]) -> list[list[Any]]:
+    """Per split of run A's battery (`Battery.splits`), attribute and scale, on the paired images of the
+    split's prompts: the share of each class as `reader` reads it ("share:<class>") and the low-confidence
+    rate of every classifier both runs hold ("low_confidence:<judge>", the reader's own included), in A and
+    in B, pooled over prompts with cluster-robust 95 % intervals. A split without paired images is left out."""
+    split_of, rows = a.battery.splits(), []
+    judges = [j for j in a.classifiers if j in b.classifiers]
+    classes_b = dict(b.attributes(reader))
+    for attr, classes in a.attributes(reader):
+        if classes_b.get(attr) != classes:
+            continue
+        for split, scale in ((sp, sc) for sp in SPLITS for sc in scales):
+            groups = [g for (text, s), g in pairs.items() if s == scale and split_of.get(text) == split]
+            tally: dict[str, np.ndarray] = {}  # quantity -> (run, hits | images, prompt)
+            for side, view in enumerate((a, b)):
+                for g, group in enumerate(groups):
+                    for record in (pair[side] for pair in group):
+                        _count(tally, record, view, side, g, len(groups), reader, attr, classes, judges)
+            for quantity, t in tally.items():
+                rows.append([split, attr, scale, quantity, *mx.cluster_share_interval(t[0, 0], t[0, 1]),
+                             *mx.cluster_share_interval(t[1, 0], t[1, 1]), int(np.count_nonzero(t[:, 1].sum(0)))])
+    return rows
+
+
+def _count(tally: dict[str, np.ndarray], record: dict[str, Any], view: RunView, side: int, g: int, n_groups: int,
+           reader: str, attr: str, classes: tuple[str, ...], judges: list[str]) -> None:
+    """Add one image of run `side`, prompt group `g`, to the tallies of `_by_split`."""
+    def add(quantity: str, hit: bool) -> None:
+        t = tally.setdefault(quantity, np.zeros((2, 2, n_groups)))
+        t[side, 0, g] += hit
+        t[side, 1, g] += 1
+
+    label = view.label(record, reader, attr)
+    if label in classes:
+        for c in classes:
+            add(f"share:{c}", label == c)
+    for judge in judges:
+        judged = entry(record, judge, attr)
+        if judged.ok:
+            add(f"low_confidence:{judge}", not judged.confident)
 
 
 LEGIBILITY_COLUMNS = ("judge", "attribute", "guidance_scale", "group", "a", "a_lo", "a_hi", "a_n", "b", "b_lo",
@@ -194,7 +249,8 @@ LEGIBILITY_COLUMNS = ("judge", "attribute", "guidance_scale", "group", "a", "a_l
 
 def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, float], list[Pair]],
                 scales: list[float]) -> list[list[Any]]:
-    """Per judge (every other classifier both runs hold), attribute, scale and group (majority / other):
+    """Per judge (every classifier both runs hold, the reader included: the miniature world's oracle judging
+    its own reading is legibility read from the face's pixels), attribute, scale and group (majority / other):
     the judge's low-confidence rate in A and in B, pooled over all prompts (training and held-out alike)
     with cluster-robust intervals.
 
@@ -204,7 +260,7 @@ def _legibility(a: RunView, b: RunView, reader: str, pairs: dict[tuple[str, floa
     intersections (no judge reads a joined attribute) are left out.
     """
     rows: list[list[Any]] = []
-    judges = [j for j in a.classifiers if j != reader and j in b.classifiers]
+    judges = [j for j in a.classifiers if j in b.classifiers]  # the reader judges its own confidence too
     classes_b = dict(b.attributes(reader))
     paired = [[p[side] for group in pairs.values() for p in group] for side in (0, 1)]
     for attr, classes in a.attributes(reader):

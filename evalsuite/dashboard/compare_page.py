@@ -89,6 +89,8 @@ def compare_page(c: Comparison, root: Path) -> str:
         parts.append(section(f"Attribute: {attr}", body, f"c{i}"))
     if not c.legibility.empty:
         parts.append(_legibility(c, axis))
+    if not c.splits.empty:
+        parts.append(_by_split(c, axis))
     parts.append(_diversity(c, root, labels, scales, axis))
     return "".join(parts)
 
@@ -98,8 +100,9 @@ def _legibility(c: Comparison, axis: str) -> str:
     body = paragraphs(
         f"Whose images lose legibility. Each image is put in a group by what {c.classifier} reads: the "
         "prompt's majority class (its most common class over run A's paired images of that prompt) or any "
-        "other class. The rate is the share of a group's images another classifier (the judge) reads with "
-        f"low confidence (top class probability below {CONFIDENCE_THRESHOLD:g}). A change that only an "
+        "other class. The rate is the share of a group's images a classifier (the judge; the reader too) reads "
+        f"with low confidence (top class probability below {CONFIDENCE_THRESHOLD:g}); the miniature world's "
+        "oracle judges by the face's pixels, a measure no policy is trained against. A change that only an "
         "average shows can hide a model whose rarer groups come out less legibly than its majority. Pooled "
         "over all prompts (training and held-out alike) with cluster-robust 95 % intervals; a group's images "
         "differ between A and B when the model changes who is drawn."
@@ -115,6 +118,26 @@ def _legibility(c: Comparison, axis: str) -> str:
             f"Low-confidence rate of {judge} on {attr}, by the {c.classifier} group",
         )
     return section("Legibility by group", body, "cleg")
+
+
+def _by_split(c: Comparison, axis: str) -> str:
+    """Shares and low-confidence rates per split of the battery: trained on, validation, test."""
+    body = paragraphs(
+        "The same paired images, split as the battery splits its prompts: train (an RL run trained on them), "
+        "heldout (validation: settings were chosen on them) and test (never trained on, never used to choose "
+        "a setting: the fair place for a headline). Shares are of what "
+        f"{c.classifier} reads; low-confidence rates are each classifier's own (top class probability below "
+        f"{CONFIDENCE_THRESHOLD:g}). Pooled over the split's prompts, cluster-robust 95 % intervals."
+    )
+    for (split, attr), rows in c.splits.groupby(["split", "attribute"], sort=False):
+        body += table(
+            [axis, "quantity", "A", "B", "prompts"],
+            [[f"{r.guidance_scale:g}", r.quantity.replace("share:", "share of ").replace(
+                "low_confidence:", "low confidence of "), interval(r.a, r.a_lo, r.a_hi),
+              interval(r.b, r.b_lo, r.b_hi), r.n_prompts] for r in rows.itertuples()],
+            f"{split} prompts: {attr}",
+        )
+    return section("By split", body, "csplit")
 
 
 def _biggest(shares: pd.DataFrame) -> str:

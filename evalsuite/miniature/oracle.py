@@ -7,6 +7,16 @@ palette colour); on generated images it is a nearest-palette reading, which is c
 truth on VAE reconstructions of renders in the tests. An image with too few skin or hair pixels has
 "no person" (label -1).
 
+How legibly a face shows its tone is read from the same pixels (`read_colour_probs`): the median colour
+of the face's skin pixels lies a fraction f = d1 / (d1 + d2) of the way from its nearest tone to the
+next nearest (d1, d2: RGB distances to the two), 0 for a render, 1/2 for a face painted exactly between
+two tones. The `oracle` classifier reports 1 - f for the tone it reads and f for the next nearest as its
+probabilities, so its confidence (top >= 0.8, the line the classifiers use: f <= 0.2, the colour within
+a fifth of the way to another tone) is legibility judged by the truth, not by a classifier a policy may
+have been trained against. The median, not the pixel count, because decoded faces have soft edges: on
+the base model at guidance 7.5 a face's pixels split 80/20 between tones while its median colour sits
+close to one tone. Hair (age) is read the same way.
+
 The occupation is read from its signature (`world.OCCUPATIONS`: a hat style, each style with its own
 colour, and a badge colour): the hat is the hat colour with the most pixels in the rows above the
 face (none below `MIN_HAT_PIXELS`), the badge the badge colour with the most pixels in the badge rows
@@ -62,6 +72,43 @@ def _tone_age(nearest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tone = np.where(person, skin.argmax(1), -1)
     age = np.where(person, hair.argmax(1), -1)
     return tone.astype(np.int64), age.astype(np.int64)
+
+
+LEAST_TOP = 0.51
+"""The least probability `read_colour_probs` gives the label read, so that the label stays the argmax."""
+
+
+def _colour_probs(images: np.ndarray, nearest: np.ndarray, labels: np.ndarray, first: int,
+                  colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """(n, K) probabilities over `colours` (PALETTE[first:first + K]) from the median colour of each
+    image's pixels nearest to one of them (module docstring); zeros where `labels` is -1."""
+    palette = np.asarray(colours, dtype=np.float64)
+    k = len(colours)
+    out = np.zeros((len(images), k))
+    for i in np.flatnonzero(labels >= 0):
+        mine = (nearest[i] >= first) & (nearest[i] < first + k)
+        median = np.median(images[i][mine].astype(np.float64), axis=0)
+        d = np.linalg.norm(palette - median, axis=1)
+        order = np.argsort(d, kind="stable")
+        f = d[order[0]] / max(d[order[0]] + d[order[1]], 1e-12)
+        label = int(labels[i])
+        other = int(order[1]) if int(order[0]) == label else int(order[0])
+        out[i, label] = max(1.0 - f, LEAST_TOP)
+        out[i, other] = 1.0 - out[i, label]
+    return out
+
+
+def read_colour_probs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per uint8 image (n, H, W, 3), how legibly it shows its skin tone, (n, len(SKIN_TONES)), and its
+    hair colour, (n, len(AGES)): 1 - f for the label `read_attributes` gives and f for the next nearest
+    colour, f = d1 / (d1 + d2) of the median colour of the face's skin (hair) pixels (module docstring);
+    the label's entry is at least LEAST_TOP, so it stays the argmax (a median nearer another tone than
+    the pixel majority's is a face between the two); rows of zeros where no person is found. One-hot
+    on renders."""
+    nearest = _nearest(images)
+    tone, age = _tone_age(nearest)
+    return (_colour_probs(images, nearest, tone, 0, _SKIN),
+            _colour_probs(images, nearest, age, len(_SKIN), _HAIR))
 
 
 def read_signature(images: np.ndarray) -> tuple[list[str], list[int]]:
