@@ -2,6 +2,8 @@
 
     python bench/rl_epoch.py --tiny          # CPU smoke run on the miniature pipeline
     python bench/rl_epoch.py                 # GPU: SD-1.5 shapes, random weights, 64 images x 50 steps
+    python bench/rl_epoch.py --model stabilityai/stable-diffusion-3.5-medium --images 16 --steps 10
+                                             # GPU: any family the trainer drives, through its policy
 
 An epoch is sampling N images with DDIM (eta 1) under CFG 7.5 while recording log-probabilities, then
 one PPO pass over every (image, timestep) with LoRA rank 4 on the attention projections. Rewards do
@@ -15,6 +17,10 @@ not matter for speed: every variant gets the same random advantages.
   weights stored in bf16 under bf16 autocast with fp32 LoRA parameters, cuDNN autotuning, the attention kernel order
   of `--attention`, sampling batch 64, training batch 32.
 * ours_compiled: the same with `training.compile: true` (the UNet compiled in place, fixed shapes).
+* policy (with `--model M`, alone): one epoch of model M (a folder or hub id of any family `rl.families`
+  trains: SD 1.x/2.x, SDXL, SD3/SD3.5, Flux) through its policy (`rl.families.policy_for`: DDIM eta 1 for
+  UNet models, the flow SDE at noise level 0.7 for flow models), with `rl.train`'s bf16 storage on a GPU;
+  sampling batch `--sample-batch`, training batch `--train-batch`. No GPU figure has been taken yet.
 """
 
 from __future__ import annotations
@@ -100,6 +106,56 @@ def epoch(pipe, n: int, steps: int, sample_batch: int, train_batch: int, device:
             "train_ms_per_img_step": round(1000 * (total - t_sample) / (n * steps), 3)}
 
 
+def policy_epoch(model: str, n: int, steps: int, sample_batch: int, train_batch: int, device: str) -> dict:
+    """One epoch of `model` through its policy (module docstring, "policy"): sample n chains at guidance 4.5,
+    then one PPO pass over every (image, step)."""
+    from evalsuite.models import load_model
+    from rl.families import TRAINABLE, policy_for
+
+    pipe = load_model(model, device=device).pipe
+    flow = TRAINABLE[type(pipe).__name__].policy == "flow"
+    policy = policy_for(pipe, steps, 0.7 if flow else 1.0, model)
+    torch.manual_seed(0)
+    params = add_lora(policy.denoiser, 4, 4.0, TARGETS)
+    if device == "cuda":
+        for module in (policy.denoiser, *policy.text_encoders.values()):
+            cast_frozen(module, torch.bfloat16)
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    with torch.no_grad(), amp:
+        cond, uncond = policy.encode(["a photo of a doctor"]), policy.encode_empty()
+    sync()
+    t0 = time.perf_counter()
+    chunks = []
+    for k in range(0, n, sample_batch):
+        b = min(sample_batch, n - k)
+        with amp:
+            chunks.append(policy.sample(policy.denoiser, cond.repeat(b), uncond, torch.full((b,), 4.5, device=device),
+                                        policy.initial_noise(range(k, k + b)), seed=k))
+    latents, old = torch.cat([c.latents for c in chunks]), torch.cat([c.log_probs for c in chunks])
+    sync()
+    t_sample = time.perf_counter() - t0
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
+    for start in range(0, n, train_batch):
+        idx = torch.arange(start, min(start + train_batch, n), device=device)
+        for j in range(steps):
+            step = torch.full((len(idx),), j)
+            with amp:
+                x = latents[idx, j]
+                out = policy.output(policy.denoiser, x, step, cond.repeat(len(idx)), uncond,
+                                    torch.full((len(idx),), 4.5, device=device))
+                logp = policy.step_log_prob(out, x, latents[idx, j + 1], step)
+                loss, _ = clipped_surrogate(logp.float(), old[idx, j], adv[idx], 1e-4, 5.0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+    sync()
+    total = time.perf_counter() - t0
+    return {"pipeline": type(pipe).__name__, "sample_s": round(t_sample, 2), "train_s": round(total - t_sample, 2),
+            "epoch_s": round(total, 2), "train_ms_per_img_step": round(1000 * (total - t_sample) / (n * steps), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
@@ -108,11 +164,20 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,ours,ours_compiled")
     ap.add_argument("--attention", default="", help="kernel priority for ours, e.g. CUDNN_ATTENTION,FLASH_ATTENTION")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="the policy variant alone, on this model (folder or hub id)")
+    ap.add_argument("--sample-batch", type=int, default=8, help="with --model: images sampled together")
+    ap.add_argument("--train-batch", type=int, default=4, help="with --model: images per training micro-batch")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = a.images or (8 if a.tiny else 64)
     steps = a.steps or (4 if a.tiny else 50)
     r: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "images": n, "steps": steps}
+    if a.model:
+        r["policy"] = policy_epoch(a.model, n, steps, min(a.sample_batch, n), min(a.train_batch, n), device)
+        print(json.dumps(r, indent=1))
+        if a.out:
+            a.out.write_text(json.dumps(r, indent=1))
+        return
     runs = {"plain": dict(sample_batch=8, train_batch=8, ours=False, compile=False),
             "ours": dict(sample_batch=64, train_batch=32, ours=True, compile=False),
             "ours_compiled": dict(sample_batch=64, train_batch=32, ours=True, compile=True)}

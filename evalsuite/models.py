@@ -244,13 +244,21 @@ def pipeline_problems(model: str | None, drop_t5: bool = False) -> list[str]:
     message each ([] = it can). Read from the model_index.json of a built-in model or a local folder, so
     nothing loads; a hub id's index is checked by `load_model` before its weights download, and a model
     that is not found is `check_model_source`'s to report."""
+    index = model_index(model)
+    return [] if index is None else _index_problems(index, model or DEFAULT_MODEL, drop_t5)
+
+
+def model_index(model: str | None) -> dict[str, Any] | None:
+    """The model_index.json of a built-in model or a local folder (its `_class_name` and components), read
+    without loading anything; None where there is none to read: a hub id, a model that is not found
+    (`check_model_source` says so), or a file that is not JSON (loading says so)."""
     builtin = builtin_model(model)
     try:
         folder = builtin.folder() if builtin is not None else Path(str(model)).expanduser()
         index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):  # not found (check_model_source says so), a hub id, or no JSON (loading says)
-        return []
-    return _index_problems(index, model or DEFAULT_MODEL, drop_t5)
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
 
 
 def _index_problems(index: Mapping[str, Any], model: str, drop_t5: bool) -> list[str]:

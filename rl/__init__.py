@@ -1,10 +1,12 @@
-"""Reinforcement-learning fine-tuning (DDPO-style policy gradient over DDIM steps, LoRA) with set-level
-diversity / balance rewards.
+"""Reinforcement-learning fine-tuning (DDPO-style policy gradient over the sampler's steps, LoRA) with
+set-level diversity / balance rewards, for SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux.
 
-The recipe is `rl.train`; its parts: `rl.config` (YAML config), `rl.sampling` and `rl.ddim` (the denoising
-MDP), `rl.rewards` (the reward registry and the set-level rewards with leave-one-out credit; their MMD
-maths in `rl.mmd`), `rl.advantages` (normalisation and the PPO surrogate), `rl.lora` (adapters and their
-export), `rl.checkpoint` (exact resume)."""
+The recipe is `rl.train`; its parts: `rl.config` (YAML config), `rl.policy` (the policy interface the
+recipe drives) with `rl.families` (which pipeline classes it trains, `policy_for`), `rl.unet_policy`,
+`rl.sampling` and `rl.ddim` (stochastic DDIM for UNet models), `rl.flow_policy` and `rl.flow_sde` (the
+flow SDE for SD3 and Flux), `rl.rewards` (the reward registry and the set-level rewards with leave-one-out
+credit; their MMD maths in `rl.mmd`), `rl.advantages` (normalisation and the PPO surrogate), `rl.lora`
+(adapters and their export), `rl.checkpoint` (exact resume)."""
 
 from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from rl.checkpoint import (
@@ -27,6 +29,9 @@ from rl.config import (
     with_reward,
 )
 from rl.ddim import ddim_step_kl, ddim_step_with_logprob
+from rl.families import TRAINABLE, TrainableFamily, policy_for, trainable_problems
+from rl.flow_policy import FlowPolicy
+from rl.flow_sde import flow_sde_kl, flow_sde_moments, flow_sde_step
 from rl.lora import add_lora, cast_frozen, kohya_key, kohya_state_dict, load_kohya, lora_named_parameters, save_adapter
 from rl.mmd import (
     KERNELS,
@@ -39,6 +44,7 @@ from rl.mmd import (
     rbf_kernel,
     resolve_kernel,
 )
+from rl.policy import Conditioning, Policy, Trajectories
 from rl.rewards import (
     REWARDS,
     GroupInputs,
@@ -63,6 +69,7 @@ from rl.rewards import (
     unregister_reward,
 )
 from rl.sampling import SDPipeline
+from rl.unet_policy import UNetPolicy
 
 __all__ = [
     "EvaluationConfig", "LoraConfigSpec", "RewardConfig", "SamplingConfig", "TrainConfig",
@@ -70,6 +77,8 @@ __all__ = [
     "latest_checkpoint", "load_checkpoint", "load_config", "load_kohya", "load_process_state", "lora_named_parameters",
     "restore_rng",
     "save_adapter", "save_checkpoint", "with_reward",
+    "TRAINABLE", "Conditioning", "FlowPolicy", "Policy", "TrainableFamily", "Trajectories", "UNetPolicy",
+    "flow_sde_kl", "flow_sde_moments", "flow_sde_step", "policy_for", "trainable_problems",
     "KERNELS",
     "REWARDS",
     "GroupInputs",

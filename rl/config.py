@@ -66,9 +66,11 @@ def _precision(c: Check, key: str, value: Any) -> str | None:
 class SamplingConfig:
     """The `sampling` section: how each epoch's trajectories are sampled."""
 
-    steps: int = setting(integer(1), doc="DDIM denoising steps per trajectory (each one an action of the policy)")
-    # eta > 1 asks for a step variance above 1 - a_t' (rl.ddim): DDIM's eta runs from 0 (deterministic) to 1
-    eta: float = setting(number("(0, 1]"), doc="DDIM eta of the training sampler; the policy must be stochastic")
+    steps: int = setting(integer(1), doc="denoising steps per trajectory (each one an action of the policy)")
+    # eta > 1 asks for a step variance above 1 - a_t' (rl.ddim): DDIM's eta runs from 0 (deterministic) to 1.
+    # Flow models (SD3, Flux) read it as the flow SDE's noise level a, sigma_t = a sqrt(t / (1 - t)) (rl.flow_sde)
+    eta: float = setting(number("(0, 1]"), doc="the training sampler's noise: DDIM eta (UNet models) or the flow "
+                                               "SDE's noise level a (SD3, Flux); the policy must be stochastic")
     guidance_scales: tuple[float, ...] = setting(scales, doc="training guidance scales; each group draws one")
     prompts_per_epoch: int = setting(integer(1), doc="groups (one prompt and scale each) per process per epoch")
     group_size: int = setting(integer(3), doc="images per group, the set a set reward scores (LOO needs >= 3)")
@@ -185,7 +187,10 @@ def _reward(c: Check, key: str, item: Any, listed: Sequence[str]) -> RewardConfi
 class TrainConfig:
     """A validated training config. `source` (where it was read from) takes no part in equality."""
 
-    model: str = setting(text, doc="'miniature', a local diffusers folder or a hub id 'org/name'")
+    model: str = setting(text, doc="'miniature', a local diffusers folder or a hub id 'org/name' (SD 1.x/2.x, SDXL, "
+                                   "SD3/SD3.5, Flux: rl.families)")
+    drop_t5: bool = setting(boolean, False, doc="load an SD3 model without its T5 text encoder (as evalsuite's "
+                                                "--no-t5), in training and evaluation")
     battery: str = setting(text, doc="prompt battery: training draws its non-heldout prompts, evaluation all")
     output_dir: str = setting(text, doc="where checkpoints, logs, evaluations and the adapter are written")
     seed: int = setting(integer(0), doc="base seed: prompt draws, guidance draws, noises, trained steps")
@@ -280,8 +285,10 @@ class TrainConfig:
              if t.kl_coef > 0 else []))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON data that `config_from_dict` turns back into an equal config."""
-        return {name: _plain(getattr(self, name)) for name in declared(TrainConfig)}
+        """Plain YAML/JSON data that `config_from_dict` turns back into an equal config. `drop_t5` is
+        written only when true (it concerns SD3 models alone), so every other config reads as before it existed."""
+        return {name: _plain(getattr(self, name)) for name in declared(TrainConfig)
+                if not (name == "drop_t5" and not self.drop_t5)}
 
 
 _SECTIONS: dict[str, type[Any]] = {name: f.metadata["check"].cls for name, f in declared(TrainConfig).items()

@@ -1,7 +1,9 @@
 """The checks of an RL config across its fields and beyond its file (`rl.config` checks each field).
 
 Batch arithmetic (the batch sizes divide the samples per epoch), the tracker sizes, the KL window, the
-model source, the battery and the attributes the rewards balance, and the classifier and embedder specs
+model source and whether the trainer can drive its pipeline (`rl.families.trainable_problems`, from its
+model_index.json, before anything loads; an SD3 model may leave its T5 out: `drop_t5`), the battery and
+the attributes the rewards balance, and the classifier and embedder specs
 (known, made for the model's image domain: `evalsuite.classifiers.domain_problems`, and no code plug-in
 unless the user opted in: `evalsuite.classifiers.plugin_problems`). Each
 problem is added to the `Check` of the config being read, so that one ConfigError reports them all.
@@ -16,8 +18,9 @@ from typing import Any
 from evalsuite.battery import Battery, load_battery
 from evalsuite.classifiers import check_classifier_spec, check_embedder_spec, domain_problems, plugin_problems
 from evalsuite.errors import ConfigError, SuiteError, did_you_mean
-from evalsuite.models import check_model_source, model_profile
+from evalsuite.models import check_model_source, model_profile, pipeline_problems
 from evalsuite.validation import Check
+from rl.families import trainable_problems
 
 __all__ = ["check_battery", "cross_checks"]
 
@@ -56,6 +59,15 @@ def cross_checks(c: Check, values: Mapping[str, Any], raws: Mapping[str, Mapping
             check_model_source(values["model"])
         except SuiteError as exc:
             c.add("model", str(exc).removeprefix("--model: "))
+        else:  # a pipeline the trainer cannot drive (or whose T5 cannot be left out) is refused before it loads
+            raw = (values.get("lora") or {}).get("text_encoder_rank")
+            rank = raw if isinstance(raw, int) else 0
+            problems = trainable_problems(values["model"], rank)
+            if values.get("drop_t5") and not problems:
+                problems = [("drop_t5", p.removeprefix("--no-t5: "))
+                            for p in pipeline_problems(values["model"], drop_t5=True)]
+            for key, message in problems:
+                c.add(key, message)
     if values.get("battery"):
         check_battery(c, values["battery"], values.get("reward_attributes") or ())
     spec, evaluator = values.get("reward_classifier"), evaluation.get("classifier")

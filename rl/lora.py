@@ -1,4 +1,5 @@
-"""LoRA adapters on a diffusers UNet (and optionally the CLIP text encoder) via PEFT, and their export.
+"""LoRA adapters on a diffusers denoiser (a UNet, or the SD3/Flux transformer) and optionally the CLIP text
+encoder(s) via PEFT, and their export.
 
 `add_lora` freezes the base model and injects PEFT LoRA layers. With ``init="gaussian"`` (the default
 here, and what rl.train uses) PEFT (0.21, ``LoraLayer.reset_lora_parameters``) draws lora_A from a normal
@@ -9,12 +10,14 @@ the added term B A x is zero.
 
 `save_adapter` writes one folder:
 
-* ``pytorch_lora_weights.safetensors``: the diffusers/PEFT format (``pipe.load_lora_weights(folder)``).
+* ``pytorch_lora_weights.safetensors``: the diffusers/PEFT format, written by the pipeline class's own
+  ``save_lora_weights`` (``pipe.load_lora_weights(folder)`` of StableDiffusionPipeline, SDXL, SD3, Flux).
   The PEFT configs go into its safetensors metadata too, because diffusers otherwise assumes
   ``lora_alpha == r`` on load and an adapter trained with alpha != rank would come back mis-scaled.
 * ``adapter_info.json``: the caller's metadata plus an ``"adapter"`` entry (rank, alpha, targets per model).
-* ``kohya/<name>.safetensors``: the kohya-ss / A1111 layout. For each adapted module at path ``p``
-  (dots -> underscores) of the UNet (prefix ``lora_unet_``) or text encoder (``lora_te_``):
+* ``kohya/<name>.safetensors`` (UNet models only): the kohya-ss / A1111 layout. For each adapted module
+  at path ``p`` (dots -> underscores) of the UNet (prefix ``lora_unet_``) or text encoder (``lora_te_``;
+  SDXL's two: ``lora_te1_``, ``lora_te2_``):
   ``<key>.lora_down.weight`` = PEFT lora_A, ``<key>.lora_up.weight`` = lora_B and ``<key>.alpha``, a 0-d
   float32 tensor with alpha / rank = the PEFT scaling. Its safetensors metadata (all strings):
   ``ss_network_module`` ("networks.lora"), ``ss_network_dim`` (UNet rank), ``ss_network_alpha`` (UNet alpha),
@@ -93,19 +96,23 @@ def _inject(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], i
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *,
-             text_encoder: nn.Module | None = None, text_rank: int | None = None,
+             text_encoder: nn.Module | Sequence[nn.Module] | None = None, text_rank: int | None = None,
              init: str = "gaussian") -> list[nn.Parameter]:
-    """Freeze `unet` (and `text_encoder`), add LoRA layers and return the trainable (LoRA) parameters.
+    """Freeze the denoiser `unet` (a UNet or a transformer) and the text encoder(s), add LoRA layers and
+    return the trainable (LoRA) parameters, in the order: denoiser, then each text encoder.
 
-    The text encoder, if given, gets LoRA on its attention projections (`TEXT_TARGETS`) with rank
-    `text_rank` (default `rank`) and the same alpha. LoRA parameters are float32 whatever the base dtype
-    (PEFT casts the layer input to the LoRA dtype and the result back to the base dtype).
+    Each text encoder given (one, or several: SDXL's two CLIPs) gets LoRA on its attention projections
+    (`TEXT_TARGETS`) with rank `text_rank` (default `rank`) and the same alpha. LoRA parameters are float32
+    whatever the base dtype (PEFT casts the layer input to the LoRA dtype and the result back to the base
+    dtype).
     """
     if init not in INITS:
         raise SuiteError(f"unknown LoRA init '{init}'; allowed: {', '.join(INITS)}")
-    models: list[tuple[nn.Module, int, Sequence[str], str]] = [(unet, rank, targets, "UNet")]
-    if text_encoder is not None:
-        models.append((text_encoder, rank if text_rank is None else text_rank, TEXT_TARGETS, "text encoder"))
+    encoders = [text_encoder] if isinstance(text_encoder, nn.Module) else list(text_encoder or ())
+    models: list[tuple[nn.Module, int, Sequence[str], str]] = [(unet, rank, targets, _kind(unet))]
+    for k, encoder in enumerate(encoders):
+        models.append((encoder, rank if text_rank is None else text_rank, TEXT_TARGETS,
+                       "text encoder" + (f" {k + 1}" if len(encoders) > 1 else "")))
     for model, r, tgts, what in models:  # check everything before touching any model
         _validate(model, r, tgts, what)
     trainable: list[nn.Parameter] = []
@@ -120,6 +127,11 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], *
             elif p.requires_grad:
                 raise SuiteError(f"non-LoRA parameter {name} of the {what} is trainable after add_lora")
     return trainable
+
+
+def _kind(denoiser: nn.Module) -> str:
+    """How messages name a denoiser: "UNet", or "transformer" (SD3, Flux)."""
+    return "UNet" if "UNet" in type(denoiser).__name__ else "transformer"
 
 
 @contextmanager
@@ -160,10 +172,13 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def lora_named_parameters(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, nn.Parameter]:
-    """The LoRA parameters by name ("unet.<path>", "text_encoder.<path>"), e.g. for checkpoints."""
+def lora_named_parameters(unet: nn.Module | Mapping[str, nn.Module | None],
+                          text_encoder: nn.Module | None = None) -> dict[str, nn.Parameter]:
+    """The LoRA parameters by name, e.g. for checkpoints: "unet.<path>" and "text_encoder.<path>", or,
+    given a mapping of component names to models (None entries skipped), "<component>.<path>"."""
+    models = unet if isinstance(unet, Mapping) else {"unet": unet, "text_encoder": text_encoder}
     out: dict[str, nn.Parameter] = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for prefix, model in models.items():
         if model is not None:
             out.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if "lora_" in n})
     return out
@@ -195,14 +210,17 @@ def _summary(model: nn.Module) -> dict[str, Any]:
             "modules": len(_lora_layers(model))}
 
 
-def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
-    """The kohya-layout tensors (see the module docstring) of the adapted models, on CPU."""
+def kohya_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None,
+                     text_encoder_2: nn.Module | None = None) -> dict[str, Tensor]:
+    """The kohya-layout tensors (see the module docstring) of the adapted models, on CPU. With a second
+    text encoder (SDXL) the two take the prefixes ``lora_te1`` and ``lora_te2``, else ``lora_te``."""
     out: dict[str, Tensor] = {}
-    for prefix, model in (("lora_unet", unet), ("lora_te", text_encoder)):
+    first = "lora_te" if text_encoder_2 is None else "lora_te1"
+    for prefix, model in (("lora_unet", unet), (first, text_encoder), ("lora_te2", text_encoder_2)):
         if model is None:
             continue
         for path, layer in _lora_layers(model):
-            key = kohya_key(text_model_path(path) if prefix == "lora_te" else path, prefix)
+            key = kohya_key(text_model_path(path) if prefix != "lora_unet" else path, prefix)
             if key + ".alpha" in out:
                 raise SuiteError(f"two modules map to the kohya key {key}")
             out[key + ".lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().contiguous()
@@ -260,59 +278,76 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
 
 def save_adapter(pipe_or_unet: Any, out_dir: Path, *, text_encoder: nn.Module | None = None,
                  metadata: Mapping[str, Any], name: str | None = None,
-                 unet: nn.Module | None = None) -> dict[str, Path]:
+                 unet: nn.Module | None = None) -> dict[str, Path | None]:
     """Write the adapter folder (see the module docstring); return the paths of what was written.
 
-    `pipe_or_unet` is a pipeline (its UNet, and its text encoder if that carries LoRA layers, are saved)
-    or a UNet; `unet` overrides the pipeline's UNet (e.g. an unwrapped one). `name` names the kohya file
-    (default: the folder name). Keys of the result: "dir", "diffusers", "info", "kohya".
+    `pipe_or_unet` is a pipeline or a UNet. Of a pipeline, its denoiser (``unet``, or ``transformer`` for
+    SD3 and Flux) is saved with every text encoder (``text_encoder``, ``text_encoder_2``) that carries LoRA
+    layers, through the pipeline class's own ``save_lora_weights``, so that ``load_lora_weights`` of that
+    class reads the folder; a bare UNet is saved as StableDiffusionPipeline saves one. `unet` overrides the
+    denoiser (e.g. an unwrapped one), `text_encoder` the text encoder. `name` names the kohya file (default:
+    the folder name), written for UNet models only (kohya-ss has no layout for SD3 or Flux transformers in
+    diffusers' module names). Keys of the result: "dir", "diffusers", "info", "kohya" (None where no
+    kohya file is written).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    unet = unet if unet is not None else getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if text_encoder is None and _has_lora(getattr(pipe_or_unet, "text_encoder", None)):
-        text_encoder = pipe_or_unet.text_encoder
-    if not _has_lora(unet):
-        raise SuiteError("save_adapter: the UNet has no LoRA layers (call add_lora first)")
+    pipeline = pipe_or_unet if isinstance(pipe_or_unet, DiffusionPipeline) else None
+    slot = "transformer" if pipeline is not None and getattr(pipeline, "unet", None) is None else "unet"
+    denoiser = unet if unet is not None else (getattr(pipeline, slot) if pipeline is not None else pipe_or_unet)
+    encoders: dict[str, nn.Module] = {"text_encoder": text_encoder} if text_encoder is not None else {
+        part: model for part in ("text_encoder", "text_encoder_2")
+        if _has_lora(model := getattr(pipeline, part, None)) and model is not None}
+    if not _has_lora(denoiser):
+        raise SuiteError(f"save_adapter: the {_kind(denoiser)} has no LoRA layers (call add_lora first)")
     if text_encoder is not None and not _has_lora(text_encoder):
         raise SuiteError("save_adapter: the text encoder has no LoRA layers")
+    kohya = slot == "unet"
     out_dir = Path(out_dir)
     name = name or out_dir.name
     info: dict[str, Any] = dict(metadata)
-    info["adapter"] = {"unet": _summary(unet), "format": "peft-lora",
-                       "text_encoder": _summary(text_encoder) if text_encoder is not None else None,
-                       "kohya_file": f"kohya/{name}.safetensors"}
+    info["adapter"] = {slot: _summary(denoiser), "format": "peft-lora",
+                       **{part: _summary(model) for part, model in encoders.items()},
+                       "kohya_file": f"kohya/{name}.safetensors" if kohya else None}
+    info["adapter"].setdefault("text_encoder", None)
     info_text = json.dumps(info, indent=2, sort_keys=True, default=str)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        te_layers = None
-        if text_encoder is not None:
-            te_layers = {text_model_path(k): v for k, v in get_peft_model_state_dict(text_encoder).items()}
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=te_layers,
-            safe_serialization=True, unet_lora_adapter_metadata=_config_dict(unet),
-            text_encoder_lora_adapter_metadata=None if text_encoder is None else _config_dict(text_encoder))
+        layers: dict[str, Any] = {f"{slot}_lora_layers": get_peft_model_state_dict(denoiser),
+                                  f"{slot}_lora_adapter_metadata": _config_dict(denoiser)}
+        for part, model in encoders.items():
+            layers[f"{part}_lora_layers"] = {text_model_path(k): v for k, v in get_peft_model_state_dict(model).items()}
+            layers[f"{part}_lora_adapter_metadata"] = _config_dict(model)
+        saver = type(pipeline) if pipeline is not None else StableDiffusionPipeline
+        saver.save_lora_weights(tmp, safe_serialization=True, **layers)  # type: ignore[attr-defined]
         canonicalise_file(tmp / DIFFUSERS_WEIGHTS)
         (tmp / INFO_FILE).write_text(info_text + "\n")
-        unet_cfg = info["adapter"]["unet"]
-        kmeta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet_cfg["rank"]),
-                 "ss_network_alpha": str(unet_cfg["alpha"]), "ss_v2": "False", "ss_output_name": name,
-                 "ss_base_model_version": str(metadata.get("base_model_version", "sd_v1")),
-                 "evalsuite_adapter_info": info_text}
-        if "base_model" in metadata:
-            kmeta["ss_sd_model_name"] = str(metadata["base_model"])
-        if text_encoder is not None:
-            te_cfg = info["adapter"]["text_encoder"]
-            kmeta["ss_text_encoder_dim"] = str(te_cfg["rank"])
-            kmeta["ss_text_encoder_alpha"] = str(te_cfg["alpha"])
-        (tmp / "kohya").mkdir()
-        kohya_file = str(tmp / "kohya" / f"{name}.safetensors")
-        save_safetensors(kohya_state_dict(unet, text_encoder), kohya_file, metadata=kmeta)
+        if kohya:
+            _write_kohya(tmp / "kohya" / f"{name}.safetensors", denoiser, encoders, info, info_text, name, metadata)
         replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"dir": out_dir, "diffusers": out_dir / DIFFUSERS_WEIGHTS, "info": out_dir / INFO_FILE,
-            "kohya": out_dir / "kohya" / f"{name}.safetensors"}
+            "kohya": out_dir / "kohya" / f"{name}.safetensors" if kohya else None}
+
+
+def _write_kohya(path: Path, unet: nn.Module, encoders: Mapping[str, nn.Module], info: Mapping[str, Any],
+                 info_text: str, name: str, metadata: Mapping[str, Any]) -> None:
+    """The kohya file of a UNet adapter (module docstring): its tensors and ``ss_*`` metadata."""
+    unet_cfg = info["adapter"]["unet"]
+    kmeta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet_cfg["rank"]),
+             "ss_network_alpha": str(unet_cfg["alpha"]), "ss_v2": "False", "ss_output_name": name,
+             "ss_base_model_version": str(metadata.get("base_model_version", "sd_v1")),
+             "evalsuite_adapter_info": info_text}
+    if "base_model" in metadata:
+        kmeta["ss_sd_model_name"] = str(metadata["base_model"])
+    if encoders:
+        te_cfg = info["adapter"][next(iter(encoders))]
+        kmeta["ss_text_encoder_dim"] = str(te_cfg["rank"])
+        kmeta["ss_text_encoder_alpha"] = str(te_cfg["alpha"])
+    path.parent.mkdir()
+    save_safetensors(kohya_state_dict(unet, encoders.get("text_encoder"), encoders.get("text_encoder_2")), path,
+                     metadata=kmeta)

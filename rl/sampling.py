@@ -6,24 +6,25 @@ The policy is the *guided* kernel: ε̂ = ε_u + g·(ε_c − ε_u) with the gro
 uses the conditional prediction alone), then the stochastic DDIM step of `rl.ddim`. The per-step
 noise comes from one seeded generator per call, so the same call with the adapters switched off gives
 the base model's image from the same noise (the drift reward's reference). :class:`SDPipeline` names
-the parts of a Stable-Diffusion-like pipeline that sampling and training drive.
+the parts of a Stable-Diffusion-like pipeline that sampling and training drive; `rl.unet_policy` drives
+SD 1.x/2.x and SDXL through these functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from torch import Tensor
 
-from .ddim import ddim_step_kl, ddim_step_with_logprob
+from .ddim import ddim_step_with_logprob
 from .lora import adapters_disabled
+from .policy import Conditioning, Forward, Trajectories, guided_output
 
 __all__ = [
-    "SDPipeline", "Tokenizer", "Trajectories", "encode_base_prompts", "encode_prompts", "guided_eps",
-    "sample_trajectories", "step_log_prob", "step_log_prob_and_kl",
+    "SDPipeline", "Tokenizer", "Trajectories", "encode_base_prompts", "encode_prompts", "guided_eps", "sample_ddim",
+    "sample_trajectories", "step_log_prob", "unet_forward",
 ]
 
 
@@ -63,19 +64,6 @@ class SDPipeline(Protocol):
     def device(self) -> torch.device: ...
 
 
-@dataclass
-class Trajectories:
-    """N sampled chains: latents x_T..x_0 (N, T+1, C, H, W), log-probs (N, T), timesteps (T,)."""
-
-    latents: Tensor
-    log_probs: Tensor
-    timesteps: Tensor
-
-    @property
-    def final(self) -> Tensor:
-        return self.latents[:, -1]
-
-
 def encode_prompts(pipe: SDPipeline, prompts: list[str]) -> Tensor:
     """The text encoder's last hidden states (N, L, D) for `prompts`, padded to the tokenizer's length."""
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -93,31 +81,29 @@ def encode_base_prompts(pipe: SDPipeline, prompts: list[str]) -> Tensor:
 def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor,
                fixed_shape: bool = False) -> Tensor:
     """Guided model output (noise or v, per the scheduler's prediction type: guidance is linear in
-    either) for a batch with per-sample timesteps `t` (B,) and scales (B,).
+    either) of an SD 1.x/2.x UNet for a batch with per-sample timesteps `t` (B,) and scales (B,), by
+    `rl.policy.guided_output`: one UNet call on [uncond for guided samples; cond for all]."""
+    return guided_output(unet_forward(unet), x, t, Conditioning(cond), Conditioning(uncond), scales, fixed_shape)
 
-    One UNet call on [uncond for guided samples; cond for all]; samples at scale 1 skip the uncond pass,
-    unless `fixed_shape` (for a compiled UNet: every call then has the batch shape 2B, whatever the mix
-    of scales; the unused unconditional predictions are dropped, so the result is the same).
-    """
-    guided = scales > 1.0
-    with_u = torch.ones_like(guided) if fixed_shape else guided
-    n_u = int(with_u.sum())
-    x_in = torch.cat([x[with_u], x])
-    t_in = torch.cat([t[with_u], t])
-    emb = torch.cat([uncond.expand(n_u, -1, -1), cond])
-    out = unet(x_in, t_in, encoder_hidden_states=emb).sample
-    eps_u, eps_c = out[:n_u][guided[with_u]], out[n_u:]
-    g = scales.view(-1, 1, 1, 1).to(out.dtype)
-    eps = eps_c.clone()
-    eps[guided] = eps_u + g[guided] * (eps_c[guided] - eps_u)
-    return eps
+
+def unet_forward(unet: torch.nn.Module, time_ids: Tensor | None = None) -> Forward:
+    """The UNet as `guided_output` calls it: ``unet(x, t, encoder_hidden_states=states).sample``; with
+    `time_ids` (1, 6) (SDXL) also ``added_cond_kwargs`` = the pooled text embedding and the size
+    conditioning of every sample."""
+    def forward(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
+        if time_ids is None:
+            return unet(x, t, encoder_hidden_states=c.states).sample
+        added = {"text_embeds": c.pooled, "time_ids": time_ids.expand(len(x), -1)}
+        return unet(x, t, encoder_hidden_states=c.states, added_cond_kwargs=added).sample
+    return forward
 
 
 @torch.no_grad()
-def sample_trajectories(unet: torch.nn.Module, scheduler: DDIMScheduler, cond: Tensor, uncond: Tensor,
-                        scales: Tensor, noise: Tensor, steps: int, eta: float, seed: int,
-                        fixed_shape: bool = False) -> Trajectories:
-    """Sample N chains from initial `noise` (N, C, H, W) with conditioning `cond` (N, L, D)."""
+def sample_ddim(forward: Forward, scheduler: DDIMScheduler, cond: Conditioning, uncond: Conditioning,
+                scales: Tensor, noise: Tensor, steps: int, eta: float, seed: int,
+                fixed_shape: bool = False) -> Trajectories:
+    """Sample N chains of stochastic DDIM from initial `noise` (N, C, H, W) with conditioning `cond` (N
+    rows), the denoiser called through `forward` (`unet_forward`)."""
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
     gen = torch.Generator("cpu").manual_seed(seed)
@@ -125,12 +111,20 @@ def sample_trajectories(unet: torch.nn.Module, scheduler: DDIMScheduler, cond: T
     latents, log_probs = [x], []
     for t in timesteps:
         tt = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-        eps = guided_eps(unet, x, tt, cond, uncond, scales, fixed_shape)
+        eps = guided_output(forward, x, tt, cond, uncond, scales, fixed_shape)
         z = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         x, logp = ddim_step_with_logprob(scheduler, eps, tt, x, eta, variance_noise=z)
         latents.append(x)
         log_probs.append(logp)
     return Trajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), timesteps.clone())
+
+
+def sample_trajectories(unet: torch.nn.Module, scheduler: DDIMScheduler, cond: Tensor, uncond: Tensor,
+                        scales: Tensor, noise: Tensor, steps: int, eta: float, seed: int,
+                        fixed_shape: bool = False) -> Trajectories:
+    """`sample_ddim` of an SD 1.x/2.x UNet with conditioning `cond` (N, L, D)."""
+    return sample_ddim(unet_forward(unet), scheduler, Conditioning(cond), Conditioning(uncond), scales, noise,
+                       steps, eta, seed, fixed_shape)
 
 
 def step_log_prob(unet: torch.nn.Module, scheduler: DDIMScheduler, x_t: Tensor, x_prev: Tensor, t: Tensor,
@@ -139,13 +133,3 @@ def step_log_prob(unet: torch.nn.Module, scheduler: DDIMScheduler, x_t: Tensor, 
     eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
     _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
     return logp
-
-
-def step_log_prob_and_kl(unet: torch.nn.Module, scheduler: DDIMScheduler, x_t: Tensor, x_prev: Tensor, t: Tensor,
-                         cond: Tensor, uncond: Tensor, scales: Tensor, eta: float, ref_eps: Tensor,
-                         fixed_shape: bool = False) -> tuple[Tensor, Tensor]:
-    """`step_log_prob`, and the KL of the policy's step at x_t to the step the reference model's guided
-    output `ref_eps` gives (`rl.ddim.ddim_step_kl`; DPOK's per-step penalty), both with gradients."""
-    eps = guided_eps(unet, x_t, t, cond, uncond, scales, fixed_shape)
-    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
-    return logp, ddim_step_kl(scheduler, eps, ref_eps.detach(), t, x_t, eta)

@@ -1,11 +1,14 @@
 """The RL fine-tuning recipe: DDPO-IS over the denoising chain with LoRA and set-level rewards.
 
-Reads top to bottom: config -> build -> evaluate the base model -> loop over epochs {sample groups,
-reward, advantage, PPO update, log, checkpoint} -> save the adapter -> evaluate the tuned model.
+Reads top to bottom: config -> build (the model's policy, `rl.families.policy_for`: stochastic DDIM for
+SD 1.x/2.x and SDXL, the flow SDE for SD3/SD3.5 and Flux; the recipe sees only `rl.policy.Policy`) ->
+evaluate the base model -> loop over epochs {sample groups, reward, advantage, PPO update, log,
+checkpoint} -> save the adapter -> evaluate the tuned model.
 
 Sources: DDPO (Black et al., ICLR 2024) for the MDP, the per-step log-probability, the clipped
 importance ratio and the per-prompt statistics (docs/methods.md, "The denoising MDP and its step
-log-probability" and "Advantages and the PPO update"); Miao et al. (CVPR 2024) for the set-level
+log-probability" and "Advantages and the PPO update"); Flow-GRPO (Liu et al., NeurIPS 2025) for the
+flow models' stochastic policy (docs/methods.md, "The flow SDE policy"); Miao et al. (CVPR 2024) for the set-level
 diversity reward, reconstructed as the leave-one-out credit of an unbiased MMD² to a balanced reference
 (docs/methods.md, "The set-level diversity reward"; their code was never released); DPOK (Fan et al.,
 NeurIPS 2023) for the per-step KL to the base model (docs/methods.md, "KL to the base model").
@@ -61,7 +64,6 @@ from evalsuite.classifiers import (
     uses_faces,
 )
 from evalsuite.errors import SuiteError
-from evalsuite.generate import initial_noise, latent_shape, to_uint8
 from evalsuite.metrics import class_counts
 from evalsuite.models import attention_order, load_model
 from evalsuite.results.schema import dominant_class, label_index
@@ -77,19 +79,11 @@ from .checkpoint import (
 )
 from .compare import class_table, compare_runs, open_pair, to_markdown, validity_by_class
 from .config import TrainConfig, config_from_dict
-from .ddim import ddim_step_kl
+from .families import check_trainable, family_of, policy_for
 from .lora import adapters_disabled, add_lora, cast_frozen, lora_named_parameters, save_adapter
 from .output import claim_output, on_main
+from .policy import Conditioning, Policy
 from .rewards import REWARDS, GroupInputs, confidence_reward
-from .sampling import (
-    SDPipeline,
-    encode_base_prompts,
-    encode_prompts,
-    guided_eps,
-    sample_trajectories,
-    step_log_prob,
-    step_log_prob_and_kl,
-)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -104,9 +98,9 @@ class Batch:
     prompts: list[str]  # per sample
     group: torch.Tensor  # (N,) group id
     scales: torch.Tensor  # (N,)
-    latents: torch.Tensor  # (N, T+1, C, H, W)
+    latents: torch.Tensor  # (N, T+1, ...): the chain, in the layout the denoiser takes
     log_probs: torch.Tensor  # (N, T)
-    timesteps: torch.Tensor  # (T,)
+    timesteps: torch.Tensor  # (T,) in the family's units (step j of the chain is index j everywhere else)
     images: np.ndarray  # (N, H, W, 3) uint8
     base_images: np.ndarray | None
 
@@ -152,22 +146,21 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
     assert n % cfg.sampling.batch_size == 0
     assert n % (cfg.training.batch_size * cfg.training.gradient_accumulation_steps) == 0
 
-    model = load_model(cfg.model, device=str(acc.device))
-    pipe: SDPipeline = model.pipe
-    from diffusers import DDIMScheduler
-
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    check_trainable(cfg.model, cfg.lora.text_encoder_rank)  # a hub id's model_index.json, before its weights
+    model = load_model(cfg.model, device=str(acc.device), drop_t5=cfg.drop_t5)
+    pipe = model.pipe
+    # the family's policy (rl.families): DDIM over a UNet, or the flow SDE over a transformer
+    policy = policy_for(pipe, cfg.sampling.steps, cfg.sampling.eta, cfg.model, cfg.lora.text_encoder_rank)
+    unet = policy.denoiser  # the denoiser: a UNet, or the transformer of SD3 and Flux
+    text_encoders = policy.text_encoders if cfg.lora.text_encoder_rank else {}
     torch.manual_seed(cfg.seed)  # the LoRA initialisation
     params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
-                      text_encoder=text_encoder if cfg.lora.text_encoder_rank else None,
-                      text_rank=cfg.lora.text_encoder_rank or None)
-    pipe.vae.requires_grad_(False)
-    if not cfg.lora.text_encoder_rank:
-        text_encoder.requires_grad_(False)
+                      text_encoder=list(text_encoders.values()) or None, text_rank=cfg.lora.text_encoder_rank or None)
+    for module in policy.frozen + [m for m in policy.text_encoders.values() if m not in text_encoders.values()]:
+        module.requires_grad_(False)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision)
     if half is not None:  # autocast casts these weights to `half` on every call anyway: store them so
-        for module in (unet, text_encoder):  # (the VAE decodes in fp32: fp16 overflows in SD's VAE)
+        for module in (unet, *policy.text_encoders.values()):  # (the VAE decodes in fp32: fp16 overflows in SD's)
             cast_frozen(module, half)
     if acc.device.type == "cuda":  # let cuDNN time its conv kernels (GPU runs then vary in the last bits)
         torch.backends.cudnn.benchmark = True
@@ -175,11 +168,12 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
         cast(Any, unet).enable_gradient_checkpointing()  # a diffusers ModelMixin method
     if cfg.training.compile:
         unet.compile(dynamic=False)  # in place: the sampling (unwrapped) and training (prepared) calls share it
+    metadata = _adapter_metadata(cfg, policy, family_of(pipe).metadata)  # of every adapter saved
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     unet, optimizer = acc.prepare(unet, optimizer)
 
     def trainable() -> dict[str, torch.nn.Parameter]:
-        return lora_named_parameters(acc.unwrap_model(unet), text_encoder if cfg.lora.text_encoder_rank else None)
+        return lora_named_parameters({policy.denoiser_name: acc.unwrap_model(unet), **text_encoders})
 
     ctx = ClassifierContext(device=str(acc.device), profile=model.profile)
     reward_clf = get_classifier(cfg.reward_classifier, ctx)
@@ -227,11 +221,11 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
     for epoch in bar:
         t0 = time.perf_counter()
         with acc.autocast(), attention_order(acc.device):
-            batch = sample_epoch(cfg, pipe, acc.unwrap_model(unet), train_prompts, epoch, rank)
+            batch = sample_epoch(cfg, policy, acc.unwrap_model(unet), train_prompts, epoch, rank)
         rewards = compute_rewards(cfg, batch, reward_clf, embedder, attrs, text_emb, detector)
         adv = compute_advantages(cfg, batch, rewards, tracker)
         with attention_order(acc.device):
-            stats = ppo_update(cfg, acc, pipe, unet, optimizer, batch, adv, epoch, rank)
+            stats = ppo_update(cfg, acc, policy, unet, optimizer, batch, adv, epoch, rank)
         row = log_row(epoch, batch, rewards, stats, monitor, attrs)
         row["epoch_s"] = round(time.perf_counter() - t0, 2)  # sample + reward + update on this process
         if acc.is_main_process:
@@ -251,7 +245,7 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
         if evaluate and cfg.evaluation.every and (epoch + 1) % cfg.evaluation.every == 0:
             adapter = out / "eval" / f"adapter-{epoch + 1:04d}"
             if acc.is_main_process:
-                save_adapter(pipe, adapter, unet=acc.unwrap_model(unet), metadata=_adapter_metadata(cfg))
+                save_adapter(pipe, adapter, unet=acc.unwrap_model(unet), metadata=metadata)
             acc.wait_for_everyone()
             _evaluate(cfg, battery, out / "eval" / f"epoch-{epoch + 1:04d}", lora=adapter)
 
@@ -262,7 +256,7 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
     record = {"rank": rank, "world": world, "lora_sha256": digest.hexdigest()}
     (out / f"process-{rank}.json").write_text(json.dumps(record))
     if acc.is_main_process:
-        save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet), metadata=_adapter_metadata(cfg))
+        save_adapter(pipe, out / "adapter", unet=acc.unwrap_model(unet), metadata=metadata)
     if evaluate:
         acc.wait_for_everyone()
         _evaluate(cfg, battery, out / "eval" / "final", lora=out / "adapter")
@@ -284,10 +278,11 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
 
 
 @torch.no_grad()
-def sample_epoch(cfg: TrainConfig, pipe: SDPipeline, unet: torch.nn.Module, prompts: list[str], epoch: int,
+def sample_epoch(cfg: TrainConfig, policy: Policy, unet: torch.nn.Module, prompts: list[str], epoch: int,
                  rank: int) -> Batch:
-    """Draw the epoch's groups (a prompt and a guidance scale each) and sample their trajectories; with a
-    reward that needs them, the base model's images from the same noises too (adapters off)."""
+    """Draw the epoch's groups (a prompt and a guidance scale each) and sample their trajectories with the
+    `policy`'s sampler, `unet` its denoiser; with a reward that needs them, the base model's images from
+    the same noises too (adapters off)."""
     s = cfg.sampling
     rng = np.random.default_rng([cfg.seed, epoch, rank])
     chosen = rng.choice(len(prompts), size=s.prompts_per_epoch, replace=len(prompts) < s.prompts_per_epoch)
@@ -296,31 +291,29 @@ def sample_epoch(cfg: TrainConfig, pipe: SDPipeline, unet: torch.nn.Module, prom
     g = torch.tensor(np.repeat(scales, s.group_size), dtype=torch.float32)
     seeds = rng.integers(0, 2**62, size=len(per_sample)).tolist()
     batch_seeds = rng.integers(0, 2**62, size=len(per_sample) // s.batch_size).tolist()
-    noise = initial_noise(seeds, latent_shape(pipe)).to(pipe.device)
-    uncond = encode_prompts(pipe, [""])
+    noise = policy.initial_noise(seeds)
+    uncond = policy.encode_empty()
+    encoders = policy.text_encoders.values()
     with_base = cfg.needs_base_images
     if with_base:  # the base model's image: its own text encoder too
-        base_uncond = encode_base_prompts(pipe, [""])
+        with adapters_disabled(*encoders):
+            base_uncond = policy.encode_empty()
     chunks, base = [], []
     for k in range(0, len(per_sample), s.batch_size):
         sl = slice(k, k + s.batch_size)
-        cond = encode_prompts(pipe, per_sample[sl])
-        rest = (g[sl].to(pipe.device), noise[sl], s.steps, s.eta, batch_seeds[k // s.batch_size], cfg.training.compile)
-        chunks.append(sample_trajectories(unet, pipe.scheduler, cond, uncond, *rest))
+        cond = policy.encode(per_sample[sl])
+        scale, start, seed = g[sl].to(noise.device), noise[sl], batch_seeds[k // s.batch_size]
+        chunks.append(policy.sample(unet, cond, uncond, scale, start, seed, cfg.training.compile))
         if with_base:
-            base_cond = encode_base_prompts(pipe, per_sample[sl])
+            with adapters_disabled(*encoders):
+                base_cond = policy.encode(per_sample[sl])
             with adapters_disabled(unet):
-                base.append(sample_trajectories(unet, pipe.scheduler, base_cond, base_uncond, *rest).final)
+                base.append(policy.sample(unet, base_cond, base_uncond, scale, start, seed, cfg.training.compile).final)
     latents = torch.cat([c.latents for c in chunks])
-
-    def decode(z: torch.Tensor) -> np.ndarray:  # in fp32 whatever the autocast around: as the evaluation does
-        with torch.autocast(pipe.device.type, enabled=False):
-            return to_uint8(pipe.vae.decode(z.float() / pipe.vae.config.scaling_factor).sample)
-
     return Batch(prompts=per_sample, group=torch.arange(s.prompts_per_epoch).repeat_interleave(s.group_size),
                  scales=g, latents=latents, log_probs=torch.cat([c.log_probs for c in chunks]),
-                 timesteps=chunks[0].timesteps, images=decode(latents[:, -1]),
-                 base_images=decode(torch.cat(base)) if base else None)
+                 timesteps=chunks[0].timesteps, images=policy.decode(latents[:, -1]),
+                 base_images=policy.decode(torch.cat(base)) if base else None)
 
 
 def compute_rewards(cfg: TrainConfig, batch: Batch, clf: AttributeClassifier, embedder: ImageEmbedder,
@@ -389,10 +382,10 @@ class _MicroBatch:
 class _Text:
     """The text conditioning of a micro-batch: the policy's and (with a KL penalty) the base model's."""
 
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
-    base_cond: torch.Tensor | None = None
-    base_uncond: torch.Tensor | None = None
+    cond: Conditioning | None = None
+    uncond: Conditioning | None = None
+    base_cond: Conditioning | None = None
+    base_uncond: Conditioning | None = None
 
 
 @dataclass(frozen=True)
@@ -401,8 +394,8 @@ class _Update:
 
     cfg: TrainConfig
     acc: Accelerator
-    pipe: SDPipeline
-    unet: torch.nn.Module  # the policy, as prepared by accelerate (wrapped for several processes)
+    policy: Policy
+    unet: torch.nn.Module  # the policy's denoiser, as prepared by accelerate (wrapped for several processes)
     batch: Batch
     adv: torch.Tensor  # (N,)
 
@@ -437,9 +430,10 @@ class _Update:
         text = _Text()
         with self.acc.autocast(), torch.no_grad():
             if self.cfg.training.kl_coef > 0:
-                text.base_uncond = encode_base_prompts(self.pipe, [""])
+                with adapters_disabled(*self.policy.text_encoders.values()):
+                    text.base_uncond = self.policy.encode_empty()
             if not self.text_lora:
-                text.uncond = encode_prompts(self.pipe, [""])
+                text.uncond = self.policy.encode_empty()
         return text
 
     def encode(self, mb: _MicroBatch, empty: _Text) -> _Text:
@@ -449,16 +443,17 @@ class _Update:
         text = _Text(uncond=empty.uncond, base_uncond=empty.base_uncond)
         with torch.no_grad(), self.acc.autocast():
             if self.cfg.training.kl_coef > 0:
-                text.base_cond = encode_base_prompts(self.pipe, mb.prompts)
+                with adapters_disabled(*self.policy.text_encoders.values()):
+                    text.base_cond = self.policy.encode(mb.prompts)
             if not self.text_lora:
-                text.cond = encode_prompts(self.pipe, mb.prompts)
+                text.cond = self.policy.encode(mb.prompts)
         return text
 
     def encode_with_grad(self, mb: _MicroBatch, text: _Text) -> _Text:
         """With a text LoRA: the policy's prompt and empty prompt encoded again, with gradients, for one
         term (each backward frees its graph), so both reach the text adapter as they shape the step."""
         with self.acc.autocast():
-            cond, uncond = encode_prompts(self.pipe, mb.prompts), encode_prompts(self.pipe, [""])
+            cond, uncond = self.policy.encode(mb.prompts), self.policy.encode_empty()
         return _Text(cond, uncond, text.base_cond, text.base_uncond)
 
     def penalised(self, mb: _MicroBatch, j: int) -> list[torch.Tensor]:
@@ -468,17 +463,17 @@ class _Update:
         return ([mb.steps[:, j]] if self.kl_on_trained else []) + ([late] if late is not None else [])
 
     def base_passes(self, mb: _MicroBatch, j: int, text: _Text) -> list[torch.Tensor]:
-        """The base model's guided outputs at term j's penalised steps: the same UNet with its adapters
+        """The base model's guided outputs at term j's penalised steps: the same denoiser with its adapters
         off, without gradients, before the policy's passes (`adapters_disabled`)."""
         steps = self.penalised(mb, j)
         if not steps:
             return []
         dev, batch, fixed = self.acc.device, self.batch, self.cfg.training.compile
-        base = self.acc.unwrap_model(self.unet)  # the base model is this UNet with its adapters switched off
+        base = self.acc.unwrap_model(self.unet)  # the base model is this denoiser with its adapters switched off
         assert text.base_cond is not None and text.base_uncond is not None
         with torch.no_grad(), adapters_disabled(base):
-            return [guided_eps(base, batch.latents[mb.idx, s].to(dev),
-                               batch.timesteps[s].to(dev), text.base_cond, text.base_uncond, mb.scales, fixed)
+            return [self.policy.output(base, batch.latents[mb.idx, s].to(dev), s, text.base_cond, text.base_uncond,
+                                       mb.scales, fixed)
                     for s in steps]
 
     def loss(self, mb: _MicroBatch, j: int, text: _Text,
@@ -486,24 +481,19 @@ class _Update:
         """Term j's loss: the PPO clipped surrogate of its trained step's log-probability, plus kl_coef
         times the summed KL of its penalised steps to the base model's (`refs`: their base outputs), and
         that KL (None where nothing is penalised)."""
-        cfg, t, batch, dev, pipe = self.cfg, self.cfg.training, self.batch, self.acc.device, self.pipe
-        eta, fixed = cfg.sampling.eta, t.compile
+        t, batch, dev, policy = self.cfg.training, self.batch, self.acc.device, self.policy
+        fixed = t.compile
         assert text.cond is not None and text.uncond is not None
         tj = mb.steps[:, j]
         x_t, x_prev = batch.latents[mb.idx, tj].to(dev), batch.latents[mb.idx, tj + 1].to(dev)
-        step_t = batch.timesteps[tj].to(dev)
-        if self.kl_on_trained:
-            logp, kl = step_log_prob_and_kl(self.unet, pipe.scheduler, x_t, x_prev, step_t, text.cond, text.uncond,
-                                            mb.scales, eta, refs[0], fixed)
-        else:
-            logp = step_log_prob(self.unet, pipe.scheduler, x_t, x_prev, step_t, text.cond, text.uncond, mb.scales,
-                                 eta, fixed)
-            kl = torch.zeros_like(logp)
+        out = policy.output(self.unet, x_t, tj, text.cond, text.uncond, mb.scales, fixed)
+        logp = policy.step_log_prob(out, x_t, x_prev, tj)
+        kl = policy.step_kl(out, refs[0], x_t, tj) if self.kl_on_trained else torch.zeros_like(logp)
         if mb.late is not None and j < mb.late.shape[1]:  # a step outside the window: the KL alone
             late = mb.late[:, j]
-            x, step = batch.latents[mb.idx, late].to(dev), batch.timesteps[late].to(dev)
-            eps = guided_eps(self.unet, x, step, text.cond, text.uncond, mb.scales, fixed)
-            kl = kl + ddim_step_kl(pipe.scheduler, eps, refs[-1], step, x, eta)
+            x = batch.latents[mb.idx, late].to(dev)
+            kl = kl + policy.step_kl(policy.output(self.unet, x, late, text.cond, text.uncond, mb.scales, fixed),
+                                     refs[-1], x, late)
         loss, info = clipped_surrogate(logp.float(), batch.log_probs[mb.idx, tj].to(dev), self.adv[mb.idx].to(dev),
                                        t.clip_range, t.adv_clip_max)
         if not refs:
@@ -511,16 +501,17 @@ class _Update:
         return loss + t.kl_coef * kl.float().mean(), info, float(kl.detach().mean())  # per sample: the sum
 
 
-def ppo_update(cfg: TrainConfig, acc: Accelerator, pipe: SDPipeline, unet: torch.nn.Module,
+def ppo_update(cfg: TrainConfig, acc: Accelerator, policy: Policy, unet: torch.nn.Module,
                optimizer: torch.optim.Optimizer, batch: Batch, adv: torch.Tensor, epoch: int,
                rank: int) -> dict[str, float]:
-    """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps.
+    """Inner PPO epochs over (sample, timestep) pairs; the guided policy is re-run on stored steps
+    (`Policy.output`) and scored (`Policy.step_log_prob`).
 
     With ``training.kl_coef`` = beta > 0 the loss adds beta times the KL of the policy's step to the base
-    model's step at the same x_t (DPOK, Fan et al. 2023; `rl.ddim.ddim_step_kl`; docs/methods.md, "KL to
+    model's step at the same x_t (DPOK, Fan et al. 2023; `Policy.step_kl`; docs/methods.md, "KL to
     the base model") for each penalised step: the trained step of the term (``kl_steps`` trained or
     chain) and a step drawn from outside the window (chain or untrained; the KL alone, no policy-gradient
-    term: one more policy pass). The base model's outputs come from the same UNet with the adapters
+    term: one more policy pass). The base model's outputs come from the same denoiser with the adapters
     switched off, one pass without gradients per penalised step, before the policy's passes.
 
     With a LoRA on the text encoder (``lora.text_encoder_rank`` > 0) the prompt and the empty prompt are
@@ -528,14 +519,15 @@ def ppo_update(cfg: TrainConfig, acc: Accelerator, pipe: SDPipeline, unet: torch
     the text adapter as they shape the sampled step; the base model's encodings have the text adapter
     off. The text encoder is not wrapped for several processes: its LoRA gradients are averaged across
     them in one all-reduce when the accumulated gradients are synchronised, then clipped together with
-    the UNet's (`_optimizer_step`).
+    the denoiser's (`_optimizer_step`).
     """
-    update = _Update(cfg, acc, pipe, unet, batch, adv)
+    update = _Update(cfg, acc, policy, unet, batch, adv)
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 1]).integers(2**62)))
     empty = update.empty_prompts()
     # every LoRA weight, UNet and text encoder: clipped together
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    text_params = [p for p in pipe.text_encoder.parameters() if p.requires_grad] if update.text_lora else []
+    text_params = [p for encoder in policy.text_encoders.values() for p in encoder.parameters()
+                   if p.requires_grad] if update.text_lora else []
     losses, kls, clips, to_base = [], [], [], []
     unet.train()
     for mb in update.micro_batches(gen):
@@ -652,12 +644,13 @@ def _truncate_log(path: Path, lines: int) -> None:
         path.write_text("".join(kept))
 
 
-def _adapter_metadata(cfg: TrainConfig) -> dict[str, Any]:
+def _adapter_metadata(cfg: TrainConfig, policy: Policy, family: Mapping[str, str]) -> dict[str, Any]:
     return {"base_model": cfg.model, "training_guidance_scales": list(cfg.sampling.guidance_scales),
-            "sampler": f"DDIM eta={cfg.sampling.eta}, {cfg.sampling.steps} steps", "lora_rank": cfg.lora.rank,
+            "sampler": policy.sampler, "lora_rank": cfg.lora.rank,
             "lora_alpha": cfg.lora.alpha, "lora_targets": list(cfg.lora.targets),
             "rewards": [{"name": r.name, "weight": r.weight, **r.options_dict} for r in cfg.rewards],
-            "reward_classifier": cfg.reward_classifier, "reward_attributes": list(cfg.reward_attributes)}
+            "reward_classifier": cfg.reward_classifier, "reward_attributes": list(cfg.reward_attributes),
+            **family}
 
 
 def _evaluate(cfg: TrainConfig, battery: Battery, out: Path, lora: Path | None) -> Path:
@@ -670,5 +663,6 @@ def _evaluate(cfg: TrainConfig, battery: Battery, out: Path, lora: Path | None) 
                 eta=e.eta)
     eval_battery = battery_from_dict(data, source=f"{cfg.battery} (evaluation)")
     options = RunOptions(results_dir=out.parent, name=out.name, model=cfg.model, lora=str(lora) if lora else None,
-                         classifiers=(e.classifier, cfg.reward_classifier), embedder=cfg.embedder)
+                         classifiers=(e.classifier, cfg.reward_classifier), embedder=cfg.embedder,
+                         drop_t5=cfg.drop_t5)
     return run_battery(eval_battery, options)
