@@ -104,17 +104,12 @@ def _kl_profile(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     """`rl compare`: the before/after tables of two comparable runs (or of their overlap, `--overlap`)."""
-    from .compare import class_table, compare_runs, expected_table, open_pair, to_markdown, validity_by_class
+    from .compare import comparison_markdown
 
-    names = (args.classifier, args.attribute, args.reward_classifier)
     if args.class_slot is not None and args.reference is None:
         raise SuiteError("--class-slot: given without --reference (it names the reference battery's slot)")
-    note = open_pair(args.base, args.tuned, *names, overlap=args.overlap).note  # refuses runs that differ
-    expected = "" if args.reference is None else "\n" + expected_table(
-        args.base, args.tuned, args.reference, *names, class_slot=args.class_slot or "tone", overlap=args.overlap)
-    table = compare_runs(args.base, args.tuned, *names, overlap=args.overlap)
-    by_class = validity_by_class(args.base, args.tuned, *names, overlap=args.overlap)
-    print(note + to_markdown(table, *names) + "\n" + class_table(by_class, *names) + expected)
+    print(comparison_markdown(args.base, args.tuned, args.classifier, args.attribute, args.reward_classifier,
+                              args.reference, args.class_slot or "tone", args.overlap))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

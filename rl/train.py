@@ -77,7 +77,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .compare import class_table, compare_runs, open_pair, to_markdown, validity_by_class
+from .compare import comparison_markdown
 from .config import TrainConfig, config_from_dict
 from .families import check_trainable, family_of, policy_for
 from .lora import adapters_disabled, add_lora, cast_frozen, lora_named_parameters, save_adapter
@@ -266,11 +266,7 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, evaluate: bool) -> Pat
             # are not part of the run): then the two are compared on the images they share, and it says so
             runs = (out / "eval" / "base", out / "eval" / "final")
             names = (cfg.evaluation.classifier, cfg.reward_attributes[0], cfg.reward_classifier)
-            note = open_pair(*runs, *names, overlap=True).note
-            table = compare_runs(*runs, *names, overlap=True)
-            by_class = validity_by_class(*runs, *names, overlap=True)
-            (out / "eval" / "comparison.md").write_text(note + to_markdown(table, *names) + "\n"
-                                                        + class_table(by_class, *names))
+            (out / "eval" / "comparison.md").write_text(comparison_markdown(*runs, *names, overlap=True))
     return out
 
 
