@@ -285,10 +285,8 @@ class TrainConfig:
              if t.kl_coef > 0 else []))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON data that `config_from_dict` turns back into an equal config. `drop_t5` is
-        written only when true (it concerns SD3 models alone), so every other config reads as before it existed."""
-        return {name: _plain(getattr(self, name)) for name in declared(TrainConfig)
-                if not (name == "drop_t5" and not self.drop_t5)}
+        """Plain YAML/JSON data that `config_from_dict` turns back into an equal config."""
+        return {name: _plain(getattr(self, name)) for name in declared(TrainConfig)}
 
 
 _SECTIONS: dict[str, type[Any]] = {name: f.metadata["check"].cls for name, f in declared(TrainConfig).items()

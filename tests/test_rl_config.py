@@ -292,7 +292,7 @@ def test_reward_rules(tmp_path: Path) -> None:
 
 def test_battery_problems_are_reported_with_the_config_problems(tmp_path: Path) -> None:
     heldout_free = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
-    del heldout_free["heldout"]
+    del heldout_free["heldout"], heldout_free["test"]  # no prompt is held out of training
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(heldout_free))
     with pytest.raises(ConfigError) as excinfo:
         load_config(MINIATURE, [f"battery={tmp_path / 'b.yaml'}", "seed=-1"])
