@@ -90,6 +90,15 @@ def corrupt_run(tmp: Path) -> str:
     return str(tmp / "results" / "r")
 
 
+def bad_manifest(tmp: Path) -> str:
+    """A manifest of exported images: one row with a prompt the battery lacks, one with an unreadable image."""
+    from evalsuite.battery import load_battery
+
+    first = load_battery(BATTERY).prompts()[0].text
+    (tmp / "broken.png").write_bytes(b"not a png")
+    return write(tmp, "manifest.csv", f"prompt,path\n{first},broken.png\na photo of a nurze,broken.png\n")
+
+
 def run(*args: str) -> list[str]:
     return ["evalsuite", "-q", "run", *args]
 
@@ -120,6 +129,15 @@ CASES = [
     Case("--device cuda on a machine without one", lambda t: run(str(BATTERY), "--device", "cuda",
                                                                   "--results", str(t / "out"))),
     Case("--eta 2", lambda t: run(str(BATTERY), "--eta", "2", "--results", str(t / "out"))),
+    Case("--model openai:NAME with no API key in the environment and a battery that sweeps guidance", lambda t: run(
+        str(BATTERY), "--model", "openai:gpt-image-1", "--api-key-env", "EVALSUITE_BENCH_NO_KEY",
+        "--results", str(t / "out"))),
+    Case("--api-size without a hosted model", lambda t: run(str(BATTERY), "--api-size", "1024x1024",
+                                                            "--results", str(t / "out"))),
+    Case("--images: a folder that does not exist", lambda t: run(str(BATTERY), *SMALL, "--images", str(t / "nowhere"),
+                                                                 "--results", str(t / "out"))),
+    Case("--images: a manifest with an unknown prompt and an unreadable image", lambda t: run(
+        str(BATTERY), *SMALL, "--images", bad_manifest(t), "--results", str(t / "out"))),
     Case("a second run on a results folder another live process is writing", locked_run, watched="none"),
     Case("dashboard of a run with a corrupt image", lambda t: [
         "evalsuite", "dashboard", corrupt_run(t), "--out", str(t / "out")]),

@@ -13,7 +13,10 @@ for that (classifier, attribute), so an attribute a classifier never measures (p
 its rows, as NaN. An intersection ``a×b`` is "not_measurable" for an image if any component is, else
 "no_person" if any component is; its label is :func:`evalsuite.metrics.joint_labels` of the components,
 its probabilities the outer product of theirs (confident when the product of the components' top
-probabilities is >= 0.8, ``metrics.CONFIDENCE_THRESHOLD``). Every interval is `evalsuite.metrics`'.
+probabilities is >= 0.8, ``metrics.CONFIDENCE_THRESHOLD``). An image the source refused to make (status
+"refused", `schema.refused_record`) is left out of the shares and of ``no_person_rate``'s denominator;
+where the source can refuse (`metric_tables(refusals=True)`: a hosted service) every group also has a
+``refused_rate`` row, the share of the group's images refused. Every interval is `evalsuite.metrics`'.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def _observe(records: Sequence[Mapping[str, Any]], clf: str, name: str, classes:
 def _joint(parts: Sequence[_Obs], sizes: Sequence[int]) -> _Obs:
     """Combine component observations into the intersection's (see the module docstring)."""
     statuses = np.stack([p[0] for p in parts])
-    status = np.where((statuses == "not_measurable").any(axis=0), "not_measurable",
-                      np.where((statuses == "no_person").any(axis=0), "no_person", "ok"))
+    status = np.where((statuses == "refused").any(axis=0), "refused",
+                      np.where((statuses == "not_measurable").any(axis=0), "not_measurable",
+                               np.where((statuses == "no_person").any(axis=0), "no_person", "ok")))
     labels, _ = mx.joint_labels([p[1] for p in parts], sizes)
     top = np.prod(np.stack([p[2] for p in parts]), axis=0)
     every = np.all(np.stack([p[3] for p in parts]), axis=0)
@@ -79,8 +83,8 @@ def _joint(parts: Sequence[_Obs], sizes: Sequence[int]) -> _Obs:
 
 
 def _distribution_rows(obs: _Obs, classes: Sequence[str], target: NDArray[np.float64],
-                       confusion: NDArray[np.float64] | None) -> list[Row]:
-    """(metric, value, lo, hi) rows of one group."""
+                       confusion: NDArray[np.float64] | None, refusals: bool = False) -> list[Row]:
+    """(metric, value, lo, hi) rows of one group (with `refusals`, also its refused_rate)."""
     status, labels, _, conf = obs
     ok = status == "ok"
     si = mx.share_intervals(labels[ok], len(classes))
@@ -95,13 +99,17 @@ def _distribution_rows(obs: _Obs, classes: Sequence[str], target: NDArray[np.flo
     rows.append(("kl_target", mx.kl_divergence(p, target), NAN, NAN))
     rows.append(("normalized_entropy", float(mx.normalized_entropy(p)), NAN, NAN))
     rows.append(("low_confidence_rate", mx.low_confidence_rate(conf[ok]), NAN, NAN))
-    rows.append(("no_person_rate", mx.no_person_rate(status == "no_person"), NAN, NAN))
+    rows.append(("no_person_rate", mx.no_person_rate(status[status != "refused"] == "no_person"), NAN, NAN))
+    if refusals:
+        rows.append(("refused_rate", mx.refused_rate(status == "refused"), NAN, NAN))
     return rows
 
 
 def group_metrics(records: Sequence[Mapping[str, Any]], battery: Battery,
-                  confusions: Mapping[tuple[str, str], NDArray[np.float64]] | None = None) -> pd.DataFrame:
-    """metrics/groups.csv: per (classifier, attribute or intersection, prompt, scale) distribution metrics.
+                  confusions: Mapping[tuple[str, str], NDArray[np.float64]] | None = None,
+                  refusals: bool = False) -> pd.DataFrame:
+    """metrics/groups.csv: per (classifier, attribute or intersection, prompt, scale) distribution metrics
+    (with `refusals`, for a source that can refuse to make an image, also ``refused_rate``).
 
     ``confusions[(classifier, attribute)]`` (rows = true class, battery class order; an intersection's
     key is its ``a×b`` name) adds ``share_corrected:<class>`` rows; a matrix of the wrong shape or with a
@@ -116,6 +124,8 @@ def group_metrics(records: Sequence[Mapping[str, Any]], battery: Battery,
         for members in battery.intersections:
             seen[JOINER.join(members)] = _joint([seen[m] for m in members], [len(all_classes[m]) for m in members])
         for name, classes in all_classes.items():
+            if np.all(np.isin(seen[name][0], ("not_measurable", "refused"))):
+                continue  # an attribute the classifier measures on no image of the run
             target = np.asarray(targets[name], dtype=np.float64)
             confusion = None if confusions is None else confusions.get((clf, name))
             problems = [] if confusion is None else mx.confusion_problems(confusion, classes)
@@ -128,7 +138,7 @@ def group_metrics(records: Sequence[Mapping[str, Any]], battery: Battery,
                 first = records[idx[0]]
                 n = int(np.sum(obs[0] == "ok"))
                 rows += [(clf, name, pi, first["prompt"], bool(first["heldout"]), scale, *r, n)
-                         for r in _distribution_rows(obs, classes, target, confusion)]
+                         for r in _distribution_rows(obs, classes, target, confusion, refusals)]
     return pd.DataFrame(rows, columns=list(GROUP_COLUMNS))
 
 
@@ -196,8 +206,10 @@ def diversity_metrics(records: Sequence[Mapping[str, Any]],
 
 
 def metric_tables(records: Sequence[Mapping[str, Any]], battery: Battery,
-                  confusions: Mapping[tuple[str, str], NDArray[np.float64]] | None = None) -> dict[str, pd.DataFrame]:
-    """The three metric tables of a run (`schema.TABLES`), for `evalsuite.results.store.write_tables`."""
-    groups = group_metrics(records, battery, confusions)
+                  confusions: Mapping[tuple[str, str], NDArray[np.float64]] | None = None,
+                  refusals: bool = False) -> dict[str, pd.DataFrame]:
+    """The three metric tables of a run (`schema.TABLES`), for `evalsuite.results.store.write_tables`;
+    `refusals`: the source can refuse to make an image (groups.csv gets ``refused_rate``)."""
+    groups = group_metrics(records, battery, confusions, refusals)
     return {"groups": groups, "aggregate": aggregate_metrics(groups, records, battery.splits()),
             "diversity": diversity_metrics(records)}

@@ -12,8 +12,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SuiteError
+
+if TYPE_CHECKING:
+    from .sources import HostedOptions
 
 log = logging.getLogger("evalsuite")
 
@@ -32,7 +36,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate a battery across guidance scales, classify, measure")
     run.add_argument("battery", type=Path)
-    run.add_argument("--model", default=None, help="'miniature' (default), a local pipeline folder or a hub id")
+    run.add_argument("--model", default=None,
+                     help="'miniature' (default), a local pipeline folder, a hub id, or openai:NAME, a hosted model of "
+                          "an OpenAI-compatible images API (the --api-* options; docs/sources.md)")
+    run.add_argument("--images", default=None, metavar="PATH",
+                     help="audit images made elsewhere instead of a model: a folder (a subfolder per prompt, or a "
+                          "manifest.csv/.jsonl) or a manifest of prompt, path, seed*, guidance_scale* "
+                          "(docs/sources.md)")
     run.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     run.add_argument("--lora", default=None, help="a LoRA adapter folder or file to load into the pipeline")
     run.add_argument("--lora-scale", type=float, default=1.0,
@@ -59,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-t5", action="store_true", dest="drop_t5",
                      help="load an SD3 model without its T5 text encoder (its T5 context is then zeros): less "
                           "memory, weaker prompt following; refused for other models")
+    _hosted_arguments(run.add_argument_group("a hosted model (--model openai:NAME)"))
     small = run.add_argument_group("a smaller run")
     small.add_argument("--limit-prompts", type=int, default=None)
     small.add_argument("--images-per-prompt", type=int, default=None)
@@ -99,6 +110,26 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _hosted_arguments(group: argparse._ArgumentGroup) -> None:
+    """The options `--api-<field>` of `evalsuite.sources.HostedOptions`, declared there once."""
+    from dataclasses import MISSING, fields
+
+    from .sources import HostedOptions, flag
+
+    for f in fields(HostedOptions):
+        default = None if f.default is MISSING else f.default
+        group.add_argument(flag(f.name), dest=f"api_{f.name}", type=f.metadata["type"], default=default,
+                           metavar=f.metadata["metavar"], help=f.metadata["help"])
+
+
+def _hosted_options(args: argparse.Namespace) -> HostedOptions:
+    from dataclasses import fields
+
+    from .sources import HostedOptions
+
+    return HostedOptions(**{f.name: getattr(args, f"api_{f.name}") for f in fields(HostedOptions)})
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     if args.allow_plugins:
         from .classifiers import PLUGINS_ENV
@@ -115,7 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
                          dtype=args.dtype, device=args.device,
                          batch_size=args.batch_size,
                          classifiers=tuple(args.classifiers or ()), embedder=args.embedder,
-                         overwrite=args.overwrite, compile=args.compile, drop_t5=args.drop_t5)
+                         overwrite=args.overwrite, compile=args.compile, drop_t5=args.drop_t5, images=args.images,
+                         hosted=_hosted_options(args))
     run_dir = run_battery(battery, options)
     from accelerate import PartialState
 

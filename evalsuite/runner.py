@@ -17,6 +17,12 @@ end, and a second run is refused naming the first's process, on every process of
 created before the model loads. A write that fails (a full disk) is one `SuiteError` naming the file, with
 no partial file left; the same command resumes.
 
+The images come from a `evalsuite.sources.Source`: a diffusers pipeline and its generator, a hosted image
+API (`--model openai:NAME`) or a folder of images made elsewhere (`--images`); its generator makes a batch's
+units into images, or refusals, which get a refused record (`schema.refused_record`). Images of one size are
+scored together. A source that keeps what it received for a resume (a hosted API's paid images) keeps it in
+its `scratch` folder under the run folder until the run completes.
+
 The runner is generic: a model is known through its `evalsuite.models.ModelProfile` (its image domain,
 which exact readers ride along, whether an exact reader judges each image on-prompt), the folder's format
 and its writing are `evalsuite.results`', the numbers `evalsuite.analysis`'. The battery's `domains` entry
@@ -33,6 +39,7 @@ import json
 import logging
 import platform
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -48,8 +55,9 @@ from .battery import Battery, Prompt
 from .errors import SuiteError
 from .generate import make_generator, unit_seed
 from .locks import folder_lock
-from .models import DEFAULT_MODEL, LoadedModel, builtin_model
+from .models import DEFAULT_MODEL, ModelProfile, builtin_model
 from .results import schema, store
+from .sources import HostedOptions, Made, Source, folder_name, is_hosted
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +84,17 @@ class RunOptions:
     overwrite: bool = False
     compile: bool = False  # torch.compile the denoiser (and SD's decoder; pays on GPUs for long runs)
     drop_t5: bool = False  # load an SD3 pipeline without its T5 text encoder (--no-t5)
+    images: str | None = None  # audit images made elsewhere: a folder or a manifest (evalsuite.sources.folder)
+    hosted: HostedOptions = HostedOptions()  # how to reach a hosted --model openai:NAME (evalsuite.sources.hosted)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as run.json's `options` holds them (`images` and `hosted` only where they apply)."""
         d = asdict(self)
         d["results_dir"] = str(self.results_dir)
+        if self.images is None:
+            del d["images"]
+        if not is_hosted(self.model):
+            del d["hosted"]
         return d
 
 
@@ -138,6 +153,8 @@ def plan_units(battery: Battery, batch_size: int) -> Plan:
 def default_run_name(battery: Battery, options: RunOptions) -> str:
     model = options.model or DEFAULT_MODEL
     parts = [battery.name, Path(model).name if Path(model).exists() else model]
+    if options.images is not None:
+        parts = [battery.name, "images-" + folder_name(Path(options.images))]
     if options.lora:
         scale = f"-x{options.lora_scale:g}" if options.lora_scale != 1 else ""
         window = f"-w{options.lora_window:g}" if options.lora_window != 1 else ""
@@ -168,6 +185,10 @@ def fingerprint_keys(battery: Mapping[str, Any], options: Mapping[str, Any]) -> 
         keys["lora_window"] = float(options["lora_window"])
     if options.get("drop_t5"):
         keys["drop_t5"] = True
+    if options.get("images") is not None:
+        keys["images"] = options["images"]
+    if is_hosted(model) and isinstance(options.get("hosted"), Mapping):  # what changes a hosted image
+        keys.update({f"hosted.{k}": options["hosted"].get(k) for k in ("base", "size", "quality", "response_format")})
     return keys
 
 
@@ -223,11 +244,10 @@ def progress(total: int, initial: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, unit="img", desc="generate", disable=not enabled, dynamic_ncols=True)
 
 
-def timed_generate(generator: Any, batch: list[Unit]) -> tuple[np.ndarray, float]:
+def timed_make(source: Source, batch: list[Unit]) -> tuple[Made, float]:
     t0 = time.perf_counter()
-    images = generator.generate([u.prompt.text for u in batch], [u.guidance_scale for u in batch],
-                                [u.seed for u in batch])
-    return images, time.perf_counter() - t0
+    made = source.generator.make(batch)
+    return made, time.perf_counter() - t0
 
 
 def _validate(battery: Battery, options: RunOptions) -> None:
@@ -238,23 +258,59 @@ def _validate(battery: Battery, options: RunOptions) -> None:
     if options.name is not None and (not _RUN_NAME.fullmatch(options.name) or options.name in (".", "..")):
         problems.append(f"--name: '{options.name}' must be a folder name of letters, digits, '.', '_' and '-' "
                         "(no path: the folder goes under --results)")
-    builtin = builtin_model(options.model)
+    other_source = options.images is not None or is_hosted(options.model)
+    builtin = None if other_source else builtin_model(options.model)
     if options.revision and (builtin is not None or Path(str(options.model)).expanduser().exists()):
         kind = "built in" if builtin is not None else "a local folder"
         problems.append(f"--revision: '{options.revision}' applies to hub models only; "
                         f"'{options.model or DEFAULT_MODEL}' is {kind}")
-    for check in (lambda: check_model_source(options.model), lambda: resolve_dtype(options.dtype)):
+    checks = [lambda: resolve_dtype(options.dtype)] if other_source else \
+        [lambda: check_model_source(options.model), lambda: resolve_dtype(options.dtype)]
+    for check in checks:
         try:
             check()
         except SuiteError as exc:
             problems.append(str(exc))
     if options.batch_size < 1:
         problems.append(f"--batch-size: must be >= 1, got {options.batch_size}")
+    if other_source:
+        problems += _source_problems(battery, options)
+    elif changed := options.hosted.changed():
+        problems.append(f"{', '.join(changed)}: given without a hosted model (--model openai:NAME)")
     problems += _scoring_problems(battery, options)
-    problems += adapter_problems(options.lora, options.lora_scale, options.lora_window, options.compile)
-    problems += pipeline_problems(options.model, options.drop_t5)
+    if not other_source:
+        problems += adapter_problems(options.lora, options.lora_scale, options.lora_window, options.compile)
+        problems += pipeline_problems(options.model, options.drop_t5)
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _source_problems(battery: Battery, options: RunOptions) -> list[str]:
+    """What is wrong with a hosted model (`--model openai:NAME`) or a folder of images (`--images`) and
+    the options given with it, one message each, before any request or image is read twice."""
+    from .sources import folder_problems, hosted_problems, one_scale_problem
+
+    who = f"--images {options.images}" if options.images is not None else f"the hosted model '{options.model}'"
+    diffusers_only = [("--revision", options.revision is not None), ("--lora", options.lora is not None),
+                      ("--lora-scale", options.lora_scale != 1.0), ("--lora-window", options.lora_window != 1.0),
+                      ("--compile", options.compile), ("--no-t5", options.drop_t5)]
+    problems = [f"{flag}: applies to diffusers models only, not to {who}" for flag, given in diffusers_only if given]
+    if options.images is not None:
+        if options.model is not None:
+            problems.append(f"--model: '{options.model}' given with --images (images made elsewhere): drop one")
+        if changed := options.hosted.changed():
+            problems.append(f"{', '.join(changed)}: given without a hosted model (--model openai:NAME)")
+        return problems + folder_problems(Path(options.images), battery)
+    problems += hosted_problems(str(options.model), options.hosted)
+    return problems + [p for p in [one_scale_problem(battery, who)] if p]
+
+
+def _profile(options: RunOptions) -> ModelProfile:
+    """The profile the audited images are scored with, known before anything loads: a hosted model's and a
+    folder's are the default (natural images)."""
+    from .models import model_profile
+
+    return ModelProfile() if options.images is not None or is_hosted(options.model) else model_profile(options.model)
 
 
 def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
@@ -263,13 +319,12 @@ def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
     registries and the model's profile alone, before anything loads."""
     from .battery import battery_plugin_problems
     from .classifiers import check_classifier_spec, check_detector_spec, check_embedder_spec, domain_problems
-    from .models import model_profile
 
     try:
-        domain = model_profile(options.model).domain
+        domain = _profile(options).domain
     except (OSError, SuiteError):  # a built-in model whose files are missing: check_model_source says so
         return []
-    model = options.model or DEFAULT_MODEL
+    model = f"images {options.images}" if options.images is not None else options.model or DEFAULT_MODEL
     setup = battery.setup_for(domain)
     problems = []
     for kind, specs, check in (("classifier", options.classifiers or (setup.classifier,), check_classifier_spec),
@@ -289,10 +344,10 @@ def _scoring_problems(battery: Battery, options: RunOptions) -> list[str]:
 
 @dataclass
 class _Scoring:
-    """What a run loads before it touches its folder: the model, its generator and what scores its images."""
+    """What a run loads before it touches its folder: the source of its images (a model and its generator,
+    a hosted service, a folder) and what scores its images."""
 
-    loaded: LoadedModel
-    generator: Any
+    source: Source
     classifiers: dict[str, Any]
     detector: Any
     detector_spec: str | None
@@ -355,47 +410,61 @@ def run_battery(battery: Battery, options: RunOptions) -> Path:
         lock.take(create=False)  # a folder that exists is locked before anything heavy loads
         # the model, generator and classifiers are built before the folder is written: a refusal (an eta the
         # scheduler cannot honour, a classifier that cannot read an attribute) leaves the folder as it was
-        scoring = _load_scoring(battery, options, device)
+        scoring = _load_scoring(battery, options, device, run_dir)
         lock.take(create=True)
         check()  # again under the lock: another run may have written the folder in between
         return _run_locked(state, battery, options, run_dir, fp, scoring)
 
 
-def _load_scoring(battery: Battery, options: RunOptions, device: str) -> _Scoring:
-    """Load the model, its generator, the classifiers, the detector and the embedder; SuiteError with every
-    problem a classifier finds in the battery."""
-    from .classifiers import ClassifierContext, get_classifier, get_detector, get_embedder
-    from .metrics import confusion_problems
-    from .models import load_model
+def _open_source(battery: Battery, options: RunOptions, device: str, run_dir: Path) -> tuple[Source, Any]:
+    """The source of the run's images and the dtype its classifiers run in: a hosted model or a folder of
+    images (float32 unless --dtype), else the model loaded with its generator (its denoiser's dtype)."""
+    from .models import load_model, resolve_dtype
+    from .sources import folder_source, hosted_source, pipeline_source
 
+    if options.images is not None:
+        return folder_source(Path(options.images), battery, device), resolve_dtype(options.dtype)
+    if is_hosted(options.model):
+        return hosted_source(str(options.model), options.hosted, device, run_dir), resolve_dtype(options.dtype)
     loaded = load_model(options.model, dtype=options.dtype, device=device, revision=options.revision,
                         lora=options.lora, lora_scale=options.lora_scale,
                         lora_window=options.lora_window, drop_t5=options.drop_t5)
     generator = make_generator(loaded, battery.steps, eta=battery.eta, compile=options.compile)
-    ctx = ClassifierContext(device=device, dtype=loaded.denoiser.dtype, profile=loaded.profile)
-    setup = battery.setup_for(loaded.profile.domain)
-    specs = list(dict.fromkeys([*(options.classifiers or (setup.classifier,)), *loaded.profile.exact_readers]))
+    return pipeline_source(loaded, generator), loaded.denoiser.dtype
+
+
+def _load_scoring(battery: Battery, options: RunOptions, device: str, run_dir: Path) -> _Scoring:
+    """Open the source of the images (load the model and its generator), the classifiers, the detector and
+    the embedder; SuiteError with every problem a classifier finds in the battery."""
+    from .classifiers import ClassifierContext, get_classifier, get_detector, get_embedder
+    from .metrics import confusion_problems
+
+    source, dtype = _open_source(battery, options, device, run_dir)
+    profile = source.profile
+    ctx = ClassifierContext(device=device, dtype=dtype, profile=profile)
+    setup = battery.setup_for(profile.domain)
+    specs = list(dict.fromkeys([*(options.classifiers or (setup.classifier,)), *profile.exact_readers]))
     classifiers = {spec: get_classifier(spec, ctx) for spec in specs}
     detector = get_detector(setup.detector, ctx) if setup.detector else None
     problems = [f"classifier '{n}': {p}" for n, c in classifiers.items() for p in c.check(battery.attributes)]
     problems += [f"classifier '{n}' reads detected faces, and the battery names no face detector for "
-                 f"{loaded.profile.domain} images (`domains: {{{loaded.profile.domain}: {{detector: ...}}}}`)"
+                 f"{profile.domain} images (`domains: {{{profile.domain}: {{detector: ...}}}}`)"
                  for n, c in classifiers.items() if getattr(c, "needs_faces", False) and detector is None]
     problems += [f"classifier '{n}': confusion matrix of '{attr}': {p}" for n, c in classifiers.items()
                  for attr, m in (getattr(c, "confusion", None) or {}).items() if attr in battery.attribute_names
                  for p in confusion_problems(m, battery.attribute(attr).classes)]
     if problems:
         raise SuiteError("cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
-    return _Scoring(loaded, generator, classifiers, detector, setup.detector, get_embedder(options.embedder, ctx))
+    return _Scoring(source, classifiers, detector, setup.detector, get_embedder(options.embedder, ctx))
 
 
 def _start_run_json(run_dir: Path, battery: Battery, options: RunOptions, scoring: _Scoring, fp: str, world: int,
                     info: dict[str, Any], resumed: bool) -> dict[str, Any]:
     """Main process: run.json (status running, earlier sessions kept) and battery.yaml; returns run.json's data."""
     for prompt in battery.prompts():
-        if unknown := scoring.loaded.unknown_words(prompt.text):
+        if unknown := scoring.source.profile.unknown_words(prompt.text):
             log.warning("prompt %r: words outside the model's vocabulary: %s", prompt.text, ", ".join(unknown))
-    new = _run_info(battery, options, scoring.loaded, scoring.classifiers, scoring.detector_spec, fp, world)
+    new = _run_info(battery, options, scoring.source, scoring.classifiers, scoring.detector_spec, fp, world)
     before = {k: info.get(k) for k in _SESSION_KEYS}
     if resumed and any(before[k] is not None and before[k] != new.get(k) for k in _SESSION_KEYS):
         log.warning("%s: resuming a run begun with other versions, commit or device (kept in run.json "
@@ -410,24 +479,54 @@ def _start_run_json(run_dir: Path, battery: Battery, options: RunOptions, scorin
 
 def _make_batch(run_dir: Path, battery: Battery, scoring: _Scoring, batch: list[Unit],
                 text_emb: dict[str, np.ndarray]) -> tuple[list[schema.Record], float]:
-    """Generate, score and write one batch's images; its records and the generation time."""
+    """Make, score and write one batch's images; its records (in unit order) and the generation time.
+
+    Images are scored together where they have one size (always, for a pipeline); an image the source
+    refused to make gets a refused record (`schema.refused_record`)."""
+    made, dt = timed_make(scoring.source, batch)
+    records: list[schema.Record] = []
+    for idx in _same_size(made.images):
+        images = np.stack([made.images[i] for i in idx])  # type: ignore[misc]  # _same_size skips None
+        records += _score(run_dir, battery, scoring, [batch[i] for i in idx], images, [made.seeds[i] for i in idx],
+                          text_emb)
+    attributes = battery.attribute_names
+    records += [schema.refused_record(
+        unit=u.unit, prompt_index=u.prompt_index, prompt=u.prompt.text, heldout=u.prompt.heldout,
+        slots=dict(u.prompt.slots), guidance_scale=u.guidance_scale, image_index=u.image_index, seed=u.seed,
+        classifiers={name: attributes for name in scoring.classifiers}, reason=str(made.refusals[i]))
+        for i, u in enumerate(batch) if made.images[i] is None]
+    return sorted(records, key=lambda r: r["unit"]), dt
+
+
+def _same_size(images: list[np.ndarray | None]) -> list[list[int]]:
+    """Indices of the images (None: refused, skipped) grouped by shape, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        if image is not None:
+            groups.setdefault(image.shape, []).append(i)
+    return list(groups.values())
+
+
+def _score(run_dir: Path, battery: Battery, scoring: _Scoring, batch: list[Unit], images: np.ndarray,
+           seeds: list[int | None], text_emb: dict[str, np.ndarray]) -> list[schema.Record]:
+    """Score and write images of one size (n, H, W, 3) made for `batch`; their records. `seeds`: the seed an
+    image was made with where the source knows one other than its unit's."""
     from .classifiers import classify_faces, to_record
 
-    images, dt = timed_generate(scoring.generator, batch)
     faces = scoring.detector.detect(images) if scoring.detector is not None else None
     outputs = {name: classify_faces(clf, images, battery.attributes, faces)
                for name, clf in scoring.classifiers.items()}
     emb = scoring.embedder.embed_images(images)
-    on_prompt = _read_on_prompt(scoring.loaded, images, batch)
-    records = [schema.make_record(
+    on_prompt = _read_on_prompt(scoring.source.profile, images, batch)
+    return [schema.make_record(
         unit=u.unit, prompt_index=u.prompt_index, prompt=u.prompt.text, heldout=u.prompt.heldout,
-        slots=dict(u.prompt.slots), guidance_scale=u.guidance_scale, image_index=u.image_index, seed=u.seed,
+        slots=dict(u.prompt.slots), guidance_scale=u.guidance_scale, image_index=u.image_index,
+        seed=u.seed if seeds[i] is None else int(seeds[i]),  # type: ignore[arg-type]
         image=u.image_path(), sha256=store.write_png(run_dir / u.image_path(), images[i]), embedding=emb[i],
         clip_score=100 * max(float(np.dot(emb[i], text_emb[u.prompt.text])), 0.0),
         classifiers={n: to_record(o, battery.attributes, i) for n, o in outputs.items()},
         on_prompt=on_prompt[i], faces=None if faces is None else faces[i].tolist())
         for i, u in enumerate(batch)]
-    return records, dt
 
 
 def _my_batches(n_batches: int, rank: int, world: int, done: set[int]) -> Iterator[int]:
@@ -479,7 +578,8 @@ def _run_locked(state: Any, battery: Battery, options: RunOptions, run_dir: Path
 
     t0 = time.perf_counter()
     records = store.merge_shards(run_dir, plan.n_units)
-    tables = metric_tables(records, battery, confusions=_known_confusions(scoring.classifiers))
+    tables = metric_tables(records, battery, confusions=_known_confusions(scoring.classifiers),
+                           refusals=scoring.source.refusals)
     store.write_tables(run_dir, tables)
     text = summary_table(tables["groups"], tables["diversity"], classifier=scoring.specs[0],
                          attributes=[a.name for a in battery.attributes])
@@ -490,19 +590,21 @@ def _run_locked(state: Any, battery: Battery, options: RunOptions, run_dir: Path
         "images_per_s": round(made / gen_s, 2) if gen_s else None,
         "analyse_s": round(time.perf_counter() - t0, 2)})
     store.write_json_atomic(run_json, info)
+    if scoring.source.scratch:  # what a hosted service returned: its images are in images/ now
+        shutil.rmtree(run_dir / scoring.source.scratch, ignore_errors=True)
     log.info("results in %s", run_dir)
     return run_dir
 
 
-def _read_on_prompt(loaded: LoadedModel, images: np.ndarray, batch: list[Unit]) -> list[schema.OnPrompt | None]:
+def _read_on_prompt(profile: ModelProfile, images: np.ndarray, batch: list[Unit]) -> list[schema.OnPrompt | None]:
     """Per image, the profile's on-prompt reading (None everywhere when the model has no such reader)."""
-    reader = loaded.profile.on_prompt
+    reader = profile.on_prompt
     if reader is None:
         return [None] * len(batch)
     return reader.read(images, [u.prompt for u in batch])
 
 
-def _run_info(battery: Battery, options: RunOptions, loaded: LoadedModel, classifiers: dict[str, Any],
+def _run_info(battery: Battery, options: RunOptions, source: Source, classifiers: dict[str, Any],
               detector: str | None, fp: str, world: int) -> dict[str, Any]:
     from .classifiers import detects_people
 
@@ -511,16 +613,16 @@ def _run_info(battery: Battery, options: RunOptions, loaded: LoadedModel, classi
         "schema_version": schema.SCHEMA_VERSION,
         "run_name": Path(options.name or default_run_name(battery, options)).name,
         "fingerprint": fp, "battery": battery.to_dict(), "options": {**options.to_dict(), "processes": world,
-        "steps": battery.steps, "eta": battery.eta, "sampler": type(loaded.pipe.scheduler).__name__},
-        "model": loaded.describe(), "classifiers": specs, "primary_classifier": specs[0],
-        "exact_classifiers": list(loaded.profile.exact_readers),
+        "steps": battery.steps, "eta": battery.eta, "sampler": source.sampler},
+        "model": source.model, **({"source": source.info} if source.info is not None else {}),
+        "classifiers": specs, "primary_classifier": specs[0], "exact_classifiers": list(source.profile.exact_readers),
         "detector": detector,
         "detects_people": {spec: True if detector else detects_people(c) for spec, c in classifiers.items()},
         "classifier_methods": {spec: dict(c.methods) for spec, c in classifiers.items() if getattr(c, "methods", None)},
         "embedder": options.embedder,
         "seeds": {"battery_seed": battery.seed,
                   "rule": "sha256('battery|prompt|image_index')[:8] >> 1, XOR battery seed; same at every scale"},
-        "versions": versions(), "git_commit": git_commit(), "device": loaded.device,
+        "versions": versions(), "git_commit": git_commit(), "device": source.device,
     }
 
 

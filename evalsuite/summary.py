@@ -5,7 +5,8 @@ its share with the 95 % Wilson interval and the Shen gap, then the Vendi score; 
 columns averaged over prompts per guidance scale. Built from the groups.csv and diversity.csv tables
 (:mod:`evalsuite.analysis`); missing values print as "-". The words every prompt starts with are printed
 once above the table and left out of the prompt column, whose width shrinks (down to 12) so that three
-attribute columns fit in 120 characters.
+attribute columns fit in 120 characters. Where the source could refuse to make images (groups.csv has
+`refused_rate`: a hosted service), a line under the table gives the share of images refused.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def summary_table(groups: pd.DataFrame, diversity: pd.DataFrame, classifier: str
         lines.append(line + f"{GAP}{_num(v, VENDI_WIDTH)}")
     if unmeasured:
         lines.append(f"not measured by {classifier}: {', '.join(unmeasured)}")
+    refused = g[(g["metric"] == "refused_rate") & g["attribute"].isin(shown[:1])]["value"]
+    if len(refused):  # every group asks for as many images, so the mean over groups is the run's share
+        lines.append(f"refused by the source (safety filter): {_num(float(refused.mean()))} of the images "
+                     "(refused_rate in metrics/groups.csv); left out of the shares")
 
     lines += ["", "mean over prompts by guidance scale (dominant share, Shen gap, vendi)"]
     head = f"{'scale':>{SCALE_WIDTH}}{GAP}{'prompts':>7}"

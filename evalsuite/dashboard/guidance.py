@@ -5,6 +5,9 @@ A run's ``model.guidance`` in run.json says which kind of guidance its scales ar
 guidance-distilled model (Flux), which takes the guidance strength as an input and runs no classifier-free
 guidance; ``"none"`` for a model that takes no guidance at all (FLUX.1 [schnell]: the scale changes
 nothing); absent or ``"classifier-free"`` for classifier-free guidance, whose strength is the guidance scale.
+A source other than a diffusers pipeline (run.json's ``source``: `evalsuite.sources`) says ``"not exposed"``
+(a hosted service or exported images without scales: one value, a label only) or ``"as recorded"``
+(exported images whose manifest gives the scale each was made at).
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ def values_phrase(*views: RunView) -> str:
     """The runs' guidance values in words, for prose (e.g. "classifier-free guidance scales")."""
     axis = axis_name(*views)
     if axis == CLASSIFIER_FREE:
+        if all(v.model.get("guidance") == "not exposed" for v in views):
+            return ("one guidance value, a label only (the image source does not expose a guidance scale, so the "
+                    "guidance axis was not measured)")
+        if all(v.model.get("guidance") == "as recorded" for v in views):
+            return "guidance scales as the images' manifest records them (the images were made elsewhere)"
         if all(v.model.get("guidance") == "none" for v in views):
             return ("guidance scales, which this model ignores (it takes no guidance input and runs no "
                     "classifier-free guidance)")

@@ -47,6 +47,12 @@ METRICS: tuple[tuple[str, str], ...] = (
         "without a person detector (see which images the shares count, above).",
     ),
     (
+        "refused_rate",
+        "Fraction of a group's images that the image source refused to make (a hosted service's safety "
+        "filter); refused images have no image and are left out of every other metric. Only for sources "
+        "that can refuse.",
+    ),
+    (
         "legibility by group",
         "Comparison page: another classifier's low_confidence_rate among the images the comparison's "
         "classifier reads as the prompt's majority class (most common over run A's paired images of the "
@@ -135,7 +141,8 @@ def methods_page(views: Sequence[RunView]) -> str:
                 "probable "
                 "class) and a status: ok, no_person (no person found) or not_measurable (the classifier "
                 "cannot measure "
-                "this attribute on these images). These are perceived attributes, inferred from appearance; "
+                "this attribute on these images); an image a hosted service refused to make is refused, for "
+                "every classifier. These are perceived attributes, inferred from appearance; "
                 "no one in "
                 "these images self-identified."
             )
@@ -145,6 +152,8 @@ def methods_page(views: Sequence[RunView]) -> str:
             "inferred",
         )
     ]
+    if sources := _source_table(views):
+        parts.append(section("Where the images came from", sources, "source"))
     defs = table(["metric", "definition"], METRICS, "Metrics (K = number of classes)")
     parts.append(
         section(
@@ -211,6 +220,28 @@ def methods_page(views: Sequence[RunView]) -> str:
         section("Caveats", "<ul>" + "".join(f"<li>{esc(c)}</li>" for c in CAVEATS) + "</ul>", "caveats")
     )
     return "".join(parts)
+
+
+def _source_table(views: Sequence[RunView]) -> str:
+    """Per run whose images did not come from a diffusers pipeline (run.json's `source`: a hosted service,
+    a folder of images made elsewhere): what it is, and what it exposes and does not ("" if none)."""
+    shown = {"guidance_scale": "guidance scale", "seed": "seed"}
+    rows = []
+    for view in views:
+        source = view.source
+        if source.get("kind") == "diffusers":
+            continue
+        what = ", ".join(f"{key} {source[key]}" for key in ("model", "base_url", "size", "quality", "path", "layout")
+                         if source.get(key) is not None)
+        rows.append([view.name, str(source.get("kind")), what,
+                     ", ".join(shown.get(e, str(e)) for e in source.get("exposes") or []) or "nothing",
+                     ", ".join(shown.get(e, str(e)) for e in source.get("not_exposed") or []) or "—"])
+    if not rows:
+        return ""
+    return table(["run", "source", "what", "exposes", "not exposed"], rows,
+                 "Image sources other than a diffusers pipeline") + note(
+        "What a source does not expose was not measured: without a guidance scale there is no guidance axis "
+        "(the one value shown is a label), and without seeds images are not paired across runs or scales.")
 
 
 def _detector_table(views: Sequence[RunView]) -> str:

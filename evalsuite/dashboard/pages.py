@@ -27,7 +27,7 @@ from evalsuite.metrics import mean_interval, metric_bounds
 from evalsuite.results import RunView
 
 TABLE_METRICS = ("shen_gap", "mad", "dominant_share", "normalized_entropy", "kl_uniform", "kl_target",
-                 "low_confidence_rate", "no_person_rate")
+                 "low_confidence_rate", "no_person_rate", "refused_rate")
 
 
 @dataclass
@@ -72,6 +72,7 @@ def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> st
             "Pipeline",
             f"{model.get('pipeline_class', '—')} ({model.get('dtype', '—')}, {model.get('device', '—')})",
         ),
+        *([("Image source", _source_text(view.source))] if view.source.get("kind") != "diffusers" else []),
         ("Battery", f"{battery.name} version {battery.version}"),
         ("Battery description", battery.description or "—"),
         ("Prompts", f"{len(view.prompts)} ({n_held} held out)"),
@@ -104,6 +105,13 @@ def overview_card(view: RunView, site: Site, pages: list[tuple[str, str]]) -> st
         f'<div class="card"><h2>{esc(title)}</h2>{definition_list(facts)}<p>{links}</p>'
         f"{_headline(view)}</div>"
     )
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    """A non-diffusers image source in words (run.json's `source`), with what it does not expose."""
+    where = source.get("base_url") or source.get("path") or "—"
+    missing = ", ".join(str(e).replace("_", " ") for e in source.get("not_exposed") or [])
+    return f"{source.get('kind')} ({where})" + (f"; not exposed: {missing}" if missing else "")
 
 
 def capital(text: str) -> str:

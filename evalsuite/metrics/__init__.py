@@ -23,6 +23,7 @@ from evalsuite.metrics.distribution import (
     mad,
     no_person_rate,
     normalized_entropy,
+    refused_rate,
     shen_gap,
 )
 from evalsuite.metrics.diversity import (
@@ -71,6 +72,7 @@ __all__ = [
     "mean_interval",
     "metric_bounds",
     "no_person_rate",
+    "refused_rate",
     "t_quantile",
     "class_counts",
     "class_shares",

@@ -201,6 +201,18 @@ def no_person_rate(no_person: ArrayLike) -> float:
     return float(np.mean(flags)) if flags.size else float("nan")
 
 
+@register_metric("refused_rate", higher_is_better=None, kind="rate", bounds=(0.0, 1.0))
+def refused_rate(refused: ArrayLike) -> float:
+    """Share of a group's images that the image source refused to make (a hosted service's safety
+    filter): (1/n) Σ_i [refused_i], over every image the group asked for.
+
+    Descriptive: refused images are left out of the shares, so a high rate means the shares describe
+    the images the service agreed to make. Empty-group rule: n = 0 -> NaN.
+    """
+    flags = np.asarray(refused, dtype=bool).ravel()
+    return float(np.mean(flags)) if flags.size else float("nan")
+
+
 def joint_labels(labels: Sequence[ArrayLike], n_classes: Sequence[int]) -> tuple[IntArray, int]:
     """Mixed-radix joint class per image, for intersectional metrics (e.g. Shen's gender × race).
 

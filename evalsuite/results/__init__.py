@@ -25,9 +25,11 @@ from evalsuite.results.schema import (
     label_index,
     majority_classes,
     make_record,
+    refused_record,
 )
 
 __all__ = [
     "READABLE_VERSIONS", "SCHEMA_VERSION", "STATUSES", "Entry", "OnPrompt", "Record", "RunView", "classifier_entry",
     "dominant_class", "entry", "label", "label_index", "majority_classes", "make_record", "open_run",
+    "refused_record",
 ]

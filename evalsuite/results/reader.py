@@ -43,8 +43,18 @@ class RunView:
     # ------------------------------------------------------------ records
 
     def iter_records(self) -> Iterator[dict[str, Any]]:
-        """The records one by one (streamed from the file), each checked: the keys every reader needs,
-        numeric indices and scale, and an image file inside the folder."""
+        """The records of images one by one (streamed from the file), each checked: the keys every reader
+        needs, numeric indices and scale, and an image file inside the folder. The records of images the
+        source refused to make (`schema.refused_record`: no image) are not among them: :attr:`refused`."""
+        return (rec for rec in self._all_records() if not _is_refused(rec))
+
+    @functools.cached_property
+    def refused(self) -> list[dict[str, Any]]:
+        """The records of images the source refused to make (a hosted service's safety filter), in unit
+        order: no image, every classifier entry "refused", and `refused`, what the service said."""
+        return [rec for rec in self._all_records() if _is_refused(rec)]
+
+    def _all_records(self) -> Iterator[dict[str, Any]]:
         path = self.path / "records.jsonl"
         root = self.path.resolve()
         try:
@@ -75,6 +85,8 @@ class RunView:
         except (TypeError, ValueError):
             raise SuiteError(
                 f"{path}, line {lineno}: prompt_index, image_index and guidance_scale must be numbers") from None
+        if _is_refused(rec):
+            return schema.upgrade_record(rec, self.version)
         image = (self.path / str(rec["image"])).resolve()
         if not image.is_relative_to(root) or not image.is_file():
             raise SuiteError(f"{path}, line {lineno}: image {rec['image']!r} is missing or outside the run folder")
@@ -82,8 +94,11 @@ class RunView:
 
     @functools.cached_property
     def records(self) -> list[dict[str, Any]]:
-        """Every record, in file order (read once, then kept)."""
+        """Every record of an image, in file order (read once, then kept)."""
         records = list(self.iter_records())
+        if not records and self.refused:
+            raise SuiteError(f"{self.path / 'records.jsonl'}: the source refused every image ({len(self.refused)} "
+                             "refused records), so there is nothing to show")
         if not records:
             raise SuiteError(f"{self.path / 'records.jsonl'}: holds no records")
         return records
@@ -93,6 +108,14 @@ class RunView:
         return self.path / str(record["image"])
 
     # ------------------------------------------------------------ what run.json says
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """run.json's `source`: where the images came from and what it exposes (a hosted service or a
+        folder of images made elsewhere: `evalsuite.sources`); a run without one rendered its images with
+        a diffusers pipeline, which exposes the guidance scale and the seed."""
+        source = self.info.get("source")
+        return source if isinstance(source, dict) else {"kind": "diffusers", "exposes": ["guidance_scale", "seed"]}
 
     @property
     def name(self) -> str:
@@ -187,6 +210,11 @@ class RunView:
             wide[f"clip_score_{bound}"] = part.reindex(wide.index)
         wide.columns.name = None
         return wide.reset_index()
+
+
+def _is_refused(record: Any) -> bool:
+    """Whether a record is that of an image the source refused to make (no image; `schema.refused_record`)."""
+    return isinstance(record, dict) and record.get("image") is None and "refused" in record
 
 
 def open_run(path: Path | str, *, complete: bool = True) -> RunView:

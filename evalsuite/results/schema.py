@@ -26,14 +26,16 @@ __all__ = [
     "AGGREGATE_COLUMNS", "COLUMN_TYPES", "CONFIDENCE_THRESHOLD", "DIVERSITY_COLUMNS", "GROUP_COLUMNS", "JOINER",
     "NOT_MEASURABLE", "READABLE_VERSIONS", "RECORD_KEYS", "REQUIRED_KEYS", "SCHEMA_VERSION", "STATUSES", "TABLES",
     "Entry", "OnPrompt", "Record", "Status", "classifier_entry", "dominant_class", "entry", "label", "label_index",
-    "majority_classes", "make_record", "upgrade_record",
+    "majority_classes", "make_record", "refused_record", "upgrade_record",
 ]
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
-Status = Literal["ok", "no_person", "not_measurable"]
-STATUSES: tuple[Status, ...] = ("ok", "no_person", "not_measurable")
+# "refused": the image source declined to make the image (a hosted service's safety filter): the record
+# has no image, and every classifier entry of it carries this status (`refused_record`)
+Status = Literal["ok", "no_person", "not_measurable", "refused"]
+STATUSES: tuple[Status, ...] = ("ok", "no_person", "not_measurable", "refused")
 
 # ---------------------------------------------------------------- metric tables (metrics/<name>.csv|parquet)
 
@@ -70,7 +72,8 @@ class Record(TypedDict, total=False):
     """One image. Every key of RECORD_KEYS is present; `on_prompt` only where the model under audit has
     an exact reader of what its images show (the built-in miniature model: the occupation's hat); `faces`
     only where a face detector ran: its boxes `[x0, y0, x1, y1, score]` in pixels, largest first ([]: none
-    found, and every classifier's entries are "no_person")."""
+    found, and every classifier's entries are "no_person"); `refused` only where the image source refused
+    to make the image (`refused_record`: what the service said; no image, no embedding)."""
 
     unit: int
     prompt_index: int
@@ -80,13 +83,14 @@ class Record(TypedDict, total=False):
     guidance_scale: float
     image_index: int
     seed: int
-    image: str
-    sha256: str
+    image: str | None
+    sha256: str | None
     embedding: list[float] | None
     clip_score: float | None
     classifiers: dict[str, dict[str, dict[str, Any]]]
     on_prompt: OnPrompt
     faces: list[list[float]]
+    refused: str
 
 
 def make_record(*, unit: int, prompt_index: int, prompt: str, heldout: bool, slots: Mapping[str, str],
@@ -105,6 +109,23 @@ def make_record(*, unit: int, prompt_index: int, prompt: str, heldout: bool, slo
     if faces is not None:
         record["faces"] = [[round(float(v), 2) for v in box] for box in faces]
     return record
+
+
+def refused_record(*, unit: int, prompt_index: int, prompt: str, heldout: bool, slots: Mapping[str, str],
+                   guidance_scale: float, image_index: int, seed: int,
+                   classifiers: Mapping[str, Sequence[str]], reason: str) -> Record:
+    """The record of an image the source refused to make (a hosted service's safety filter): no image,
+    sha256, embedding or CLIP score (null), every attribute of every classifier (`classifiers`: spec ->
+    attribute names) "refused", and `refused`, what the service said. Readers leave it out of the shares
+    and count it in `refused_rate`; `evalsuite.results.RunView` keeps it apart from the records with images."""
+    return {
+        "unit": unit, "prompt_index": prompt_index, "prompt": prompt, "heldout": heldout, "slots": dict(slots),
+        "guidance_scale": guidance_scale, "image_index": image_index, "seed": seed, "image": None,
+        "sha256": None, "embedding": None, "clip_score": None,
+        "classifiers": {name: {a: classifier_entry((), "refused", ()) for a in attributes}
+                        for name, attributes in classifiers.items()},
+        "refused": reason,
+    }
 
 
 def upgrade_record(record: dict[str, Any], version: int) -> dict[str, Any]:

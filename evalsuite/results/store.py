@@ -87,10 +87,14 @@ def repair_shards(run_dir: Path, n_units: int, batch_size: int) -> None:
 
 def done_batches(run_dir: Path, n_units: int, batch_size: int) -> set[int]:
     """Batches whose every record is present and whose images match their recorded SHA-256 (read only:
-    `repair_shards` has dropped partial batches)."""
+    `repair_shards` has dropped partial batches). A refused image's record (`schema.refused_record`) has
+    no image to check."""
     by_batch: dict[int, set[int]] = {}
     for shard in record_files(run_dir):
         for rec in read_shard(shard):
+            if rec.get("image") is None and "refused" in rec:
+                by_batch.setdefault(rec["unit"] // batch_size, set()).add(rec["unit"])
+                continue
             path = run_dir / rec["image"]
             try:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
