@@ -35,7 +35,7 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small_battery(tmp_path: Path, **changes: object) -> Path:
     data = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
-    data.update(slots={"occupation": ["doctor", "nurse"]}, heldout={}, guidance_scales=[1.0, 3.0],
+    data.update(slots={"occupation": ["doctor", "nurse"]}, heldout={}, test={}, guidance_scales=[1.0, 3.0],
                 images_per_prompt=2, steps=2, intersections=[], **changes)
     path = tmp_path / "battery.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -41,7 +41,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def battery_naming(tmp_path: Path, spec: str) -> Path:
     data = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
-    data.update(classifier=spec, slots={"occupation": ["doctor"]}, heldout={}, guidance_scales=[1.0],
+    data.update(classifier=spec, slots={"occupation": ["doctor"]}, heldout={}, test={}, guidance_scales=[1.0],
                 images_per_prompt=2, steps=2, intersections=[])
     path = tmp_path / "shared.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -191,6 +191,7 @@ def test_two_processes_resume_their_own_trackers_and_share_the_evaluation(tmp_pa
     # per-prompt tracker (min_count 1) normalises epoch 2 with the rewards it saw in epoch 1
     data = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
     data["slots"]["occupation"], data["heldout"]["occupation"] = ["doctor", "nurse", "teacher"], ["teacher"]
+    del data["test"]
     (tmp_path / "battery.yaml").write_text(yaml.safe_dump(data))
     tracker = (f"battery={tmp_path / 'battery.yaml'}", "sampling.guidance_scales=[3]", "training.advantage=tracker",
                "training.tracker_min_count=1")

@@ -155,8 +155,8 @@ def service(monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
 def battery(tmp_path: Path, **changes: Any) -> Path:
     """The shipped battery cut to a doctor and a nurse, 3 images each at one scale."""
     data = yaml.safe_load((ROOT / "prompts" / "occupations.yaml").read_text())
-    data.update(slots={"occupation": ["doctor", "nurse"]}, heldout={}, guidance_scales=[1.0], images_per_prompt=3,
-                intersections=[], **changes)
+    data.update(slots={"occupation": ["doctor", "nurse"]}, heldout={}, test={}, guidance_scales=[1.0],
+                images_per_prompt=3, intersections=[], **changes)
     path = tmp_path / "battery.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
