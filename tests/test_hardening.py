@@ -76,7 +76,8 @@ def interrupted(run: Path) -> None:
     ({"steps": MAX_STEPS + 1}, ["steps: must be an int in [1, 1000]"]),
     ({"guidance_scales": [1.0 + i for i in range(MAX_SCALES + 1)]}, ["guidance_scales: must list at most 64"]),
     ({"templates": ["a {a} {b}"], "slots": {"a": [f"a{i}" for i in range(400)], "b": [f"b{i}" for i in range(400)]},
-      "heldout": {}}, ["templates: the templates expand over their slots to 160,000 prompts", "at most 100,000"]),
+      "heldout": {}, "test": {}}, ["templates: the templates expand over their slots to 160,000 prompts",
+                                   "at most 100,000"]),
     ({"images_per_prompt": 100_000}, ["images_per_prompt: 44 prompts x 4 guidance scales x 100,000 images",
                                       "17,600,000 images", "at most 10,000,000"]),
 ])
