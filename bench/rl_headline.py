@@ -1,17 +1,20 @@
 """The README's RL headline, regenerated: each config trained with 3 seeds, evaluated, summarised as mean ± sd.
 
-    python bench/rl_headline.py                                    # shipped config and the diversity one
-    python bench/rl_headline.py --configs rl/configs/miniature.yaml --seeds 0 1 2 --out results/headline
-    python bench/rl_headline.py --summarise-only --out DIR        # the table from finished folders
+    python bench/rl_headline.py                               # the three settings of docs/measured.md
+    python bench/rl_headline.py --variants quota-kl --seeds 0 --out results/headline
+    python bench/rl_headline.py --summarise-only --out DIR   # the table from finished folders
 
-For each config and seed: `rl finetune --config C --no-eval seed=S training.epochs=E output_dir=OUT/NAME-sS`
-(resumes if killed); then every adapter, and the base model once, is evaluated with `evalsuite run` on the
-default battery cut to its held-out and test occupations (16 prompts; the same battery name, so the same
-seeds) at guidance 7.5, 32 images per prompt, read by the oracle (the truth) and the reward classifier
-(`miniature`); and the base model once more on the explicit-tone battery cut the same way (the legibility
-yardstick: how legibly the base model draws each tone when asked). Every step skips what a finished
-folder already holds, so a rerun after a kill resumes. 20 epochs (about 7 minutes of training on 2 free
-CPU cores) is the compute budget the shipped figures were taken at.
+The settings (`VARIANTS`): quota-kl, the shipped rl/configs/miniature.yaml (the per-image quota reward with a
+KL to the base model on the untrained steps); quota, the same reward without the KL term and with the
+alignment reward at 0.1; mmd, rl/configs/miniature-mmd.yaml (the set-level MMD diversity reward, the default
+before). For each setting and seed: `rl finetune --config C --no-eval seed=S training.epochs=E
+output_dir=OUT/NAME-sS [overrides]` (resumes if killed); then every adapter, and the base model once, is
+evaluated with `evalsuite run` on the default battery cut to its held-out and test occupations (16 prompts;
+the same battery name, so the same seeds) at guidance 7.5, 32 images per prompt, read by the oracle (the
+truth) and the reward classifier (`miniature`); and the base model once more on the explicit-tone battery cut
+the same way (the legibility yardstick: how legibly the base model draws each tone when asked). Every step
+skips what a finished folder already holds, so a rerun after a kill resumes. 20 epochs (about 7 minutes of
+training on 2 free CPU cores) is the compute budget the shipped figures were taken at.
 
 The table: per split (validation = the battery's heldout prompts, test = its test prompts, never used to
 choose a setting), mean ± sd over seeds of the tuned model's
@@ -46,6 +49,12 @@ from evalsuite.results import open_run  # noqa: E402
 from rl.compare import compare_runs  # noqa: E402
 
 BATTERY = ROOT / "prompts" / "occupations.yaml"
+CONFIGS = ROOT / "rl" / "configs"
+VARIANTS = {  # name -> (config, overrides)
+    "quota-kl": (CONFIGS / "miniature.yaml", []),
+    "quota": (CONFIGS / "miniature.yaml", ["training.kl_coef=0", "training.kl_steps=trained", "rewards.1.weight=0.1"]),
+    "mmd": (CONFIGS / "miniature-mmd.yaml", []),
+}
 EXPLICIT = ROOT / "prompts" / "occupations-explicit-tone.yaml"
 SCALE, IMAGES = 7.5, 32
 EVAL = ["--images-per-prompt", str(IMAGES), "--scales", str(SCALE), "--classifier", "oracle", "--classifier",
@@ -100,8 +109,7 @@ def _cell(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", type=Path,
-                    default=[ROOT / "rl" / "configs" / name for name in ("miniature.yaml", "miniature-mmd.yaml")])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "rl-headline")
@@ -109,29 +117,29 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    names = {c: c.stem for c in args.configs}
     if not args.summarise_only:
-        for config in args.configs:
+        for name in args.variants:
+            config, overrides = VARIANTS[name]
             for seed in args.seeds:
-                run = out / f"{names[config]}-s{seed}"
+                run = out / f"{name}-s{seed}"
                 if not (run / "adapter").exists():
                     _run([sys.executable, "-m", "rl.cli", "-q", "finetune", "--config", str(config), "--no-eval",
-                          f"seed={seed}", f"training.epochs={args.epochs}", f"output_dir={run}"],
+                          f"seed={seed}", f"training.epochs={args.epochs}", f"output_dir={run}", *overrides],
                          out / f"{run.name}.log")
         battery = _cut(BATTERY, out)
         _evaluate(out, "base", battery, None)
         _evaluate(out, "reference", _cut(EXPLICIT, out), None)
-        for config in args.configs:
+        for name in args.variants:
             for seed in args.seeds:
-                run = out / f"{names[config]}-s{seed}"
+                run = out / f"{name}-s{seed}"
                 _evaluate(out, run.name, battery, run / "adapter")
     base, reference = out / "eval" / "base", out / "eval" / "reference"
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for config in args.configs:
+    for name in args.variants:
         for split in ("heldout", "test"):
-            cells = table.setdefault(f"{names[config]} | {split}", {})
+            cells = table.setdefault(f"{name} | {split}", {})
             for seed in args.seeds:
-                tuned = out / "eval" / f"{names[config]}-s{seed}"
+                tuned = out / "eval" / f"{name}-s{seed}"
                 if not (tuned / "metrics" / "aggregate.csv").exists():
                     continue
                 for key, value in _figures(base, tuned, reference, split).items():
@@ -139,7 +147,7 @@ def main() -> None:
     keys = list(next((c for c in table.values() if c), {}))
     print(f"Guidance {SCALE:g}, {IMAGES} images per prompt; mean ± sd over seeds {args.seeds} "
           f"(`python bench/rl_headline.py --out {args.out}`)\n")
-    print("| config | split | seeds | " + " | ".join(keys) + " |")
+    print("| setting | split | seeds | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
     for label, cells in table.items():
         n = len(next(iter(cells.values()), []))
