@@ -24,7 +24,10 @@ from rl.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIATURE = ROOT / "rl" / "configs" / "miniature.yaml"
+SHIPPED = ROOT / "rl" / "configs" / "miniature.yaml"
+# the mechanics below were written against the MMD-reward config (the default before the quota reward);
+# the shipped one is checked by test_shipped_miniature_config_loads and test_to_dict_round_trips
+MINIATURE = ROOT / "rl" / "configs" / "miniature-mmd.yaml"
 SD15 = ROOT / "rl" / "configs" / "sd15.yaml"
 
 
@@ -45,9 +48,9 @@ def write(tmp_path: Path, data: dict) -> Path:
     return path
 
 
-def shipped_data() -> dict:
-    """The shipped miniature config's data, its battery path made absolute (it is relative to rl/configs/)."""
-    data = yaml.safe_load(MINIATURE.read_text(encoding="utf-8"))
+def shipped_data(config: Path = MINIATURE) -> dict:
+    """A shipped miniature config's data, its battery path made absolute (it is relative to rl/configs/)."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
     data["battery"] = str(ROOT / "prompts" / "occupations.yaml")
     return data
 
@@ -57,9 +60,13 @@ def problems(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
 
 
 def test_shipped_miniature_config_loads() -> None:
-    cfg = load_config(MINIATURE)
-    assert (cfg.model, cfg.battery, cfg.seed) == ("miniature", str(ROOT / "prompts" / "occupations.yaml"), 0)
-    assert cfg.sampling.guidance_scales == (1.0, 3.0, 7.5) and cfg.sampling.eta == 1.0
+    for config in (SHIPPED, MINIATURE):
+        cfg = load_config(config)
+        assert (cfg.model, cfg.battery, cfg.seed) == ("miniature", str(ROOT / "prompts" / "occupations.yaml"), 0)
+        assert cfg.sampling.guidance_scales == (1.0, 3.0, 7.5) and cfg.sampling.eta == 1.0
+    shipped = load_config(SHIPPED)  # the setting docs/measured.md chose: quota reward, KL on the untrained steps
+    assert [(r.name, r.weight) for r in shipped.rewards] == [("quota", 1.0), ("alignment", 0.0), ("drift", 0.0)]
+    assert (shipped.training.kl_coef, shipped.training.kl_steps, shipped.training.epochs) == (0.01, "untrained", 20)
     assert cfg.training.mixed_precision == "no" and cfg.training.advantage == "pooled"
     assert cfg.lora.targets == ("to_q", "to_k", "to_v", "to_out.0")
     assert [r.name for r in cfg.rewards] == ["diversity", "alignment", "drift"]
@@ -385,7 +392,7 @@ def test_allow_same_classifier_defaults_to_false(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, data)).evaluation.allow_same_classifier is False
 
 
-@pytest.mark.parametrize("config", [MINIATURE, SD15])
+@pytest.mark.parametrize("config", [SHIPPED, MINIATURE, SD15])
 def test_to_dict_round_trips(config: Path) -> None:
     cfg = load_config(config)
     data = cfg.to_dict()
@@ -393,8 +400,8 @@ def test_to_dict_round_trips(config: Path) -> None:
     assert config_from_dict(data, "elsewhere") == cfg
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(data, sort_keys=False)), "x") == cfg
     assert config_from_dict(json.loads(json.dumps(data)), "x") == cfg
-    if config == MINIATURE:
-        assert data == shipped_data()  # every key of the shipped file, nothing added
+    if config in (SHIPPED, MINIATURE):
+        assert data == shipped_data(config)  # every key of the shipped file, nothing added
 
 
 def test_config_from_dict_collects_problems() -> None:
