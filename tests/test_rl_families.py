@@ -270,7 +270,7 @@ def write_config(folder: Path, model: Path, **extra: Any) -> Path:
     """A toy config on `model`: 2 groups of 3 images, 2 DDIM/SDE steps, the miniature config otherwise,
     rewards read by the miniature world's CLIP (a natural-domain classifier)."""
     (folder / "battery.yaml").write_text(BATTERY)
-    data = yaml.safe_load((ROOT / "rl" / "configs" / "miniature.yaml").read_text())
+    data = yaml.safe_load((ROOT / "rl" / "configs" / "miniature-mmd.yaml").read_text())  # no KL term
     data.update(model=str(model), battery="battery.yaml", reward_classifier=f"clip:{CLIP}", embedder=f"clip:{CLIP}",
                 validity_threshold=0.0, checkpoint_every=1, **extra)
     data["sampling"].update(steps=2, prompts_per_epoch=2, group_size=3, batch_size=6, guidance_scales=[1.0, 4.0])
