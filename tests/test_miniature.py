@@ -40,6 +40,7 @@ def test_oracle_legibility_is_how_far_the_face_colour_lies_toward_another_tone()
     from evalsuite.battery import AttributeSpec
     from evalsuite.classifiers.miniature import OracleClassifier
     from evalsuite.metrics import CONFIDENCE_THRESHOLD
+    from evalsuite.miniature.oracle import LEAST_TOP
     from evalsuite.miniature.world import SKIN_TONES
 
     portraits = sample_portraits(["nurse"] * 8, np.random.default_rng(4))
@@ -63,6 +64,20 @@ def test_oracle_legibility_is_how_far_the_face_colour_lies_toward_another_tone()
     skin = AttributeSpec("skin_tone", TONE_NAMES, TONE_NAMES, (0.25,) * 4)
     read = OracleClassifier().classify(painted, [skin])["skin_tone"]
     assert (read.probs.max(1) >= CONFIDENCE_THRESHOLD).tolist() == [f <= 0.2 for f in fractions]  # a fifth of the way
+    # a face painted in three tones, 40 / 35 / 25 % of its pixels: the pixel majority reads the first, its
+    # median colour is the second: a face between the two, illegible (the label's probability at its floor)
+    mixed = images.copy()
+    for i, t in enumerate(tone):
+        step = 1 if t + 2 < len(palette) else -1
+        face = np.flatnonzero(np.all(images[i] == palette[t].astype(np.uint8), axis=-1).ravel())
+        cut = [int(len(face) * 0.40), int(len(face) * 0.75)]
+        pixels = mixed[i].reshape(-1, 3)
+        for part, shift in zip(np.split(face, cut), (0, step, 2 * step)):
+            pixels[part] = palette[t + shift].astype(np.uint8)
+    probs, _ = read_colour_probs(mixed)
+    assert np.array_equal(read_attributes(mixed)[0], tone)
+    assert probs[np.arange(8), tone] == pytest.approx([LEAST_TOP] * 8)
+    assert probs[np.arange(8), tone + np.where(tone + 2 < len(palette), 1, -1)] == pytest.approx([1 - LEAST_TOP] * 8)
 
 
 def test_oracle_reads_every_occupation_signature_exactly() -> None:

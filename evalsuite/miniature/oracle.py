@@ -8,14 +8,15 @@ truth on VAE reconstructions of renders in the tests. An image with too few skin
 "no person" (label -1).
 
 How legibly a face shows its tone is read from the same pixels (`read_colour_probs`): the median colour
-of the face's skin pixels lies a fraction f = d1 / (d1 + d2) of the way from its nearest tone to the
-next nearest (d1, d2: RGB distances to the two), 0 for a render, 1/2 for a face painted exactly between
-two tones. The `oracle` classifier reports 1 - f for the tone it reads and f for the next nearest as its
-probabilities, so its confidence (top >= 0.8, the line the classifiers use: f <= 0.2, the colour within
-a fifth of the way to another tone) is legibility judged by the truth, not by a classifier a policy may
-have been trained against. The median, not the pixel count, because decoded faces have soft edges: on
-the base model at guidance 7.5 a face's pixels split 80/20 between tones while its median colour sits
-close to one tone. Hair (age) is read the same way.
+of the face's skin pixels lies a fraction f = d1 / (d1 + d2) of the way from the tone read to the
+nearest other tone (d1, d2: RGB distances to the two), 0 for a render, 1/2 for a face painted exactly
+between two tones, above 1/2 where the median lies nearer another tone than the pixel majority's (a face
+split over three tones). The `oracle` classifier reports 1 - f (at least `LEAST_TOP`) for the tone it
+reads and the rest for that other tone as its probabilities, so its confidence (top >= 0.8, the line
+the classifiers use: f <= 0.2, the colour within a fifth of the way to another tone) is legibility
+judged by the truth, not by a classifier a policy may have been trained against. The median, not the
+pixel count, because decoded faces have soft edges: on the base model at guidance 7.5 a face's pixels
+split 80/20 between tones while its median colour sits close to one tone. Hair (age) is read the same way.
 
 The occupation is read from its signature (`world.OCCUPATIONS`: a hat style, each style with its own
 colour, and a badge colour): the hat is the hat colour with the most pixels in the rows above the
@@ -89,10 +90,9 @@ def _colour_probs(images: np.ndarray, nearest: np.ndarray, labels: np.ndarray, f
         mine = (nearest[i] >= first) & (nearest[i] < first + k)
         median = np.median(images[i][mine].astype(np.float64), axis=0)
         d = np.linalg.norm(palette - median, axis=1)
-        order = np.argsort(d, kind="stable")
-        f = d[order[0]] / max(d[order[0]] + d[order[1]], 1e-12)
         label = int(labels[i])
-        other = int(order[1]) if int(order[0]) == label else int(order[0])
+        other = min((j for j in range(k) if j != label), key=lambda j: d[j])  # the nearest colour but the label
+        f = d[label] / max(d[label] + d[other], 1e-12)  # above 1/2 where the median lies nearer `other`
         out[i, label] = max(1.0 - f, LEAST_TOP)
         out[i, other] = 1.0 - out[i, label]
     return out
@@ -100,11 +100,11 @@ def _colour_probs(images: np.ndarray, nearest: np.ndarray, labels: np.ndarray, f
 
 def read_colour_probs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per uint8 image (n, H, W, 3), how legibly it shows its skin tone, (n, len(SKIN_TONES)), and its
-    hair colour, (n, len(AGES)): 1 - f for the label `read_attributes` gives and f for the next nearest
-    colour, f = d1 / (d1 + d2) of the median colour of the face's skin (hair) pixels (module docstring);
-    the label's entry is at least LEAST_TOP, so it stays the argmax (a median nearer another tone than
-    the pixel majority's is a face between the two); rows of zeros where no person is found. One-hot
-    on renders."""
+    hair colour, (n, len(AGES)): 1 - f for the label `read_attributes` gives and f for the nearest other
+    colour, f = d1 / (d1 + d2) from the distances of the median colour of the face's skin (hair) pixels
+    to the two (module docstring). The label's entry is at least LEAST_TOP, so it stays the argmax (a
+    median nearer another tone than the pixel majority's is a face between the two); rows of zeros where
+    no person is found. One-hot on renders."""
     nearest = _nearest(images)
     tone, age = _tone_age(nearest)
     return (_colour_probs(images, nearest, tone, 0, _SKIN),
