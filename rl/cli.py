@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rl", description="RL fine-tuning of text-to-image models toward diversity")
     ap.add_argument("-q", "--quiet", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="train a LoRA adapter with DDPO and set-level rewards")
+    ft = sub.add_parser("finetune", help="train a LoRA adapter with DDPO and distribution rewards")
     ft.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.name})")
     ft.add_argument("--reward", default=None,
                     help="train with this reward (a name registered in rl/rewards.py, e.g. diversity): one the "
@@ -71,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="a prompt (repeatable; default: a photo of a doctor, nurse, engineer, teacher)")
     kp.add_argument("--guidance", type=float, default=7.5, help="guidance scale (>= 1, default 7.5)")
     kp.add_argument("--images", type=int, default=16, help="chains per prompt (>= 1, default 16)")
-    kp.add_argument("--steps", type=int, default=20, help="DDIM steps (>= 1, default 20)")
-    kp.add_argument("--eta", type=float, default=1.0, help="DDIM eta (in (0, 1], default 1: the training sampler)")
+    kp.add_argument("--steps", type=int, default=20, help="sampler steps (>= 1, default 20)")
+    kp.add_argument("--eta", type=float, default=1.0,
+                    help="the sampler's noise, as the RL config's sampling.eta: DDIM eta for UNet models, the flow "
+                         "SDE's noise level for SD3 and Flux (in (0, 1], default 1)")
     kp.add_argument("--seed", type=int, default=0, help="seed of the initial and step noise (>= 0)")
     return ap
 
@@ -88,18 +90,19 @@ def _kl_profile(args: argparse.Namespace) -> None:
         problems.append(f"adapter '{args.adapter}': no such folder")
     else:  # safetensors only, refused before the model loads
         problems += [p.removeprefix("--lora: ") for p in adapter_weight_problems(str(args.adapter))]
+    from .families import policy_for, trainable_problems
+
+    problems += [f"--model {args.model}: {message}" for _, message in trainable_problems(args.model)]
     if problems:
         raise SuiteError("; ".join(problems))
-    from diffusers import DDIMScheduler
-
     from evalsuite.models import load_model
 
     from .profile import kl_profile, profile_table
 
     pipe = load_model(args.model, lora=str(args.adapter)).pipe
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    policy = policy_for(pipe, args.steps, args.eta, args.model)
     prompts = args.prompt or [f"a photo of a {o}" for o in ("doctor", "nurse", "engineer", "teacher")]
-    print(profile_table(kl_profile(pipe, prompts, args.guidance, args.images, args.steps, args.eta, args.seed)))
+    print(profile_table(kl_profile(policy, prompts, args.guidance, args.images, args.seed)))
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -19,11 +19,10 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from torch import Tensor
 
 from .ddim import ddim_step_with_logprob
-from .lora import adapters_disabled
 from .policy import Conditioning, Forward, Trajectories, guided_output
 
 __all__ = [
-    "SDPipeline", "Tokenizer", "Trajectories", "encode_base_prompts", "encode_prompts", "guided_eps", "sample_ddim",
+    "SDPipeline", "Tokenizer", "Trajectories", "encode_prompts", "guided_eps", "sample_ddim",
     "sample_trajectories", "step_log_prob", "unet_forward",
 ]
 
@@ -69,13 +68,6 @@ def encode_prompts(pipe: SDPipeline, prompts: list[str]) -> Tensor:
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.device))[0]
-
-
-def encode_base_prompts(pipe: SDPipeline, prompts: list[str]) -> Tensor:
-    """`encode_prompts` by the base model: every adapter of the text encoder switched off (a no-op for a
-    text encoder without adapters)."""
-    with adapters_disabled(pipe.text_encoder):
-        return encode_prompts(pipe, prompts)
 
 
 def guided_eps(unet: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scales: Tensor,

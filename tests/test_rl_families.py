@@ -219,6 +219,36 @@ def test_the_kl_to_the_base_model_is_zero_at_the_start_and_the_gaussian_kl_after
     assert (kl > 0).all() and torch.allclose(kl.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_the_kl_profile_of_each_family_is_zero_for_its_base_and_its_policys_kl_after(family: str,
+                                                                                      tmp_path: Path) -> None:
+    from rl.lora import adapters_disabled
+    from rl.profile import kl_profile
+
+    policy = tiny_policy(family, tmp_path)  # LoRA B = 0: the adapted model is its base
+    zero = kl_profile(policy, PROMPTS[:1], 4.0, images=2)
+    assert [p.kl for p in zero] == [0.0] * 3 and [p.timestep for p in zero] == policy.timesteps.tolist()
+    with torch.no_grad():
+        for name, p in policy.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    moved = kl_profile(policy, PROMPTS[:1], 4.0, images=2)
+    assert all(p.kl > 0 for p in moved) and moved == kl_profile(policy, PROMPTS[:1], 4.0, images=2)  # seeded
+    # the first step starts both chains from the seeds' noise: its KL is the Gaussians' written out here
+    x, step, scales = policy.initial_noise([0, 1]), torch.tensor([0, 0]), torch.tensor([4.0, 4.0])
+    cond, uncond = policy.encode(PROMPTS[:1] * 2), policy.encode_empty()
+    with torch.no_grad():
+        tuned = policy.output(policy.denoiser, x, step, cond, uncond, scales)
+        with adapters_disabled(policy.denoiser):
+            base = policy.output(policy.denoiser, x, step, cond, uncond, scales)
+    expected = []
+    for k in range(2):
+        m1, std = expected_moments(policy, tuned[k:k + 1], x[k:k + 1], 0)
+        m2, _ = expected_moments(policy, base[k:k + 1], x[k:k + 1], 0)
+        expected.append(float(((m1 - m2) ** 2 / (2 * std**2)).mean()))
+    assert moved[0].kl == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
 def test_flux_feeds_the_guidance_scale_to_its_transformer_in_one_pass(tmp_path: Path) -> None:
     """Distilled guidance: the scale is the transformer's `guidance` input, one pass per step whatever the
     scale (no unconditional pass); a model without guidance embeddings (schnell) ignores the scale."""
@@ -374,3 +404,7 @@ def test_finetune_refuses_an_untrainable_pipeline_before_it_loads(tiny_model: Ca
     assert "lora.text_encoder_rank: 2, but a SD3/SD3.5 model" in capsys.readouterr().err
     assert finetune(write_config(tmp_path, tiny_model("sdxl")), tmp_path / "run", "drop_t5=true") == 2
     assert "drop_t5: " in capsys.readouterr().err
+    (tmp_path / "adapter").mkdir()  # rl kl-profile refuses the class before it loads, beside its other problems
+    assert rl_main(["kl-profile", str(tmp_path / "adapter"), "--model", str(tiny_model("pixart"))]) == 2
+    err = capsys.readouterr().err
+    assert "is a PixArtSigmaPipeline, which rl finetune cannot train" in err and "Traceback" not in err, err

@@ -126,18 +126,20 @@ def test_adapters_disabled_runs_the_base_model_and_switches_back(pipe) -> None:
 
 
 def test_kl_profile_is_zero_for_an_identity_adapter_and_positive_otherwise(pipe) -> None:
+    from rl.families import policy_for
     from rl.profile import kl_profile, profile_table
 
     params = add_lora(pipe.unet, RANK, ALPHA, TARGETS)  # B = 0: the adapted model is the base model
-    zero = kl_profile(pipe, ["a photo of a nurse"], 3.0, images=2, steps=5)
+    policy = policy_for(pipe, 5, 1.0)
+    zero = kl_profile(policy, ["a photo of a nurse"], 3.0, images=2)
     assert [p.kl for p in zero] == [0.0] * 5
     assert [p.timestep for p in zero] == [int(t) for t in pipe.scheduler.timesteps]
     with torch.no_grad():
         for p in params:
             p.normal_(generator=torch.Generator().manual_seed(p.numel()))
-    moved = kl_profile(pipe, ["a photo of a nurse"], 3.0, images=2, steps=5)
+    moved = kl_profile(policy, ["a photo of a nurse"], 3.0, images=2)
     assert all(p.kl > 0 for p in moved)
-    assert moved == kl_profile(pipe, ["a photo of a nurse"], 3.0, images=2, steps=5)  # seeded
+    assert moved == kl_profile(policy, ["a photo of a nurse"], 3.0, images=2)  # seeded
     assert profile_table(moved).splitlines()[-1] == f"sum over 5 steps: {sum(p.kl for p in moved):.4g}"
 
 

@@ -140,14 +140,12 @@ def test_with_a_text_encoder_lora_the_ratio_starts_at_one(tmp_path: Path) -> Non
 def _late_step_kl(run: Path) -> float:
     """Mean per-element KL to the base model of the adapter's steps outside the toy's window (steps 3 and 4
     of 4), along the adapter's own trajectories of two prompts at guidance 3 (`rl.profile.kl_profile`)."""
-    from diffusers import DDIMScheduler
-
     from evalsuite.models import load_model
+    from rl.families import policy_for
     from rl.profile import kl_profile
 
-    pipe = load_model("miniature", lora=str(run / "adapter")).pipe
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    profile = kl_profile(pipe, ["a photo of a doctor", "a photo of a nurse"], 3.0, images=4, steps=4, seed=1)
+    policy = policy_for(load_model("miniature", lora=str(run / "adapter")).pipe, 4, 1.0)
+    profile = kl_profile(policy, ["a photo of a doctor", "a photo of a nurse"], 3.0, images=4, seed=1)
     assert [p.index for p in profile] == [0, 1, 2, 3] and all(p.kl > 0 for p in profile)
     return (profile[2].kl + profile[3].kl) / 2
 
