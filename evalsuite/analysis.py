@@ -29,7 +29,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from evalsuite import metrics as mx
-from evalsuite.battery import JOINER, SPLITS, Battery
+from evalsuite.battery import JOINER, SPLITS, Battery, split_of
 from evalsuite.errors import SuiteError
 from evalsuite.results import schema
 from evalsuite.results.schema import AGGREGATE_COLUMNS, DIVERSITY_COLUMNS, GROUP_COLUMNS
@@ -151,9 +151,8 @@ def aggregate_metrics(groups: pd.DataFrame, records: Sequence[Mapping[str, Any]]
     metric (also ``share_corrected:*``) is the mean over prompts with a 95 % t-interval kept within the
     metric's range for the attribute's K classes (`metrics.mean_interval`), NaN prompt values skipped.
     ``n_prompts``: prompts contributing (n > 0 for shares, a non-NaN value otherwise)."""
-    split_of = {int(r["prompt_index"]): (splits or {}).get(str(r["prompt"]), "heldout" if r["heldout"] else "train")
-                for r in records}
-    parts = [("all", set(split_of))] + [(name, {p for p, s in split_of.items() if s == name}) for name in SPLITS]
+    split = {int(r["prompt_index"]): split_of(r, splits) for r in records}
+    parts = [("all", set(split))] + [(name, {p for p, s in split.items() if s == name}) for name in SPLITS]
     rows: list[Row] = []
     for (clf, attr), sub in groups.groupby(["classifier", "attribute"], sort=False):
         k = sub["metric"][sub["metric"].astype(str).str.startswith("share:")].nunique()  # the classes

@@ -110,6 +110,13 @@ SPLITS = ("train", "heldout", "test")
 """The prompt splits, in report order (`Prompt.split`)."""
 
 
+def split_of(record: Mapping[str, Any], splits: Mapping[str, str] | None = None) -> str:
+    """A result record's split: its prompt's in `splits` (prompt text -> split, `Battery.splits`), else
+    "heldout" or "train" by the record's `heldout` flag (a prompt the battery does not name)."""
+    found = (splits or {}).get(str(record["prompt"]))
+    return found if found is not None else "heldout" if record.get("heldout") else "train"
+
+
 def _schema_version(c: Check, key: str, value: Any) -> int | None:
     if type(value) is not int or value != BATTERY_SCHEMA_VERSION:
         return c.wrong(key, f"the int {BATTERY_SCHEMA_VERSION}", value)

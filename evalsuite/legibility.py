@@ -25,20 +25,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from evalsuite.battery import split_of
 from evalsuite.errors import SuiteError
 from evalsuite.results.schema import entry
 
 GROUPS = ("majority", "other")
 Cell = tuple[int, int]  # (low-confidence images, images)
-
-
-def split_of(record: Mapping[str, Any], splits: Mapping[str, str] | None = None, by_split: bool = True) -> str:
-    """A record's split: its prompt's in `splits` (prompt text -> split, `Battery.splits`), else "heldout"
-    or "train" by its `heldout` flag; "all" when not `by_split`."""
-    if not by_split:
-        return "all"
-    found = (splits or {}).get(str(record["prompt"]))
-    return found if found is not None else "heldout" if record.get("heldout") else "train"
 
 
 def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapping[str, str], reader: str,
@@ -59,7 +51,7 @@ def low_confidence_by_group(records: Iterable[Mapping[str, Any]], majority: Mapp
         if label is None or not judged.ok or prompt not in majority:
             continue
         group = "majority" if label == majority[prompt] else "other"
-        split = split_of(r, splits, by_split)
+        split = split_of(r, splits) if by_split else "all"
         low[(split, float(r["guidance_scale"]), group)].append(not judged.confident)
     return {k: (sum(v), len(v)) for k, v in low.items()}
 
@@ -115,7 +107,7 @@ def expected_low_confidence(records: Iterable[Mapping[str, Any]], reference: Ite
         label, judged = entry(r, reader, attribute).label, entry(r, judge, attribute)
         if label is None or not judged.ok:
             continue
-        split = split_of(r, splits, by_split)
+        split = split_of(r, splits) if by_split else "all"
         acc = out[(split, float(r["guidance_scale"]))]
         found = cells.get((_slots_key(r, class_slot), float(r["guidance_scale"]), label))
         if found is None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalsuite.battery import SPLITS
+from evalsuite.battery import SPLITS, split_of
 from evalsuite.errors import SuiteError, did_you_mean
 from evalsuite.legibility import GROUPS, Expected, expected_low_confidence, low_confidence_by_group
 from evalsuite.results import RunView, majority_classes, open_run
@@ -58,13 +58,15 @@ class Row:
 Values = dict[tuple[str, float, str], float]  # (split, guidance scale, name) -> value
 
 
-def _aggregate(view: RunView, attribute: str, wanted: dict[tuple[str, str], str]) -> Values:
+def _aggregate(view: RunView, attribute: str, wanted: dict[tuple[str, str], list[str]]) -> Values:
     """Values of `attribute` per (split, scale, name) for the (classifier, metric) pairs in `wanted`,
-    which maps each pair to the name it is reported under."""
+    which maps each pair to the names it is reported under (the judge's and the reward classifier's
+    low-confidence rate are one value when they are one classifier)."""
     out: Values = {}
     for r in view.aggregate.itertuples(index=False):
-        name = wanted.get((str(r.classifier), str(r.metric)))
-        if name is not None and r.attribute == attribute:
+        if r.attribute != attribute:
+            continue
+        for name in wanted.get((str(r.classifier), str(r.metric)), ()):
             out[(str(r.split), float(r.guidance_scale), name)] = float(r.value)
     return out
 
@@ -76,16 +78,16 @@ def _diversity(view: RunView) -> Values:
     for r in view.diversity.itertuples(index=False):
         if r.metric not in ("vendi", "clip_score", "on_prompt_rate") or math.isnan(r.value):
             continue
-        for split in (splits.get(str(r.prompt), "heldout" if r.heldout else "train"), "all"):
+        for split in (split_of(r._asdict(), splits), "all"):
             sums[(split, float(r.guidance_scale), str(r.metric))].append(float(r.value))
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def _metrics(view: RunView, classifier: str, attribute: str, reward_classifier: str) -> Values:
-    wanted = {(classifier, m): m for m in BIAS}
-    wanted[(classifier, "low_confidence_rate")] = "eval_low_confidence"
-    wanted[(reward_classifier, "low_confidence_rate")] = "reward_low_confidence"
-    wanted.update({(classifier, f"share:{c}"): f"share:{c}" for c in _classes(view, attribute)})
+    wanted = {(classifier, m): [m] for m in BIAS}
+    wanted[(classifier, "low_confidence_rate")] = ["eval_low_confidence"]
+    wanted.setdefault((reward_classifier, "low_confidence_rate"), []).append("reward_low_confidence")
+    wanted.update({(classifier, f"share:{c}"): [f"share:{c}"] for c in _classes(view, attribute)})
     values = _aggregate(view, attribute, wanted)
     values.update(_diversity(view))
     return values

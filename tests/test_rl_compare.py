@@ -85,6 +85,16 @@ def test_compare_runs_pairs_base_and_tuned_values(tmp_path: Path) -> None:
     assert "| heldout | 7.5 | 0.500 → 0.200 |" in table
 
 
+def test_one_classifier_as_judge_and_reward_classifier_reports_its_low_confidence_in_both_columns(
+        tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", gap=0.5, vendi=(1.0, 1.2), low_conf=0.01)
+    tuned = write_run(tmp_path / "tuned", gap=0.2, vendi=(2.0, 2.6), low_conf=0.03)
+    held = compare_runs(base, tuned, "miniature", "skin_tone", "miniature")[-1]
+    assert held.split == "heldout"
+    assert (held.base["eval_low_confidence"], held.tuned["eval_low_confidence"]) == (0.01, 0.03)
+    assert (held.base["reward_low_confidence"], held.tuned["reward_low_confidence"]) == (0.01, 0.03)
+
+
 def _record(prompt: str, heldout: bool, g: float, label: str | None, confident: bool, status: str = "ok") -> dict:
     # the reward classifier has no person detector: it reads some class wherever its status is ok
     reward = {"probs": None, "label": (label or "light") if status == "ok" else None, "status": status,
