@@ -450,4 +450,6 @@ def test_a_bad_folder_is_one_message_per_problem(tmp_path: Path, capsys: pytest.
     expect_error(capsys, run(tmp_path, "b", "--images", str(manifest)),
                  "prompt 'a photo of a nurse' at guidance scale 1: 0 images, the battery asks for 3")
     expect_error(capsys, run(tmp_path, "b", "--images", str(tmp_path / "nowhere")), "nowhere' does not exist")
+    manifest.write_text("prompt,path\n" + f"a photo of a doctor,{'x' * 200_000}\n")  # past csv's field limit
+    expect_error(capsys, run(tmp_path, "b", "--images", str(manifest)), "manifest.csv, line 2: not CSV (field larger")
     assert not (tmp_path / "results").exists()

@@ -46,13 +46,13 @@ class RunView:
         """The records of images one by one (streamed from the file), each checked: the keys every reader
         needs, numeric indices and scale, and an image file inside the folder. The records of images the
         source refused to make (`schema.refused_record`: no image) are not among them: :attr:`refused`."""
-        return (rec for rec in self._all_records() if not _is_refused(rec))
+        return (rec for rec in self._all_records() if not schema.is_refused(rec))
 
     @functools.cached_property
     def refused(self) -> list[dict[str, Any]]:
         """The records of images the source refused to make (a hosted service's safety filter), in unit
         order: no image, every classifier entry "refused", and `refused`, what the service said."""
-        return [rec for rec in self._all_records() if _is_refused(rec)]
+        return [rec for rec in self._all_records() if schema.is_refused(rec)]
 
     def _all_records(self) -> Iterator[dict[str, Any]]:
         path = self.path / "records.jsonl"
@@ -85,7 +85,7 @@ class RunView:
         except (TypeError, ValueError):
             raise SuiteError(
                 f"{path}, line {lineno}: prompt_index, image_index and guidance_scale must be numbers") from None
-        if _is_refused(rec):
+        if schema.is_refused(rec):
             return schema.upgrade_record(rec, self.version)
         image = (self.path / str(rec["image"])).resolve()
         if not image.is_relative_to(root) or not image.is_file():
@@ -210,11 +210,6 @@ class RunView:
             wide[f"clip_score_{bound}"] = part.reindex(wide.index)
         wide.columns.name = None
         return wide.reset_index()
-
-
-def _is_refused(record: Any) -> bool:
-    """Whether a record is that of an image the source refused to make (no image; `schema.refused_record`)."""
-    return isinstance(record, dict) and record.get("image") is None and "refused" in record
 
 
 def open_run(path: Path | str, *, complete: bool = True) -> RunView:

@@ -26,7 +26,7 @@ __all__ = [
     "AGGREGATE_COLUMNS", "COLUMN_TYPES", "CONFIDENCE_THRESHOLD", "DIVERSITY_COLUMNS", "GROUP_COLUMNS", "JOINER",
     "NOT_MEASURABLE", "READABLE_VERSIONS", "RECORD_KEYS", "REQUIRED_KEYS", "SCHEMA_VERSION", "STATUSES", "TABLES",
     "Entry", "OnPrompt", "Record", "Status", "classifier_entry", "dominant_class", "entry", "label", "label_index",
-    "majority_classes", "make_record", "refused_record", "upgrade_record",
+    "is_refused", "majority_classes", "make_record", "refused_record", "upgrade_record",
 ]
 
 SCHEMA_VERSION = 2
@@ -126,6 +126,11 @@ def refused_record(*, unit: int, prompt_index: int, prompt: str, heldout: bool, 
                         for name, attributes in classifiers.items()},
         "refused": reason,
     }
+
+
+def is_refused(record: Any) -> bool:
+    """Whether a record is that of an image the source refused to make (no image; `refused_record`)."""
+    return isinstance(record, dict) and record.get("image") is None and "refused" in record
 
 
 def upgrade_record(record: dict[str, Any], version: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from PIL import Image
 from evalsuite.battery import Battery
 from evalsuite.errors import SuiteError
 from evalsuite.locks import LOCK_NAME
-from evalsuite.results.schema import SCHEMA_VERSION, TABLES
+from evalsuite.results.schema import SCHEMA_VERSION, TABLES, is_refused
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def done_batches(run_dir: Path, n_units: int, batch_size: int) -> set[int]:
     by_batch: dict[int, set[int]] = {}
     for shard in record_files(run_dir):
         for rec in read_shard(shard):
-            if rec.get("image") is None and "refused" in rec:
+            if is_refused(rec):
                 by_batch.setdefault(rec["unit"] // batch_size, set()).add(rec["unit"])
                 continue
             path = run_dir / rec["image"]

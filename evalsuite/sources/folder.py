@@ -117,7 +117,7 @@ def _read(path: Path, battery: Battery, check_images: bool) -> tuple[_Found, lis
     for row in rows:
         found = []
         if row.prompt not in index:
-            close = difflib.get_close_matches(row.prompt, list(index), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(row.prompt, list(index), n=1, cutoff=0.6)  # (not all 44 prompts)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             found.append(f"prompt {row.prompt!r} is not a prompt of the battery{hint}")
         if row.scale is None and with_scale:
@@ -176,9 +176,12 @@ def _manifest(path: Path) -> tuple[list[_Row], list[str]]:
     problems: list[str] = []
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
-        problems += [f"{path.name}: unknown column {c!r}{did_you_mean(c, COLUMNS)}; the columns are "
-                     f"{', '.join(COLUMNS)}" for c in reader.fieldnames or () if c not in COLUMNS]
-        entries = [(n, row) for n, row in enumerate(reader, start=2)]
+        try:
+            problems += [f"{path.name}: unknown column {c!r}{did_you_mean(c, COLUMNS)}; the columns are "
+                         f"{', '.join(COLUMNS)}" for c in reader.fieldnames or () if c not in COLUMNS]
+            entries = [(n, row) for n, row in enumerate(reader, start=2)]
+        except csv.Error as exc:
+            return [], [f"{path.name}, line {reader.line_num + 1}: not CSV ({exc})"]
     else:
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -220,6 +223,13 @@ def _row(raw: Any, where: str, base: Path) -> tuple[_Row | None, list[str]]:
 
 
 def _subfolders(folder: Path) -> tuple[list[_Row], list[str]]:
+    try:
+        return _listed(folder)
+    except OSError as exc:  # an unreadable folder
+        return [], [f"--images: '{folder}': cannot list ({exc.strerror or exc})"]
+
+
+def _listed(folder: Path) -> tuple[list[_Row], list[str]]:
     rows, problems = [], []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
