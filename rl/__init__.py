@@ -1,12 +1,13 @@
 """Reinforcement-learning fine-tuning (DDPO-style policy gradient over the sampler's steps, LoRA) with
-set-level diversity / balance rewards, for SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux.
+distribution rewards (the per-image quota reward, the set-level diversity and balance rewards), for SD
+1.x/2.x, SDXL, SD3/SD3.5 and Flux.
 
 The recipe is `rl.train`; its parts: `rl.config` (YAML config), `rl.policy` (the policy interface the
 recipe drives) with `rl.families` (which pipeline classes it trains, `policy_for`), `rl.unet_policy`,
 `rl.sampling` and `rl.ddim` (stochastic DDIM for UNet models), `rl.flow_policy` and `rl.flow_sde` (the
-flow SDE for SD3 and Flux), `rl.rewards` (the reward registry and the set-level rewards with leave-one-out
-credit; their MMD maths in `rl.mmd`), `rl.advantages` (normalisation and the PPO surrogate), `rl.lora`
-(adapters and their export), `rl.checkpoint` (exact resume)."""
+flow SDE for SD3 and Flux), `rl.rewards` (the reward registry, the per-image quota reward and the set-level
+rewards with leave-one-out credit; their MMD maths in `rl.mmd`), `rl.advantages` (normalisation and the
+PPO surrogate), `rl.lora` (adapters and their export), `rl.checkpoint` (exact resume)."""
 
 from rl.advantages import PerPromptStatTracker, clipped_surrogate, group_zscore, pooled_group_scores
 from rl.checkpoint import (

@@ -1,4 +1,4 @@
-"""The RL fine-tuning recipe: DDPO-IS over the denoising chain with LoRA and set-level rewards.
+"""The RL fine-tuning recipe: DDPO-IS over the denoising chain with LoRA and distribution rewards.
 
 Reads top to bottom: config -> build (the model's policy, `rl.families.policy_for`: stochastic DDIM for
 SD 1.x/2.x and SDXL, the flow SDE for SD3/SD3.5 and Flux; the recipe sees only `rl.policy.Policy`) ->
@@ -11,7 +11,9 @@ log-probability" and "Advantages and the PPO update"); Flow-GRPO (Liu et al., Ne
 flow models' stochastic policy (docs/methods.md, "The flow SDE policy"); Miao et al. (CVPR 2024) for the set-level
 diversity reward, reconstructed as the leave-one-out credit of an unbiased MMD² to a balanced reference
 (docs/methods.md, "The set-level diversity reward"; their code was never released); DPOK (Fan et al.,
-NeurIPS 2023) for the per-step KL to the base model (docs/methods.md, "KL to the base model").
+NeurIPS 2023) for the per-step KL to the base model (docs/methods.md, "KL to the base model"); Shen et
+al. (ICLR 2024) for matching a group to its target shares, the per-image quota reward of the shipped
+config (docs/methods.md, "The per-image quota reward").
 
 Choices made here (documented in rl/configs/miniature.yaml too):
 * Each group is G images of one prompt at one guidance scale drawn from the training schedule; the
