@@ -151,8 +151,9 @@ def aggregate_metrics(groups: pd.DataFrame, records: Sequence[Mapping[str, Any]]
     metric (also ``share_corrected:*``) is the mean over prompts with a 95 % t-interval kept within the
     metric's range for the attribute's K classes (`metrics.mean_interval`), NaN prompt values skipped.
     ``n_prompts``: prompts contributing (n > 0 for shares, a non-NaN value otherwise)."""
-    split = {int(r["prompt_index"]): split_of(r, splits) for r in records}
-    parts = [("all", set(split))] + [(name, {p for p, s in split.items() if s == name}) for name in SPLITS]
+    prompt_split = {int(r["prompt_index"]): split_of(r, splits) for r in records}
+    parts = [("all", set(prompt_split))] + [(name, {p for p, s in prompt_split.items() if s == name})
+                                            for name in SPLITS]
     rows: list[Row] = []
     for (clf, attr), sub in groups.groupby(["classifier", "attribute"], sort=False):
         k = sub["metric"][sub["metric"].astype(str).str.startswith("share:")].nunique()  # the classes
