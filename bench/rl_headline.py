@@ -54,6 +54,7 @@ VARIANTS = {  # name -> (config, overrides)
     "quota-kl": (CONFIGS / "miniature.yaml", []),
     "quota": (CONFIGS / "miniature.yaml", ["training.kl_coef=0", "training.kl_steps=trained", "rewards.1.weight=0.1"]),
     "mmd": (CONFIGS / "miniature-mmd.yaml", []),
+    "quota-kl-40": (CONFIGS / "miniature.yaml", ["training.epochs=40"]),  # the shipped setting, twice the epochs
 }
 EXPLICIT = ROOT / "prompts" / "occupations-explicit-tone.yaml"
 SCALE, IMAGES = 7.5, 32
