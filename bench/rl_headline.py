@@ -25,6 +25,7 @@ choose a setting), mean ± sd over seeds of the tuned model's
   oracle as judge and the explicit-tone run as reference);
 * reward low-conf: the reward classifier's low-confidence rate (what the validity gate trains against);
 * on-prompt: the share of images whose hat is the occupation's (the oracle's reading);
+* tones drawn: per prompt, the tones the oracle reads in at least 10 % of its images, mean over prompts;
 * the share of each tone.
 Targets (the issue that set them): gap at most half the base model's, illegible within 5 points of
 expected, on-prompt within 10 points of the base model's.
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evalsuite.legibility import expected_low_confidence  # noqa: E402
-from evalsuite.results import open_run  # noqa: E402
+from evalsuite.results import RunView, open_run  # noqa: E402
 from rl.compare import compare_runs  # noqa: E402
 
 BATTERY = ROOT / "prompts" / "occupations.yaml"
@@ -99,7 +100,17 @@ def _figures(base: Path, tuned: Path, reference: Path, split: str) -> dict[str, 
             "illegible": row.tuned["eval_low_confidence"], "base_illegible": row.base["eval_low_confidence"],
             "expected": exp.expected / exp.matched if exp.matched else float("nan"),
             "reward_low_conf": row.tuned["reward_low_confidence"], "on_prompt": row.tuned["on_prompt_rate"],
-            "base_on_prompt": row.base["on_prompt_rate"], **{f"share {k}": v for k, v in shares.items()}}
+            "base_on_prompt": row.base["on_prompt_rate"], "tones_drawn": _tones_drawn(view, split),
+            **{f"share {k}": v for k, v in shares.items()}}
+
+
+def _tones_drawn(view: RunView, split: str) -> float:
+    """Mean over the split's prompts of the tones the oracle reads in at least 10 % of a prompt's images at
+    guidance SCALE (the base model: 1; a gap of half the base model's needs about 3, e.g. shares 50/25/25)."""
+    g, splits = view.groups, view.battery.splits()
+    g = g[(g["classifier"] == "oracle") & (g["attribute"] == "skin_tone") & (g["guidance_scale"] == SCALE)
+          & g["metric"].astype(str).str.startswith("share:") & (g["prompt"].map(splits) == split)]
+    return float((g["value"] >= 0.1).groupby(g["prompt"]).sum().mean())
 
 
 def _cell(values: list[float]) -> str:
