@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_errors import expect_error
 from fixtures_results import make_run
 
 from evalsuite.battery import MAX_IMAGES, MAX_PROMPTS, MAX_SCALES, MAX_STEPS, battery_from_dict, load_battery
@@ -34,14 +35,6 @@ needs_world = pytest.mark.skipif(not (ASSETS / "pipeline").is_dir(), reason="the
 def run_cli(*args: str) -> int:
     return main(["-q", "run", str(BATTERY), *SMALL, *args])
 
-
-def expect_error(capsys: pytest.CaptureFixture[str], code: int, *needles: str) -> str:
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("evalsuite: error:") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def battery_with(tmp_path: Path, **changes: Any) -> Path:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_errors import expect_error
 
 from evalsuite.cli import main
 from evalsuite.errors import SuiteError
@@ -291,14 +292,6 @@ def test_same_command_twice_does_not_regenerate(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- bad input
 
-
-def expect_error(capsys: pytest.CaptureFixture[str], code: int, *needles: str) -> str:
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("evalsuite: error:") and "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def test_bad_battery_keys_and_values_are_reported_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

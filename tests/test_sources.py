@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cli_errors import expect_error
 from PIL import Image
 
 from evalsuite.cli import main
@@ -174,14 +175,6 @@ def hosted(service: Service, *extra: str) -> list[str]:
 def records(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
 
-
-def expect_error(capsys: pytest.CaptureFixture[str], code: int, *needles: str) -> str:
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("evalsuite: error:") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def no_key_in(folder: Path) -> None:
